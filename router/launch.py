@@ -1,0 +1,117 @@
+"""Start a local Ray cluster and serve a config file in the foreground: what ``make serve`` runs.
+
+    python -m router.launch configs/local.yaml [--host 0.0.0.0] [--port 8000]
+
+Ctrl-C (or SIGTERM) shuts Serve down and stops the Ray processes this started. The application comes from the
+file's own ``import_path`` and ``args``, exactly as ``serve run`` and KubeRay would build it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from deployments.config import ConfigError, ServeArgs, load_serve_config
+
+METRICS_EXPORT_PORT = 8080
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--host", help="address to bind (default: the file's http_options.host, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: the file's http_options.port, else 8000)")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_EXPORT_PORT)
+    opts = parser.parse_args(argv)
+    try:
+        document, config = load_serve_config(opts.config)
+        check_local_sources(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    http = document.get("http_options", {})
+    host = opts.host or http.get("host", "127.0.0.1")
+    port = opts.port or http.get("port", 8000)
+    handle = start(document, config, host, port, opts.metrics_port)
+    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    first = config.models[0].id
+    auth = '-H "Authorization: Bearer $RAYROUTE_API_KEY" ' if os.environ.get("RAYROUTE_API_KEYS") else ""
+    print(
+        f"\nrayroute is serving {', '.join(m.id for m in config.models)}\n"
+        f"  OpenAI API:  http://{shown_host}:{port}/v1\n"
+        f"  metrics:     http://{shown_host}:{opts.metrics_port}/metrics\n"
+        f"  try:\n"
+        f"    curl http://{shown_host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"{auth}"
+        f"-d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
+        f"Ctrl-C stops everything.\n",
+        flush=True,
+    )
+    wait_for_stop()
+    print("stopping...", flush=True)
+    handle()
+    return 0
+
+
+def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, metrics_port: int):
+    """Start Ray and Serve and deploy the application; return a function that stops all of it."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        num_cpus=logical_cpus(config),
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        # Replicas import `router` and `deployments` from the installed project, not from a shipped copy.
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+    )
+    serve.start(http_options={"host": host, "port": port}, proxy_location=document.get("proxy_location", "HeadOnly"))
+    for app_doc in document["applications"]:
+        module, _, attr = app_doc["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        serve.run(builder(app_doc.get("args", {})), name=app_doc.get("name", "default"),
+                  route_prefix=app_doc.get("route_prefix", "/"))
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return stop
+
+
+def logical_cpus(config: ServeArgs) -> int:
+    """Ray's logical CPUs: enough for every replica's minimum plus the router, never fewer than the machine has.
+
+    vLLM's CPU engine uses its threads however Ray counts them; the count only has to let every replica place.
+    """
+    needed = 1 + sum(
+        sum(b.get("CPU", 0) for b in m.resources.placement_group_bundles()) * max(m.autoscaling.max_replicas, 1)
+        for m in config.models
+    )
+    return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def check_local_sources(config: ServeArgs) -> None:
+    for model in config.models:
+        local = model.local_source()
+        if local is not None and not (local / "config.json").exists():
+            hint = " (run `make model` to build the default model)" if "rayroute" in str(local) else ""
+            raise ConfigError(f"models[{model.id}].source: no model folder at {local}{hint}")
+
+
+def wait_for_stop() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""One real local cluster for the whole test session, started exactly as `make serve` starts it.
+
+The cluster serves the default model twice (the second copy under an id with `/` and `:`) so routing by model name
+is observable: each engine answers under its own id. It requires an API key, so auth is on for every test.
+Everything below is marked `e2e` by the fixture's users; `pytest -m 'not e2e'` never starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "sk-test-" + "0123456789abcdef"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SECOND_MODEL = "acme/smollm2-135m:copy"
+ALIAS = "gpt-4o-mini"
+STARTUP_TIMEOUT_S = float(os.environ.get("RAYROUTE_TEST_STARTUP_TIMEOUT", "600"))
+
+
+@dataclass
+class Cluster:
+    base_url: str
+    process: subprocess.Popen
+    log: Path
+
+    def client(self, api_key: str | None = API_KEY):
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=120)
+
+    def engine_info(self, model_id: str) -> dict:
+        """Ask an engine replica directly, through Ray, what it is running."""
+        import ray
+        from ray import serve
+
+        from deployments.config import engine_deployment_name
+
+        if not ray.is_initialized():
+            ray.init(address="auto", namespace="serve", log_to_driver=False)
+        handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
+        return handle.engine_info.remote().result(timeout_s=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_config(tmp_path: Path) -> Path:
+    """configs/local.yaml plus a second copy of the model and an alias: the same schema, the same defaults."""
+    document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    models = document["applications"][0]["args"]["models"]
+    first = models[0]
+    first["aliases"] = [ALIAS]
+    second = {**first, "id": SECOND_MODEL, "aliases": []}
+    models.append(second)
+    for model in models:
+        model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
+    path = tmp_path / "e2e.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    config = test_config(tmp)
+    port, metrics_port = free_port(), free_port()
+    log = tmp / "serve.log"
+    env = {**os.environ, "RAYROUTE_API_KEYS": f"sk-other-key,{API_KEY}", "RAY_DEDUP_LOGS": "0"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "router.launch", str(config), "--port", str(port),
+             "--metrics-port", str(metrics_port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    cluster = Cluster(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_ready(cluster)
+        yield cluster
+    finally:
+        stop_and_check(process, log)
+
+
+def wait_ready(cluster: Cluster) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if cluster.process.poll() is not None:
+            pytest.fail(f"the cluster exited with {cluster.process.returncode}:\n{tail(cluster.log)}")
+        try:
+            if httpx.get(cluster.base_url + "/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"the cluster was not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{tail(cluster.log)}")
+
+
+def stop_and_check(process: subprocess.Popen, log: Path) -> None:
+    """Ctrl-C must stop every process the launcher started (Ray's raylet, GCS, workers, vLLM engine cores)."""
+    import ray
+
+    if ray.is_initialized():  # the tests' own connection, opened by Cluster.engine_info
+        ray.shutdown()
+    try:
+        started = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    # The Ray processes are daemonized away from the launcher's tree, but stay in its session.
+    session = [p for p in psutil.process_iter() if _session_of(p) == process.pid]
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"the launcher did not stop within 120s of Ctrl-C:\n{tail(log)}")
+    _, alive = psutil.wait_procs(set(started) | set(session), timeout=60)
+    if alive:
+        names = [f"{p.pid}:{_name(p)}" for p in alive]
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"processes left running after Ctrl-C: {names}")
+
+
+def _session_of(proc: psutil.Process) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())[:80]
+    except psutil.Error:
+        return "?"
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

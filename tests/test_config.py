@@ -1,0 +1,161 @@
+"""The config schema: the shipped YAML validates, and every kind of mistake is named precisely."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.config import ConfigError, ServeArgs, check_engine_args, load_serve_config, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {"models": [{"id": "m1", "source": "org/model"}]}
+
+
+def with_model(**fields) -> dict:
+    args = copy.deepcopy(GOOD)
+    args["models"][0].update(fields)
+    return args
+
+
+def error_of(args: dict) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_args(args)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    document, args = load_serve_config(path)
+    assert document["applications"][0]["import_path"] == "router.app:build_app"
+    for model in args.models:
+        check_engine_args(model)
+
+
+def test_local_default_is_smollm_on_cpu() -> None:
+    document, args = load_serve_config(ROOT / "configs" / "local.yaml")
+    (model,) = args.models
+    assert model.id == "smollm2-135m-instruct"
+    assert model.resources.accelerator == "cpu"
+    assert document["http_options"]["host"] == "127.0.0.1"
+    assert model.local_source() == Path("~/.cache/rayroute/models/smollm2-135m-instruct").expanduser()
+
+
+def test_defaults() -> None:
+    model = parse_args(GOOD).models[0]
+    assert model.names == ["m1"]
+    assert model.local_source() is None and model.resolved_source == "org/model"
+    assert model.autoscaling.min_replicas == 1
+
+
+def test_unknown_key_is_named() -> None:
+    message = error_of(with_model(resources={"accelerator": "cpu", "num_gpu": 1}))
+    assert "models[0 m1].resources.num_gpu: unknown field" in message
+
+
+def test_unknown_top_level_key() -> None:
+    assert "modles: unknown field" in error_of({**GOOD, "modles": []})
+
+
+def test_wrong_type_is_named() -> None:
+    message = error_of(with_model(resources={"tensor_parallel_size": "two"}))
+    assert "models[0 m1].resources.tensor_parallel_size" in message
+
+
+def test_missing_source_is_named() -> None:
+    assert "models[0 m1].source: Field required" in error_of({"models": [{"id": "m1"}]})
+
+
+def test_no_models() -> None:
+    assert "models" in error_of({"models": []})
+
+
+@pytest.mark.parametrize("bad_id", ["has space", "", "-leading", "new\nline"])
+def test_model_id_shape(bad_id: str) -> None:
+    assert "not a valid model name" in error_of(with_model(id=bad_id)) or "id" in error_of(with_model(id=bad_id))
+
+
+@pytest.mark.parametrize("good_id", ["Qwen/Qwen2.5-7B-Instruct", "gemma3:27b", "a", "org/m@v1+x"])
+def test_model_ids_with_slashes_and_colons(good_id: str) -> None:
+    assert parse_args(with_model(id=good_id)).models[0].id == good_id
+
+
+def test_duplicate_names_across_models() -> None:
+    args = {"models": [{"id": "a", "source": "x/y", "aliases": ["gpt-4o-mini"]},
+                       {"id": "gpt-4o-mini", "source": "x/z"}]}
+    assert "'gpt-4o-mini' is used by both 'a' and 'gpt-4o-mini'" in error_of(args)
+
+
+def test_min_above_max_replicas() -> None:
+    assert "min_replicas (3) exceeds max_replicas (2)" in error_of(
+        with_model(autoscaling={"min_replicas": 3, "max_replicas": 2}))
+
+
+@pytest.mark.parametrize(("key", "field"), [("model", "source"), ("served_model_name", "id/aliases"),
+                                            ("tensor_parallel_size", "resources")])
+def test_engine_args_owned_elsewhere(key: str, field: str) -> None:
+    assert f"`{key}` is set by the model's `{field}` field" in error_of(with_model(engine_args={key: 1}))
+
+
+def test_unknown_engine_arg() -> None:
+    model = parse_args(with_model(engine_args={"max_model_length": 10, "dtype": "float32"})).models[0]
+    with pytest.raises(ConfigError, match="unknown vLLM argument.*max_model_length"):
+        check_engine_args(model)
+
+
+def test_frontend_args_are_engine_args_too() -> None:
+    check_engine_args(parse_args(with_model(engine_args={"tool_call_parser": "hermes",
+                                                         "enable_auto_tool_choice": True})).models[0])
+
+
+def test_cpu_placement() -> None:
+    resources = parse_args(with_model(resources={"accelerator": "cpu", "cpus": 2})).models[0].resources
+    assert resources.placement_group_bundles() == [{"CPU": 2.0}]
+    assert resources.replica_actor_resources() == {"num_cpus": 2.0, "num_gpus": 0}
+    assert resources.engine_env() == {"VLLM_TARGET_DEVICE": "cpu"}
+    assert resources.engine_overrides() == {"tensor_parallel_size": 1}
+
+
+def test_gpu_tensor_parallel_placement() -> None:
+    resources = parse_args(with_model(resources={"accelerator": "gpu", "tensor_parallel_size": 2,
+                                                 "accelerator_type": "L4"})).models[0].resources
+    assert resources.placement_group_bundles() == [
+        {"CPU": 1.0}, {"GPU": 1.0, "accelerator_type:L4": 0.001}, {"GPU": 1.0, "accelerator_type:L4": 0.001}]
+    assert resources.replica_actor_resources() == {"num_cpus": 1.0, "num_gpus": 0}
+    assert resources.engine_overrides() == {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+    assert resources.engine_env() == {}
+
+
+def test_single_gpu_replica_holds_its_gpu() -> None:
+    resources = parse_args(with_model(resources={"accelerator": "gpu"})).models[0].resources
+    assert resources.placement_group_bundles() == [{"CPU": 1.0, "GPU": 1.0}]
+    assert resources.replica_actor_resources() == {"num_cpus": 1.0, "num_gpus": 1.0}
+
+
+def test_source_expansion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELS", "/data/models")
+    model = parse_args(with_model(source="$MODELS/llama")).models[0]
+    assert model.local_source() == Path("/data/models/llama")
+
+
+def test_load_serve_config_without_applications(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"http_options": {}}))
+    with pytest.raises(ConfigError, match="applications"):
+        load_serve_config(path)
+
+
+def test_args_round_trip_through_json() -> None:
+    """The router receives the args as JSON; they must validate to the same thing."""
+    args = parse_args(with_model(aliases=["x"], engine_args={"dtype": "float32"}))
+    assert ServeArgs.model_validate(args.model_dump(mode="json")) == args
+
+
+def test_deployment_names_are_safe_and_distinct() -> None:
+    args = parse_args({"models": [{"id": "Qwen/Qwen2.5-7B-Instruct", "source": "Qwen/Qwen2.5-7B-Instruct"},
+                                  {"id": "gemma3:27b", "source": "google/gemma-3-27b-it"}]})
+    assert [m.deployment_name for m in args.models] == ["engine-Qwen_Qwen2.5-7B-Instruct", "engine-gemma3_27b"]
+    clash = {"models": [{"id": "a/b", "source": "x/y"}, {"id": "a:b", "source": "x/y"}]}
+    assert "differ only in characters a deployment name cannot hold" in error_of(clash)
