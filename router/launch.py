@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     http = document.get("http_options", {})
     host = opts.host or http.get("host", "127.0.0.1")
     port = opts.port or http.get("port", 8000)
-    handle = start(document, config, host, port, opts.metrics_port)
+    stop, ray_address = start(document, config, host, port, opts.metrics_port)
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     first = config.models[0].id
     auth = '-H "Authorization: Bearer $RAYROUTE_API_KEY" ' if os.environ.get("RAYROUTE_API_KEYS") else ""
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nrayroute is serving {', '.join(m.id for m in config.models)}\n"
         f"  OpenAI API:  http://{shown_host}:{port}/v1\n"
         f"  metrics:     http://{shown_host}:{opts.metrics_port}/metrics\n"
+        f"  Ray cluster: {ray_address}  (ray status --address {ray_address})\n"
         f"  try:\n"
         f"    curl http://{shown_host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}"
@@ -56,16 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     wait_for_stop()
     print("stopping...", flush=True)
-    handle()
+    stop()
     return 0
 
 
 def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, metrics_port: int):
-    """Start Ray and Serve and deploy the application; return a function that stops all of it."""
+    """Start Ray and Serve and deploy the application; return a function that stops all of it, and Ray's address."""
     import ray
     from ray import serve
 
-    ray.init(
+    context = ray.init(
         num_cpus=logical_cpus(config),
         include_dashboard=False,
         _metrics_export_port=metrics_port,
@@ -83,7 +84,7 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
         serve.shutdown()
         ray.shutdown()
 
-    return stop
+    return stop, context.address_info["gcs_address"]
 
 
 def logical_cpus(config: ServeArgs) -> int:

@@ -8,6 +8,7 @@ Everything below is marked `e2e` by the fixture's users; `pytest -m 'not e2e'` n
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,7 +50,9 @@ class Cluster:
         from deployments.config import engine_deployment_name
 
         if not ray.is_initialized():
-            ray.init(address="auto", namespace="serve", log_to_driver=False)
+            # This cluster's address, from the launcher's banner: "auto" could find another cluster on the machine.
+            address = re.search(r"Ray cluster: (\S+)", self.log.read_text()).group(1)
+            ray.init(address=address, namespace="serve", log_to_driver=False)
         handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
         return handle.engine_info.remote().result(timeout_s=30)
 
