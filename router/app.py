@@ -11,13 +11,15 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import ModelConfig, parse_args
+from deployments.config import ModelConfig, check_engine_args, parse_args
 from deployments.engine import VLLMEngine
 from router.ingress import Router
 
 
 def build_app(args: dict[str, Any]) -> Application:
     config = parse_args(args, origin="rayroute application args")
+    for model in config.models:  # here, so a misspelt engine argument fails before any replica starts
+        check_engine_args(model)
     engines = {model.id: engine_deployment(model).bind(model) for model in config.models}
     return Router.bind(config.model_dump(mode="json"), engines)
 

@@ -56,7 +56,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Unknown routes and wrong methods: still the envelope, so SDKs show the message.
-        kind = _TYPE_BY_STATUS.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        fallback = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        kind = _TYPE_BY_STATUS.get(exc.status_code, fallback)
         code = "unknown_url" if exc.status_code == 404 else None
         return error_response(ErrorReply(exc.status_code, str(exc.detail), kind, None, code),
                               getattr(exc, "headers", None))

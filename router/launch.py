@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import signal
@@ -39,10 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     http = document.get("http_options", {})
     host = opts.host or http.get("host", "127.0.0.1")
     port = opts.port or http.get("port", 8000)
-    stop, ray_address = start(document, config, host, port, opts.metrics_port)
+    try:
+        stop, ray_address = start(document, config, host, port, opts.metrics_port)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     first = config.models[0].id
     auth = '-H "Authorization: Bearer $RAYROUTE_API_KEY" ' if os.environ.get("RAYROUTE_API_KEYS") else ""
+    body = json.dumps({"model": first, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     print(
         f"\nrayroute is serving {', '.join(m.id for m in config.models)}\n"
         f"  OpenAI API:  http://{shown_host}:{port}/v1\n"
@@ -51,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  try:\n"
         f"    curl http://{shown_host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}"
-        f"-d '{{\"model\": \"{first}\", \"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'\n"
+        f"-d '{body}'\n"
         f"Ctrl-C stops everything.\n",
         flush=True,
     )
@@ -70,25 +78,33 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
         num_cpus=logical_cpus(config),
         include_dashboard=False,
         _metrics_export_port=metrics_port,
-        # Replicas import `router` and `deployments` from the installed project, not from a shipped copy.
+        # Replicas import `router` and `deployments` from this checkout, also where it is not pip-installed.
         runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
     )
-    serve.start(http_options={"host": host, "port": port}, proxy_location=document.get("proxy_location", "HeadOnly"))
-    for app_doc in document["applications"]:
-        module, _, attr = app_doc["import_path"].partition(":")
-        builder = getattr(importlib.import_module(module), attr)
-        serve.run(builder(app_doc.get("args", {})), name=app_doc.get("name", "default"),
-                  route_prefix=app_doc.get("route_prefix", "/"))
 
     def stop() -> None:
         serve.shutdown()
         ray.shutdown()
 
+    try:
+        serve.start(http_options={"host": host, "port": port},
+                    proxy_location=document.get("proxy_location", "HeadOnly"))
+        for app_doc in document["applications"]:
+            module, _, attr = app_doc["import_path"].partition(":")
+            builder = getattr(importlib.import_module(module), attr)
+            serve.run(builder(app_doc.get("args", {})), name=app_doc.get("name", "default"),
+                      route_prefix=app_doc.get("route_prefix", "/"))
+    except BaseException:
+        # A failed deployment or a Ctrl-C while engines load must not leave a Ray cluster behind.
+        stop()
+        raise
+
     return stop, context.address_info["gcs_address"]
 
 
 def logical_cpus(config: ServeArgs) -> int:
-    """Ray's logical CPUs: enough for every replica's minimum plus the router, never fewer than the machine has.
+    """Ray's logical CPUs: enough for every model at its most replicas plus the router, never fewer than the machine
+    has.
 
     vLLM's CPU engine uses its threads however Ray counts them; the count only has to let every replica place.
     """

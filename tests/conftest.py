@@ -52,6 +52,8 @@ class Cluster:
         if not ray.is_initialized():
             # This cluster's address, from the launcher's banner: "auto" could find another cluster on the machine.
             address = re.search(r"Ray cluster: (\S+)", self.log.read_text()).group(1)
+            # Ray enables token auth on a new local cluster; a client must ask for token mode to send the token.
+            os.environ["RAY_AUTH_MODE"] = "token"
             ray.init(address=address, namespace="serve", log_to_driver=False)
         handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
         return handle.engine_info.remote().result(timeout_s=30)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from deployments.config import ConfigError, ServeArgs, check_engine_args, load_serve_config, parse_args
+from deployments.default_model import default_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"models": [{"id": "m1", "source": "org/model"}]}
@@ -40,7 +41,7 @@ def test_local_default_is_smollm_on_cpu() -> None:
     assert model.id == "smollm2-135m-instruct"
     assert model.resources.accelerator == "cpu"
     assert document["http_options"]["host"] == "127.0.0.1"
-    assert model.local_source() == Path("~/.cache/rayroute/models/smollm2-135m-instruct").expanduser()
+    assert model.local_source() == default_model_dir()  # where `make model` builds it
 
 
 def test_defaults() -> None:
@@ -159,3 +160,26 @@ def test_deployment_names_are_safe_and_distinct() -> None:
     assert [m.deployment_name for m in args.models] == ["engine-Qwen_Qwen2.5-7B-Instruct", "engine-gemma3_27b"]
     clash = {"models": [{"id": "a/b", "source": "x/y"}, {"id": "a:b", "source": "x/y"}]}
     assert "differ only in characters a deployment name cannot hold" in error_of(clash)
+
+
+def run_launcher(tmp_path: Path, args: dict):
+    import subprocess
+    import sys
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{"import_path": "router.app:build_app", "args": args}]}))
+    return subprocess.run([sys.executable, "-m", "router.launch", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_launcher_rejects_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
+    result = run_launcher(tmp_path, with_model(autoscaling={"max_replicas": "many"}))
+    assert result.returncode == 2
+    assert "models[0 m1].autoscaling.max_replicas" in result.stderr
+    assert "Started a local Ray instance" not in result.stderr + result.stdout
+
+
+def test_launcher_names_a_missing_model_folder(tmp_path: Path) -> None:
+    result = run_launcher(tmp_path, with_model(source=str(tmp_path / "nowhere")))
+    assert result.returncode == 2
+    assert f"models[m1].source: no model folder at {tmp_path / 'nowhere'}" in result.stderr
