@@ -23,6 +23,10 @@ import psutil
 import pytest
 import yaml
 
+# Ray turns token auth on for a new local cluster, but a client connecting later sends the token only in token
+# mode, which Ray reads once per process: set it before anything here imports Ray.
+os.environ["RAY_AUTH_MODE"] = "token"
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + "0123456789abcdef"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -52,8 +56,6 @@ class Cluster:
         if not ray.is_initialized():
             # This cluster's address, from the launcher's banner: "auto" could find another cluster on the machine.
             address = re.search(r"Ray cluster: (\S+)", self.log.read_text()).group(1)
-            # Ray enables token auth on a new local cluster; a client must ask for token mode to send the token.
-            os.environ["RAY_AUTH_MODE"] = "token"
             ray.init(address=address, namespace="serve", log_to_driver=False)
         handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
         return handle.engine_info.remote().result(timeout_s=30)
