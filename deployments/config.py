@@ -122,6 +122,7 @@ class ModelConfig(_Strict):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
+    multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
 
     @field_validator("id")
     @classmethod
@@ -169,6 +170,7 @@ class ServeArgs(_Strict):
     """The ``args`` of the rayroute application in a Serve config file."""
 
     models: list[ModelConfig] = Field(min_length=1)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ServeArgs:

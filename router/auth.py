@@ -10,11 +10,10 @@ from __future__ import annotations
 import hmac
 import os
 
-from fastapi import Request
-
-from router.errors import OpenAIError
+from deployments.engine import ErrorReply
 
 API_KEYS_ENV = "RAYROUTE_API_KEYS"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def load_api_keys(environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
@@ -23,7 +22,7 @@ def load_api_keys(environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
 
 
 class ApiKeyAuth:
-    """A FastAPI dependency; with no keys configured every request passes (local development)."""
+    """With no keys configured every request passes (local development)."""
 
     def __init__(self, keys: tuple[bytes, ...]):
         self._keys = keys
@@ -32,17 +31,18 @@ class ApiKeyAuth:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def __call__(self, request: Request) -> None:
+    def check(self, authorization: str | None) -> ErrorReply | None:
+        """None when the ``Authorization`` header carries a configured key, else the 401 to send."""
         if not self._keys:
-            return
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+            return None
+        scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            raise OpenAIError(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
-                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return ErrorReply(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+                              "invalid_request_error", None, "invalid_api_key")
         candidate = presented.strip().encode()
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(candidate, key)
-        if not matched:
-            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key",
-                              headers={"WWW-Authenticate": "Bearer"})
+        if matched:
+            return None
+        return ErrorReply(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")

@@ -64,7 +64,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc, None))
+        # FastAPI locates body errors under "body"; clients name parameters from the top of their JSON.
+        errors = [{**e, "loc": tuple(e["loc"])[1:] if tuple(e["loc"])[:1] == ("body",) else tuple(e["loc"])}
+                  for e in exc.errors()]
+        broken = next((e for e in errors if e["type"] == "json_invalid"), None)
+        if broken is not None:
+            detail = broken.get("ctx", {}).get("error", broken["msg"])
+            return error_response(ErrorReply(400, f"The request body is not valid JSON: {detail}",
+                                             "invalid_request_error", None, "invalid_json"))
+        if any(not e["loc"] for e in errors):  # no body, or JSON that is not an object
+            return error_response(ErrorReply(400, "The request body must be a JSON object.",
+                                             "invalid_request_error", None, "invalid_json"))
+        return error_response(validation_error(errors, exc.body))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

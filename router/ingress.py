@@ -1,9 +1,13 @@
 """The HTTP edge: a FastAPI app on a Ray Serve ingress deployment.
 
-A request's path through this file: authenticate (first thing in every ``/v1`` route) → parse and check the body
-(:mod:`router.protocol`) → look up the model's deployment handle by the ``model`` field (ids and aliases) →
-call the engine replica as a Serve stream → answer with its first item (an error, a finished body, or the first
-SSE line followed by the rest as they arrive).
+A request's path through this file: the middleware authenticates and bounds the body (:mod:`router.middleware`)
+→ FastAPI parses and checks it against the route's body model (:mod:`router.protocol`) → :meth:`Router.forward`
+looks up the model's deployment handle by the ``model`` field (ids and aliases) and calls the engine replica as a
+Serve stream → the response starts on its first item: an error, a finished body, or the first SSE line followed
+by the rest as they arrive.
+
+The FastAPI app is built in the replica, after the constructor (``__serve_build_asgi_app__``), so its routes,
+middleware and limits come from this deployment's config rather than from a module-level app frozen at import.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -22,86 +26,38 @@ from deployments.config import ServeArgs
 from deployments.engine import ErrorReply, FullReply
 from router.auth import ApiKeyAuth, load_api_keys
 from router.errors import OpenAIError, error_response, install_error_handlers
-from router.protocol import check_chat_body, parse_json_object
+from router.middleware import install_middleware
+from router.protocol import ChatCompletionBody, CompletionBody, EmbeddingBody, reject_media
 
 # Proxies (nginx, cloud load balancers) buffer responses unless told not to; a buffered stream is a broken one.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-# Module-level helpers stand above the class: Serve serializes the class when it is decorated.
-async def _relay(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
-    """Pass SSE lines through as they arrive. If the client leaves, Starlette cancels this generator; cancelling
-    the Serve call carries that to the engine replica, where vLLM aborts the request."""
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        rest.cancel()
 
+class OpenAIRouter:
+    """Routes OpenAI requests to engine deployments; :data:`Router` is this class as a Serve ingress deployment."""
 
-app = FastAPI(title="rayroute", docs_url=None, redoc_url=None, openapi_url=None)
-install_error_handlers(app)
-
-
-@serve.deployment(max_ongoing_requests=4096)
-@serve.ingress(app)
-class Router:
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]):
         self.config = ServeArgs.model_validate(config)
         self.created = int(time.time())
         # Every name a client may send (ids and aliases) → the handle of the deployment serving it.
         self.handles: dict[str, DeploymentHandle] = {}
-        self.owner: dict[str, str] = {}
+        self.models = {}
         for model in self.config.models:
             for name in model.names:
                 self.handles[name] = engines[model.id].options(stream=True)
-                self.owner[name] = model.id
-        self.auth = ApiKeyAuth(load_api_keys())
+                self.models[name] = model
 
-    @app.get("/health")
-    async def health(self) -> dict[str, str]:
-        """Liveness: the router process answers."""
-        return {"status": "ok"}
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_http_app(self)
 
-    @app.get("/ready")
-    async def ready(self) -> JSONResponse:
-        """Readiness: every model that should have a replica has one running."""
-        status = await asyncio.to_thread(serve.status)
-        app_status = status.applications.get(serve.get_replica_context().app_name)
-        deployments = app_status.deployments if app_status else {}
-        waiting = []
-        for model in self.config.models:
-            info = deployments.get(model.deployment_name)
-            running = info.replica_states.get("RUNNING", 0) if info else 0
-            if running == 0 and model.autoscaling.min_replicas > 0:
-                waiting.append(model.id)
-        if waiting:
-            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
-    @app.get("/v1/models")
-    async def list_models(self, request: Request) -> dict[str, Any]:
-        self.auth(request)
-        return {"object": "list", "data": [self._model_card(name) for name in self.handles]}
-
-    # `:path` because model ids contain slashes (Qwen/Qwen2.5-7B-Instruct).
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
-        self.auth(request)
-        if model_id not in self.handles:
-            raise OpenAIError.model_not_found(model_id)
-        return self._model_card(model_id)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        # Authenticate before reading the body: an unauthenticated client gets no work done on its behalf.
-        self.auth(request)
-        body = parse_json_object(await request.body())
-        checked = check_chat_body(body)
-        handle = self.handles.get(checked.model)
+    async def forward(self, endpoint: str, body: ChatCompletionBody | CompletionBody | EmbeddingBody) -> Response:
+        """Send a checked request to its model's engine and answer with what comes back."""
+        handle = self.handles.get(body.model)
         if handle is None:
-            raise OpenAIError.model_not_found(checked.model)
-        stream: DeploymentResponseGenerator = handle.chat.remote(body)
+            raise OpenAIError.model_not_found(body.model)
+        if isinstance(body, ChatCompletionBody) and not self.models[body.model].multimodal:
+            reject_media(body)
+        stream: DeploymentResponseGenerator = getattr(handle, endpoint).remote(body.model_dump(exclude_unset=True))
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
@@ -115,8 +71,78 @@ class Router:
             return Response(first.body, media_type="application/json")
         return StreamingResponse(_relay(first, stream), media_type="text/event-stream", headers=_SSE_HEADERS)
 
-    def _model_card(self, name: str) -> dict[str, Any]:
+    async def readiness(self) -> JSONResponse:
+        """Every model that should have a replica has one running."""
+        status = await asyncio.to_thread(serve.status)
+        app_status = status.applications.get(serve.get_replica_context().app_name)
+        deployments = app_status.deployments if app_status else {}
+        waiting = []
+        for model in self.config.models:
+            info = deployments.get(model.deployment_name)
+            running = info.replica_states.get("RUNNING", 0) if info else 0
+            if running == 0 and model.autoscaling.min_replicas > 0:
+                waiting.append(model.id)
+        if waiting:
+            return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        if name not in self.models:
+            raise OpenAIError.model_not_found(name)
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "rayroute"}
-        if self.owner[name] != name:
-            card["root"] = self.owner[name]
+        if self.models[name].id != name:
+            card["root"] = self.models[name].id
         return card
+
+
+# A plain class underneath, so tests can drive it with fake engine handles and no Ray cluster.
+Router = serve.deployment(max_ongoing_requests=4096)(serve.ingress()(OpenAIRouter))
+
+
+def build_http_app(router: OpenAIRouter) -> FastAPI:
+    app = FastAPI(title="rayroute", version="1", summary="OpenAI-compatible API", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    install_middleware(app, ApiKeyAuth(load_api_keys()), router.config.max_request_bytes)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionBody) -> Response:
+        return await router.forward("chat", body)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Response:
+        return await router.forward("completions", body)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingBody) -> Response:
+        return await router.forward("embeddings", body)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [router.model_card(name) for name in router.models]}
+
+    # `:path` because model ids contain slashes (Qwen/Qwen2.5-7B-Instruct).
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        return router.model_card(model_id)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        """Liveness: the router process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        return await router.readiness()
+
+    return app
+
+
+async def _relay(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    """Pass SSE lines through as they arrive. If the client leaves, Starlette cancels this generator; cancelling
+    the Serve call carries that to the engine replica, where vLLM aborts the request."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        rest.cancel()

@@ -3,20 +3,24 @@
 Only the OpenAI-defined constraints that vLLM does not enforce itself, or enforces with a less useful message:
 types, ranges and required fields. Every other field passes through untouched (``extra="allow"``) to vLLM's own
 request model in the engine replica, so vendor extensions such as ``top_k`` keep working. Scalars are strict, as
-OpenAI's are: ``"temperature": "0.5"`` is a 400, not a silent conversion.
+OpenAI's are: ``"temperature": "0.5"`` is a 400, not a silent conversion. These models are also what the app's
+OpenAPI document (``/openapi.json``) says about each route.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.engine import validation_error
 from router.errors import OpenAIError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+# Content parts a text-only model cannot take; a model marked `multimodal` in the config gets them passed through.
+MEDIA_PARTS = {"image_url": "images", "input_audio": "audio", "audio_url": "audio", "video_url": "video",
+               "file": "files"}
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+TokenPrompt = str | list[str] | list[int] | list[list[int]]
 
 
 class _Body(BaseModel):
@@ -28,37 +32,49 @@ class ChatMessage(_Body):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionBody(_Body):
+class _Sampling(_Body):
+    """What chat and text completions share."""
+
     model: str = Field(min_length=1)
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1, le=128)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    stop: Stop = None
     seed: int | None = None
     user: str | None = None
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OpenAIError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    return body
+class ChatCompletionBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def check_chat_body(body: dict[str, Any]) -> ChatCompletionBody:
-    try:
-        return ChatCompletionBody.model_validate(body)
-    except ValidationError as exc:
-        reply = validation_error(exc, body)
-        raise OpenAIError(reply.status, reply.message, reply.type, reply.param, reply.code) from None
+class CompletionBody(_Sampling):
+    prompt: TokenPrompt
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class EmbeddingBody(_Body):
+    model: str = Field(min_length=1)
+    input: TokenPrompt
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
+def reject_media(body: ChatCompletionBody) -> None:
+    """A text-only model gets a clear 400 for an image (or audio, video, file) part instead of a template error."""
+    for i, message in enumerate(body.messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            kind = MEDIA_PARTS.get(part.get("type"))
+            if kind:
+                raise OpenAIError(400, f"The model `{body.model}` does not accept {kind}; send text content parts.",
+                                  param=f"messages[{i}].content[{j}]", code="model_not_multimodal")

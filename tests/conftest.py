@@ -32,7 +32,17 @@ API_KEY = "sk-test-" + "0123456789abcdef"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SECOND_MODEL = "acme/smollm2-135m:copy"
 ALIAS = "gpt-4o-mini"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+MAX_REQUEST_BYTES = 1024 * 1024
 STARTUP_TIMEOUT_S = float(os.environ.get("RAYROUTE_TEST_STARTUP_TIMEOUT", "600"))
+
+
+def clients_python() -> Path:
+    """The Python of the clients' environment (LangChain, LlamaIndex, schemathesis), which `make test` builds."""
+    python = Path(os.environ.get("RAYROUTE_CLIENTS_VENV", ROOT / ".venv-clients")) / "bin" / "python"
+    if not python.exists():
+        pytest.fail(f"no clients environment at {python.parent.parent}: run `make clients` (part of `make test`)")
+    return python
 
 
 @dataclass
@@ -68,13 +78,15 @@ def free_port() -> int:
 
 
 def test_config(tmp_path: Path) -> Path:
-    """configs/local.yaml plus a second copy of the model and an alias: the same schema, the same defaults."""
+    """configs/local.yaml plus a second copy of the chat model (marked multimodal, so images pass the router) and
+    an alias: the same schema, the same defaults."""
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    models = document["applications"][0]["args"]["models"]
+    args = document["applications"][0]["args"]
+    args["max_request_bytes"] = MAX_REQUEST_BYTES
+    models = args["models"]
     first = models[0]
     first["aliases"] = [ALIAS]
-    second = {**first, "id": SECOND_MODEL, "aliases": []}
-    models.append(second)
+    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
     path = tmp_path / "e2e.yaml"

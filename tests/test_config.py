@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from deployments.config import ConfigError, ServeArgs, check_engine_args, load_serve_config, parse_args
-from deployments.default_model import default_model_dir
+from deployments.local_models import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"models": [{"id": "m1", "source": "org/model"}]}
@@ -37,11 +37,12 @@ def test_shipped_configs_validate(path: Path) -> None:
 
 def test_local_default_is_smollm_on_cpu() -> None:
     document, args = load_serve_config(ROOT / "configs" / "local.yaml")
-    (model,) = args.models
-    assert model.id == "smollm2-135m-instruct"
+    model, embedder = args.models
+    assert model.id == "smollm2-135m-instruct" and embedder.id == "all-minilm-l6-v2"
+    assert embedder.local_source() == MODELS_DIR / embedder.id
     assert model.resources.accelerator == "cpu"
     assert document["http_options"]["host"] == "127.0.0.1"
-    assert model.local_source() == default_model_dir()  # where `make model` builds it
+    assert model.local_source() == MODELS_DIR / model.id  # where `make model` builds it
 
 
 def test_defaults() -> None:

