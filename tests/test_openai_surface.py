@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import subprocess
 
 import httpx
@@ -469,7 +470,10 @@ def test_property_based_requests_find_no_server_error(cluster: Cluster, client: 
                "--request-timeout", "120", "-H", f"Authorization: Bearer {API_KEY}", "--url", cluster.base_url]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
                             env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
-                                 "PYTHONPATH": str(ROOT)})
+                                 "RAYROUTE_FUZZ_CHAT_MODELS": f"{DEFAULT_MODEL},{SECOND_MODEL},{ALIAS}",
+                                 "RAYROUTE_FUZZ_EMBEDDING_MODELS": EMBEDDING_MODEL, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    generated = int(re.search(r"(\d+) generated", result.stdout).group(1))
+    assert generated >= 300, result.stdout[-3000:]
     # ... and the cluster still serves.
     assert client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, max_tokens=2).choices
