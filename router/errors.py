@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.engine import ErrorReply, validation_error
+from deployments.replies import ErrorReply, validation_error
 
 logger = logging.getLogger("rayroute.router")
 

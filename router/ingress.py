@@ -17,17 +17,18 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import ServeArgs
-from deployments.engine import ErrorReply, FullReply
+from deployments.replies import Chunk, ErrorReply, FullReply
 from router.auth import ApiKeyAuth, load_api_keys
 from router.errors import OpenAIError, error_response, install_error_handlers
-from router.middleware import install_middleware
+from router.middleware import RECORD_KEY, install_middleware
 from router.protocol import ChatCompletionBody, CompletionBody, EmbeddingBody, reject_media
+from router.telemetry import GatewayMetrics, RequestRecord, enable_access_log
 
 # Proxies (nginx, cloud load balancers) buffer responses unless told not to; a buffered stream is a broken one.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -46,17 +47,24 @@ class OpenAIRouter:
             for name in model.names:
                 self.handles[name] = engines[model.id].options(stream=True)
                 self.models[name] = model
+        self.metrics = GatewayMetrics()
+        enable_access_log()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self)
 
-    async def forward(self, endpoint: str, body: ChatCompletionBody | CompletionBody | EmbeddingBody) -> Response:
+    async def forward(self, endpoint: str, body: ChatCompletionBody | CompletionBody | EmbeddingBody,
+                      request: Request) -> Response:
         """Send a checked request to its model's engine and answer with what comes back."""
         handle = self.handles.get(body.model)
         if handle is None:
             raise OpenAIError.model_not_found(body.model)
         if isinstance(body, ChatCompletionBody) and not self.models[body.model].multimodal:
             reject_media(body)
+        record: RequestRecord = getattr(request.state, RECORD_KEY)
+        record.model, record.served_model = body.model, self.models[body.model].id
+        record.dispatched_at = time.perf_counter()
+        self.metrics.started(record)
         stream: DeploymentResponseGenerator = getattr(handle, endpoint).remote(body.model_dump(exclude_unset=True))
         try:
             first = await stream.__anext__()
@@ -65,11 +73,35 @@ class OpenAIRouter:
         except BaseException:
             stream.cancel()
             raise
+        record.first_reply_at = time.perf_counter()
+        self.metrics.first_reply(record)
         if isinstance(first, ErrorReply):
             return error_response(first)
+        record.prompt_tokens, record.completion_tokens = first.prompt_tokens, first.completion_tokens
         if isinstance(first, FullReply):
             return Response(first.body, media_type="application/json")
-        return StreamingResponse(_relay(first, stream), media_type="text/event-stream", headers=_SSE_HEADERS)
+        return StreamingResponse(self._relay(first, stream, record), media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
+
+    async def _relay(self, first: Chunk, rest: DeploymentResponseGenerator,
+                     record: RequestRecord) -> AsyncIterator[str]:
+        """Pass SSE events through as they arrive, keeping count of tokens. If the client leaves, Starlette
+        cancels this generator; cancelling the Serve call carries that to the engine replica, where vLLM aborts
+        the request."""
+        try:
+            yield first.data
+            last = time.perf_counter()
+            async for chunk in rest:
+                now = time.perf_counter()
+                self.metrics.token_gap(record, now - last)
+                last = now
+                record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                yield chunk.data
+        except (GeneratorExit, asyncio.CancelledError):
+            record.client_disconnected = True
+            raise
+        finally:
+            rest.cancel()
 
     async def readiness(self) -> JSONResponse:
         """Every model that should have a replica has one running."""
@@ -102,19 +134,19 @@ Router = serve.deployment(max_ongoing_requests=4096)(serve.ingress()(OpenAIRoute
 def build_http_app(router: OpenAIRouter) -> FastAPI:
     app = FastAPI(title="rayroute", version="1", summary="OpenAI-compatible API", docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    install_middleware(app, ApiKeyAuth(load_api_keys()), router.config.max_request_bytes)
+    install_middleware(app, router.metrics, ApiKeyAuth(load_api_keys()), router.config.max_request_bytes)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionBody) -> Response:
-        return await router.forward("chat", body)
+    async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
+        return await router.forward("chat", body, request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Response:
-        return await router.forward("completions", body)
+    async def completions(body: CompletionBody, request: Request) -> Response:
+        return await router.forward("completions", body, request)
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingBody) -> Response:
-        return await router.forward("embeddings", body)
+    async def embeddings(body: EmbeddingBody, request: Request) -> Response:
+        return await router.forward("embeddings", body, request)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -135,14 +167,3 @@ def build_http_app(router: OpenAIRouter) -> FastAPI:
         return await router.readiness()
 
     return app
-
-
-async def _relay(first: str, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
-    """Pass SSE lines through as they arrive. If the client leaves, Starlette cancels this generator; cancelling
-    the Serve call carries that to the engine replica, where vLLM aborts the request."""
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        rest.cancel()

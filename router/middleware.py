@@ -1,23 +1,64 @@
-"""ASGI middleware that answers before a request body is read: authentication, then the body-size limit.
+"""ASGI middleware around every request: the request id and access log, authentication, the body-size limit.
 
-Order matters, and :func:`install_middleware` fixes it: authentication runs first (outermost), so a client
-without a valid key learns nothing about the body rules and costs no body read; the size limit runs next, so no
-oversized body is ever parsed. Both are plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which would
-wrap every streamed response in an extra task and break the cancellation that aborts engine requests.
+Order matters, and :func:`install_middleware` fixes it. The request log is outermost, so every answer, a 401 or
+a 413 too, carries an ``X-Request-Id`` and gets its log line and metrics. Authentication comes next, so a client
+without a valid key learns nothing about the body rules and costs no body read; the size limit runs last, so no
+oversized body is ever parsed. All are plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which would wrap
+every streamed response in an extra task and break the cancellation that aborts engine requests.
 """
 
 from __future__ import annotations
 
+import re
+import time
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.engine import ErrorReply
+from deployments.replies import ErrorReply
 from router.auth import CHALLENGE, ApiKeyAuth
 from router.errors import error_response
+from router.telemetry import GatewayMetrics, RequestRecord, access_log
 
 # Routes under this prefix need a key; /health and /ready are for probes and need none.
 PROTECTED_PREFIX = "/v1/"
+
+
+# A client's own request id is kept when it is short and plain; anything else is replaced, never echoed.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+RECORD_KEY = "rayroute_record"  # where the request's RequestRecord lives in scope["state"]
+
+
+class RequestLogMiddleware:
+    """Gives each API request an id (the client's ``X-Request-Id`` or a new one), returns it in the response
+    headers, and when the response is done logs one JSON line and records the request's metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PROTECTED_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        offered = _header(scope, b"x-request-id")
+        request_id = offered if offered and _CLIENT_REQUEST_ID.match(offered) else f"req-{uuid.uuid4().hex}"
+        record = RequestRecord(request_id=request_id, endpoint=scope["path"], model="", served_model="")
+        scope.setdefault("state", {})[RECORD_KEY] = record
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            record.finished_at = time.perf_counter()
+            self.metrics.finished(record)
+            access_log.info(record.log_line())
 
 
 class ApiKeyMiddleware:
@@ -73,10 +114,11 @@ class BodySizeLimitMiddleware:
         await error_response(reply)(scope, receive, send)
 
 
-def install_middleware(app: Any, auth: ApiKeyAuth, max_request_bytes: int) -> None:
-    # add_middleware wraps what is already there: the last one added runs first. So: size limit, then auth.
+def install_middleware(app: Any, metrics: GatewayMetrics, auth: ApiKeyAuth, max_request_bytes: int) -> None:
+    # add_middleware wraps what is already there: the last one added runs first. So: log, auth, size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
     app.add_middleware(ApiKeyMiddleware, auth=auth)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -32,11 +32,17 @@ class ChatMessage(_Body):
     content: str | list[dict[str, Any]] | None = None
 
 
+class StreamOptions(_Body):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
 class _Sampling(_Body):
     """What chat and text completions share."""
 
     model: str = Field(min_length=1)
     stream: bool | None = False
+    stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     n: int | None = Field(None, ge=1, le=128)

@@ -48,6 +48,7 @@ def clients_python() -> Path:
 @dataclass
 class Cluster:
     base_url: str
+    metrics_port: int
     process: subprocess.Popen
     log: Path
 
@@ -100,14 +101,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     config = test_config(tmp)
     port, metrics_port = free_port(), free_port()
     log = tmp / "serve.log"
-    env = {**os.environ, "RAYROUTE_API_KEYS": f"sk-other-key,{API_KEY}", "RAY_DEDUP_LOGS": "0"}
+    # Ray exports metrics every 10 s by default; each second keeps the metrics tests short.
+    env = {**os.environ, "RAYROUTE_API_KEYS": f"sk-other-key,{API_KEY}", "RAY_DEDUP_LOGS": "0",
+           "RAY_metrics_report_interval_ms": "1000"}
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "router.launch", str(config), "--port", str(port),
              "--metrics-port", str(metrics_port)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    cluster = Cluster(f"http://127.0.0.1:{port}", process, log)
+    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log)
     try:
         wait_ready(cluster)
         yield cluster

@@ -8,6 +8,7 @@ routing by name, the body-size limit, and streaming pass-through.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -15,9 +16,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.engine import ErrorReply, FullReply, validation_error
+from deployments.replies import Chunk, ErrorReply, FullReply, validation_error
 from router.auth import load_api_keys
 from router.ingress import OpenAIRouter, build_http_app
+from router.telemetry import access_log
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 KEY = "sk-unit"
@@ -71,8 +73,9 @@ def echo_answer(model_id: str) -> Callable[[str, dict], list[Any]]:
     def answer(endpoint: str, body: dict) -> list[Any]:
         if body.get("stream"):
             chunk = {"object": "chat.completion.chunk", "model": body["model"], "served_by": model_id}
-            return [f"data: {json.dumps(chunk)}\n\n", f"data: {json.dumps(chunk)}\n\n", "data: [DONE]\n\n"]
-        return [FullReply(json.dumps({"endpoint": endpoint, "model": body["model"], "served_by": model_id}))]
+            return [Chunk(f"data: {json.dumps(chunk)}\n\n", 7, 1), Chunk(f"data: {json.dumps(chunk)}\n\n", 7, 2),
+                    Chunk("data: [DONE]\n\n", 7, 2)]
+        return [FullReply(json.dumps({"endpoint": endpoint, "model": body["model"], "served_by": model_id}), 5, 3)]
 
     return answer
 
@@ -300,3 +303,52 @@ def test_nested_part_errors_are_named_after_their_parameter() -> None:
     reply = validation_error(caught.value.errors(), body, root="messages")
     assert reply.param == "messages"
     assert reply.message == "messages: 0.text: Field required"
+
+
+# --- request ids and the access log ------------------------------------------------------------------------------
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def access_log_lines():
+    handler = Collect()
+    access_log.addHandler(handler)
+    yield handler.lines
+    access_log.removeHandler(handler)
+
+
+def test_request_id_is_kept_or_made(client: TestClient) -> None:
+    body = {"model": "chat-a", "messages": MESSAGES}
+    kept = client.post("/v1/chat/completions", json=body, headers={**AUTH, "X-Request-Id": "trace-42"})
+    assert kept.headers["x-request-id"] == "trace-42"
+    made = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    other = client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert made.headers["x-request-id"].startswith("req-") and made.headers["x-request-id"] != other.headers[
+        "x-request-id"]
+    hostile = client.post("/v1/chat/completions", json=body, headers={**AUTH, "X-Request-Id": "a b;c" * 50})
+    assert hostile.headers["x-request-id"].startswith("req-")
+    assert client.get("/v1/models").headers["x-request-id"]  # a 401 carries one too
+
+
+def test_access_log_line_per_request(client: TestClient, access_log_lines: list[str]) -> None:
+    secret = "my secret prompt"
+    post(client, "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": secret}]})
+    with client.stream("POST", "/v1/chat/completions", headers={**AUTH, "X-Request-Id": "s-1"},
+                       json={"model": "chat-a", "messages": MESSAGES, "stream": True}) as response:
+        list(response.iter_lines())
+    client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}-wrong"})
+    full, streamed, denied = (json.loads(line) for line in access_log_lines)
+    assert (full["model"], full["served_model"], full["status"]) == ("gpt-4o-mini", "chat-a", 200)
+    assert (full["prompt_tokens"], full["completion_tokens"]) == (5, 3)
+    assert (streamed["request_id"], streamed["prompt_tokens"], streamed["completion_tokens"]) == ("s-1", 7, 2)
+    assert streamed["ttft_ms"] is not None and streamed["duration_ms"] >= streamed["ttft_ms"]
+    assert denied["status"] == 401 and denied["model"] == ""
+    logged = "".join(access_log_lines)
+    assert secret not in logged and KEY not in logged

@@ -1,0 +1,167 @@
+"""What an engine replica sends back to the router, and the adjustments made to vLLM's replies on the way.
+
+An engine call is a stream of items: first an :class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk`
+(one SSE event), then, for a stream, more chunks. Every reply carries the request's token usage so far, so the
+router can count exactly the tokens clients received, also for a stream whose client left before its end.
+
+vLLM's replies are adjusted to what OpenAI returns: usage reported only where the client asked for it, a choice
+with tool calls finishing with ``"tool_calls"`` (vLLM 0.32 says ``"stop"`` when the tool was forced by name) and
+``null`` content beside the calls, errors with OpenAI's string codes and parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """An error to send instead of a response; the router renders the OpenAI envelope."""
+
+    status: int
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class FullReply:
+    """A complete (non-streaming) response body, already serialized as JSON, and its token usage."""
+
+    body: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One SSE event for the client (``data: ...\n\n``), and the request's token usage so far."""
+
+    data: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+EngineItem = ErrorReply | FullReply | Chunk
+
+
+def fix_tool_call_finish(response: Any) -> None:
+    """In a finished chat response (vLLM's pydantic model): choices with tool calls finish with "tool_calls"."""
+    for choice in getattr(response, "choices", None) or ():
+        message = getattr(choice, "message", None)
+        if message is not None and message.tool_calls:
+            choice.finish_reason = "tool_calls"
+            if not message.content:
+                message.content = None
+
+
+class StreamRewriter:
+    """Adjusts a vLLM stream, chunk by chunk, and keeps count of its tokens.
+
+    The engine asks vLLM for usage on every chunk (``continuous_usage_stats``); this counts it per choice, and
+    removes it again from what the client sees unless the client's own ``stream_options`` asked for it.
+    """
+
+    def __init__(self, client_stream_options: Any, fix_tool_calls: bool):
+        options = client_stream_options if isinstance(client_stream_options, dict) else {}
+        self.keep_final_usage = bool(options.get("include_usage"))
+        self.keep_chunk_usage = self.keep_final_usage and bool(options.get("continuous_usage_stats"))
+        self.fix_tool_calls = fix_tool_calls
+        self.prompt_tokens = 0
+        self.completion_by_choice: dict[int, int] = {}
+        self.choices_with_calls: set[int] = set()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.completion_by_choice.values())
+
+    def rewrite(self, event: str) -> Chunk | None:
+        """The chunk to send for one of vLLM's SSE events, or None to send nothing."""
+        if not event.startswith("data: {"):
+            return Chunk(event, self.prompt_tokens, self.completion_tokens)
+        chunk = json.loads(event[len("data: "):])
+        usage = chunk.get("usage") or None
+        choices = chunk.get("choices") or []
+        if usage:
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            if choices:
+                for choice in choices:
+                    self.completion_by_choice[choice.get("index", 0)] = usage.get("completion_tokens", 0)
+            else:  # the closing usage-only chunk holds the exact totals
+                self.completion_by_choice = {0: usage.get("completion_tokens", 0)}
+        if self.fix_tool_calls:
+            for choice in choices:
+                if (choice.get("delta") or {}).get("tool_calls"):
+                    self.choices_with_calls.add(choice["index"])
+                if choice.get("finish_reason") == "stop" and choice["index"] in self.choices_with_calls:
+                    choice["finish_reason"] = "tool_calls"
+        if not choices and usage and not self.keep_final_usage:
+            return None
+        if usage and choices and not self.keep_chunk_usage:
+            del chunk["usage"]
+        return Chunk(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n", self.prompt_tokens,
+                     self.completion_tokens)
+
+
+def validation_error(errors: list[dict[str, Any]], body: Any, root: str | None = None) -> ErrorReply:
+    """Pydantic validation errors as a 400 that names the offending parameter, OpenAI style (``messages[0].role``).
+
+    Where a field is a union, pydantic reports one error per member; the error that is not a mere type mismatch
+    (``stop`` with five items: "at most 4 items", not "not a string") is the one that says what to fix. Locations
+    are read against the body the client sent, so union members' internal names never reach the client. Errors
+    raised on a part of the request (vLLM validates content parts while rendering the prompt) are named after
+    ``root``, the parameter that part came from.
+    """
+    specific = [e for e in errors if not e["type"].endswith("_type")]
+    first = (specific or errors)[0]
+    param = _param_path(first["loc"], body)
+    message = first["msg"].removeprefix("Value error, ")
+    if root and not param:
+        # Drop union members' class names (``ChatCompletionContentPartTextParam``): they mean nothing to a client.
+        where = ".".join(str(part) for part in first["loc"] if not str(part)[:1].isupper())
+        param, message = root, f"{where}: {message}" if where else message
+    if first["type"] == "missing":
+        code = "missing_required_parameter"
+    else:
+        code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
+    return ErrorReply(400, f"{param}: {message}" if param else message, "invalid_request_error", param or None, code)
+
+
+def _param_path(loc: tuple[Any, ...], body: Any) -> str:
+    """Follow ``loc`` through ``body``, keeping the steps that exist in it (keys, list indexes) and skipping the
+    union-member and validator tags pydantic inserts. A missing field, last in ``loc``, is named all the same."""
+    path, node = "", body
+    for depth, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and (
+            part in node or (depth == len(loc) - 1 and (path or depth == 0))
+        ):
+            path, node = f"{path}.{part}" if path else part, node.get(part)
+    return path
+
+
+# vLLM's messages for a prompt that does not fit the context; OpenAI answers those with `context_length_exceeded`.
+_CONTEXT_LENGTH_MARKERS = ("maximum context length", "context length is")
+
+
+def from_vllm_error(response: Any, prompt_param: str) -> ErrorReply:
+    """vLLM's ``ErrorResponse`` carries the HTTP status as a number in ``code``; OpenAI's code is a string."""
+    error = response.error
+    status = int(error.code) if isinstance(error.code, int) else HTTPStatus.INTERNAL_SERVER_ERROR
+    code = None
+    param = error.param
+    if status == HTTPStatus.NOT_FOUND:
+        kind = "not_found_error"
+    elif status < 500:
+        kind = "invalid_request_error"
+        if any(marker in error.message for marker in _CONTEXT_LENGTH_MARKERS):
+            code = "context_length_exceeded"
+            param = prompt_param
+    else:
+        kind = "server_error"
+    return ErrorReply(status, error.message, kind, param, code)

@@ -1,0 +1,145 @@
+"""What the router tells operators about each request: Prometheus metrics and one JSON access-log line.
+
+Metrics are Ray metrics, so every node exports them, with vLLM's and Ray Serve's own, on one port (Ray's metrics
+export port; ``make serve`` fixes it at 8080). Ray's exporter prefixes custom metrics with ``ray_`` and suffixes
+counters with ``_total``: the counter made as ``rayroute_requests`` is scraped as ``ray_rayroute_requests_total``.
+
+Labels: ``model`` is the name the client sent (an alias stays an alias), ``served_model`` the configured id behind
+it. Token counters move by exactly the ``usage`` clients received; a stream whose client left counts the tokens
+generated until then.
+
+The access log never holds a prompt, an output or a key: ids, model, status, token counts and timings only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+access_log = logging.getLogger("rayroute.access")
+
+
+def enable_access_log() -> None:
+    """Write access lines, bare JSON, to the replica's stderr (Ray keeps it in the worker's log files and shows it
+    on the driver). Not through the root logger: Ray's own handlers there would wrap each line in a prefix."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
+
+# Latency buckets (seconds): from a cached short answer to a long generation on a busy CPU engine.
+_LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+_TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+_ROUTER_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
+_MODEL = ("model", "served_model")
+
+
+class GatewayMetrics:
+    """The router's metrics; one instance per router replica."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("rayroute_requests", "Requests answered, by model, endpoint and HTTP status.",
+                                tag_keys=(*_MODEL, "endpoint", "status_code"))
+        self.prompt_tokens = Counter("rayroute_prompt_tokens", "Prompt tokens of answered requests.",
+                                     tag_keys=_MODEL)
+        self.completion_tokens = Counter("rayroute_completion_tokens", "Tokens generated for clients.",
+                                         tag_keys=_MODEL)
+        self.time_to_first_token = Histogram(
+            "rayroute_time_to_first_token_seconds", "From the request reaching the router to its first token "
+            "(or whole answer) leaving it.", boundaries=_LATENCY_BUCKETS, tag_keys=_MODEL)
+        self.inter_token_latency = Histogram(
+            "rayroute_inter_token_latency_seconds", "Gap between consecutive streamed chunks.",
+            boundaries=_TOKEN_GAP_BUCKETS, tag_keys=_MODEL)
+        self.request_duration = Histogram(
+            "rayroute_request_duration_seconds", "From the request reaching the router to its last byte.",
+            boundaries=_LATENCY_BUCKETS, tag_keys=(*_MODEL, "endpoint"))
+        self.router_overhead = Histogram(
+            "rayroute_router_overhead_seconds", "Time the router spends on a request before handing it to the "
+            "engine (authentication, parsing, checks, routing).", boundaries=_ROUTER_BUCKETS, tag_keys=_MODEL)
+        self.in_flight = Gauge("rayroute_requests_in_flight", "Requests being answered now.", tag_keys=_MODEL)
+        self.waiting = Gauge("rayroute_requests_waiting", "Requests sent to an engine that has not answered yet "
+                             "(queued or prefilling).", tag_keys=_MODEL)
+        # Gauges are set, not incremented: the router keeps the counts.
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._waiting: dict[tuple[str, str], int] = {}
+
+    def started(self, record: RequestRecord) -> None:
+        self._move(self._in_flight, self.in_flight, record, +1)
+        self._move(self._waiting, self.waiting, record, +1)
+
+    def first_reply(self, record: RequestRecord) -> None:
+        self._move(self._waiting, self.waiting, record, -1)
+        if record.first_reply_at is not None:
+            self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=record.tags)
+
+    def token_gap(self, record: RequestRecord, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds, tags=record.tags)
+
+    def finished(self, record: RequestRecord) -> None:
+        """Once per API request, whatever its end: answered, rejected, failed, or abandoned by its client.
+
+        A request rejected before it was routed (bad key, bad body, unknown model) has empty model labels: a
+        client's made-up model names must not become label values.
+        """
+        tags = record.tags
+        if record.dispatched_at is not None:
+            if record.first_reply_at is None:
+                self._move(self._waiting, self.waiting, record, -1)
+            self._move(self._in_flight, self.in_flight, record, -1)
+            self.router_overhead.observe(record.dispatched_at - record.arrived_at, tags=tags)
+        self.requests.inc(1, tags={**tags, "endpoint": record.endpoint, "status_code": str(record.status)})
+        if record.prompt_tokens:
+            self.prompt_tokens.inc(record.prompt_tokens, tags=tags)
+        if record.completion_tokens:
+            self.completion_tokens.inc(record.completion_tokens, tags=tags)
+        self.request_duration.observe(record.duration, tags={**tags, "endpoint": record.endpoint})
+
+    @staticmethod
+    def _move(counts: dict, gauge: Gauge, record: RequestRecord, delta: int) -> None:
+        key = (record.model, record.served_model)
+        counts[key] = counts.get(key, 0) + delta
+        gauge.set(counts[key], tags=record.tags)
+
+
+@dataclass
+class RequestRecord:
+    """One request as the router saw it, filled in as it goes."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    served_model: str
+    arrived_at: float = field(default_factory=time.perf_counter)
+    dispatched_at: float | None = None
+    first_reply_at: float | None = None
+    finished_at: float | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    client_disconnected: bool = False
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"model": self.model, "served_model": self.served_model}
+
+    @property
+    def duration(self) -> float:
+        return (self.finished_at or time.perf_counter()) - self.arrived_at
+
+    def log_line(self) -> str:
+        def ms(start: float | None, end: float | None) -> float | None:
+            return None if start is None or end is None else round((end - start) * 1000, 2)
+
+        return json.dumps({
+            "request_id": self.request_id, "endpoint": self.endpoint, "model": self.model,
+            "served_model": self.served_model, "status": self.status, "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens, "ttft_ms": ms(self.arrived_at, self.first_reply_at),
+            "duration_ms": ms(self.arrived_at, self.finished_at), "client_disconnected": self.client_disconnected,
+        })

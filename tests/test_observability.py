@@ -1,0 +1,214 @@
+"""End to end: metrics through a real Prometheus, and every Grafana dashboard query answered by it.
+
+Prometheus (Debian's package, which `.ci/run` installs) scrapes the test cluster's one metrics port every second.
+Known traffic goes in; the token counters must move by exactly the `usage` the clients received.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import ALIAS, API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, ROOT, Cluster
+
+pytestmark = pytest.mark.e2e
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+DASHBOARD = ROOT / "helm" / "dashboards" / "rayroute.json"
+ASK = [{"role": "user", "content": "Tell me about the city of Lyon."}]
+
+
+class Prometheus:
+    def __init__(self, url: str):
+        self.url = url
+
+    def query(self, expr: str) -> list[dict]:
+        response = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        assert response.status_code == 200, (expr, response.text)
+        return response.json()["data"]["result"]
+
+    def value(self, expr: str) -> float:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else 0.0
+
+    def wait_for(self, expr: str, expected: float, timeout: float = 60) -> float:
+        """Poll until ``expr`` equals ``expected``: Ray exports metrics periodically, Prometheus scrapes each second."""
+        deadline = time.monotonic() + timeout
+        value = self.value(expr)
+        while value != expected and time.monotonic() < deadline:
+            time.sleep(1)
+            value = self.value(expr)
+        return value
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed (Debian package `prometheus`; .ci/run installs it)")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    config = tmp / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{cluster.metrics_port}"]}]}],
+    }))
+    port = free_port()
+    process = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp / 'data'}",
+                                f"--web.listen-address=127.0.0.1:{port}"],
+                               stdout=subprocess.DEVNULL, stderr=(tmp / "prometheus.log").open("w"))
+    server = Prometheus(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the first scrape comes a few seconds after start
+            try:
+                if server.query('up{job="ray"} == 1'):
+                    break
+            except (httpx.HTTPError, AssertionError):
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("Prometheus never scraped the cluster:\n" + (tmp / "prometheus.log").read_text()[-3000:])
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def scrape(cluster: Cluster) -> str:
+    return httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
+
+
+def counter(model: str, name: str) -> str:
+    return f'sum(ray_rayroute_{name}_total{{model="{model}"}})'
+
+
+def test_scrape_passes_promtool(cluster: Cluster) -> None:
+    httpx.post(cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=60,
+               json={"model": DEFAULT_MODEL, "messages": ASK, "max_tokens": 2})
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool comes with Debian's prometheus package"
+    result = subprocess.run([promtool, "check", "metrics"], input=scrape(cluster), capture_output=True, text=True,
+                            check=False)
+    output = result.stdout + result.stderr
+    # The scrape parses: promtool reports unparsable input as "error while linting".
+    assert "error while linting" not in output, output[-3000:]
+    # Lint: Ray's own metrics carry Ray's camelCase tags (WorkerId, ...) and names promtool frowns on; ours carry
+    # nothing else to complain about.
+    ours = [line for line in output.splitlines() if line.startswith("ray_rayroute_")]
+    tolerated = "label names should be written in 'snake_case' not 'camelCase'"  # Ray's WorkerId on gauges
+    assert all(line.endswith(tolerated) for line in ours), ours
+
+
+def test_token_counters_equal_the_usage_clients_received(cluster: Cluster, prometheus: Prometheus) -> None:
+    model = ALIAS  # an alias, so the labels show the name the client used
+    before = {name: prometheus.value(counter(model, name)) for name in ("prompt_tokens", "completion_tokens")}
+    client = cluster.client()
+    prompt = completion = 0
+    plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=9)  # cut by max_tokens
+    several = client.chat.completions.create(model=model, messages=ASK, max_tokens=7, n=3, temperature=1)
+    for reply in (plain, several):
+        prompt += reply.usage.prompt_tokens
+        completion += reply.usage.completion_tokens
+    streamed = list(client.chat.completions.create(model=model, messages=ASK, max_tokens=11, stream=True,
+                                                   stream_options={"include_usage": True}))
+    prompt += streamed[-1].usage.prompt_tokens
+    completion += streamed[-1].usage.completion_tokens
+    legacy = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5)
+    prompt += legacy.usage.prompt_tokens
+    completion += legacy.usage.completion_tokens
+    # A stream without include_usage still counts, by the usage the engine reported alongside.
+    quiet = list(client.chat.completions.create(model=model, messages=ASK, max_tokens=6, temperature=0, stream=True))
+    assert all(chunk.usage is None for chunk in quiet)
+    twin = client.chat.completions.create(model=model, messages=ASK, max_tokens=6, temperature=0)
+    prompt += 2 * twin.usage.prompt_tokens
+    completion += 2 * twin.usage.completion_tokens
+
+    assert prometheus.wait_for(counter(model, "prompt_tokens"), before["prompt_tokens"] + prompt) == (
+        before["prompt_tokens"] + prompt)
+    assert prometheus.wait_for(counter(model, "completion_tokens"), before["completion_tokens"] + completion) == (
+        before["completion_tokens"] + completion)
+
+
+def test_abandoned_stream_counts_what_was_generated(cluster: Cluster, prometheus: Prometheus) -> None:
+    model = DEFAULT_MODEL
+    expr = counter(model, "completion_tokens")
+    before = prometheus.wait_for(expr, prometheus.value(expr), timeout=5)
+    received = 0
+    body = {"model": model, "messages": ASK, "stream": True, "max_tokens": 2000, "ignore_eos": True}
+    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", json=body, headers=AUTH,
+                      timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                received += 1
+                if received == 20:
+                    break
+    deadline = time.monotonic() + 60
+    while prometheus.value(expr) - before < received and time.monotonic() < deadline:
+        time.sleep(1)
+    counted = prometheus.value(expr) - before
+    assert received <= counted < 2000
+
+
+def test_request_and_engine_metrics_are_exported(cluster: Cluster, prometheus: Prometheus) -> None:
+    httpx.post(cluster.base_url + "/v1/embeddings", headers=AUTH, timeout=60,
+               json={"model": EMBEDDING_MODEL, "input": "cat"})
+    httpx.post(cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=60,
+               json={"model": "no-such-model", "messages": ASK})
+    for expr in [
+        'ray_rayroute_requests_total{endpoint="/v1/embeddings",status_code="200"}',
+        'ray_rayroute_requests_total{status_code="404",model=""}',  # a made-up name never becomes a label
+        'ray_vllm_num_requests_running{model_name="smollm2-135m-instruct"}',
+        'ray_vllm_kv_cache_usage_perc',
+        'ray_serve_deployment_replica_healthy{application="rayroute"}',
+    ]:
+        deadline = time.monotonic() + 60
+        while not prometheus.query(expr) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert prometheus.query(expr), expr
+    assert not prometheus.query('ray_rayroute_requests_total{model="no-such-model"}')
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """What Grafana sends for the dashboard's variables at their defaults (All models, a 1-minute rate window)."""
+    for variable in ("$model", "$served_model"):
+        expr = expr.replace(variable, ".*")
+    return expr.replace("$__rate_interval", "1m")
+
+
+def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometheus: Prometheus) -> None:
+    import promql_parser
+
+    client = cluster.client()
+    for _ in range(3):  # traffic for every panel: streams (inter-token gaps), plain answers
+        list(client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, max_tokens=8, stream=True))
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=ASK, max_tokens=4)
+    queries = dashboard_queries()
+    assert len(queries) >= 12
+    missing = {}
+    deadline = time.monotonic() + 90
+    for title, expr in queries:
+        promql = grafana_to_promql(expr)
+        promql_parser.parse(promql)  # raises on a syntax error
+        while not prometheus.query(promql) and time.monotonic() < deadline:
+            time.sleep(1)
+        if not prometheus.query(promql):
+            missing[title] = promql
+    assert not missing, missing
