@@ -198,6 +198,12 @@ class VLLMEngine:
             "running_requests": self.engine.get_num_unfinished_requests(),
         }
 
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica: end vLLM's engine-core process with it.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     async def check_health(self) -> None:
         # Serve calls this periodically; raising marks the replica unhealthy so Serve replaces it.
         await self.engine.check_health()

@@ -9,6 +9,7 @@ file's own ``import_path`` and ``args``, exactly as ``serve run`` and KubeRay wo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -18,6 +19,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from deployments.config import ConfigError, ServeArgs, load_serve_config
 
@@ -83,8 +86,16 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
     )
 
     def stop() -> None:
+        # Ray stops the processes it knows; vLLM's engine-core processes are children of replicas, and one left
+        # behind by a replica that died mid-shutdown would hold its memory forever. Whatever this process started,
+        # directly or not, and is still alive after Ray's own shutdown is ended here.
+        started = psutil.Process().children(recursive=True)
         serve.shutdown()
         ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=20)
+        for process in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
     try:
         serve.start(http_options={"host": host, "port": port},

@@ -167,7 +167,9 @@ def start_bare_vllm(model: dict, log: Path) -> tuple[subprocess.Popen, str]:
             command.append(flag)
         elif value is not False:
             command += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
-    env = {**os.environ, **config.resources.engine_env(), **config.env}
+    # The same compute threads as the replica gets: Ray sets OMP_NUM_THREADS from the replica's CPUs.
+    threads = str(int(config.resources.replica_actor_resources()["num_cpus"]))
+    env = {**os.environ, **config.resources.engine_env(), **config.env, "OMP_NUM_THREADS": threads}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -179,12 +181,12 @@ def report(results: list[LevelResult], out: Path) -> None:
     by_key = {(r.server, r.concurrency): r for r in results}
     levels = sorted({r.concurrency for r in results})
     header = (f"{'server':<10}{'conc':>5}{'reqs':>6}{'err':>5}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p95':>10}"
-              f"{'ITL p50':>9}{'ITL p95':>9}")
+              f"{'ITL p50':>9}{'ITL p95':>9}   (latencies in ms)")
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r.server:<10}{r.concurrency:>5}{r.requests:>6}{r.errors:>5}{r.output_tokens_per_s:>11.1f}"
-              f"{r.ttft_p50_ms:>9.1f}m{r.ttft_p95_ms:>9.1f}m{r.itl_p50_ms:>8.1f}m{r.itl_p95_ms:>8.1f}m")
+              f"{r.ttft_p50_ms:>10.1f}{r.ttft_p95_ms:>10.1f}{r.itl_p50_ms:>9.1f}{r.itl_p95_ms:>9.1f}")
     ratios = []
     print("\nours/bare: tokens/s ratio, TTFT p50 added (ms)")
     for level in levels:

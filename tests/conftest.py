@@ -87,7 +87,9 @@ def test_config(tmp_path: Path) -> Path:
     models = args["models"]
     first = models[0]
     first["aliases"] = [ALIAS]
-    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True})
+    # One compute thread for the copy: with two busy engines on two cores, more would only fight over them.
+    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True,
+                   "resources": {**first["resources"], "cpus": 1}})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
     path = tmp_path / "e2e.yaml"
