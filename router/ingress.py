@@ -1,7 +1,7 @@
 """The HTTP edge: a FastAPI app on a Ray Serve ingress deployment.
 
 A request's path through this file: the middleware authenticates and bounds the body (:mod:`router.middleware`)
-→ FastAPI parses and checks it against the route's body model (:mod:`router.protocol`) → :meth:`Router.forward`
+→ FastAPI parses and checks it against the route's body model (:mod:`router.protocol`) → :meth:`OpenAIRouter.forward`
 looks up the model's deployment handle by the ``model`` field (ids and aliases) and calls the engine replica as a
 Serve stream → the response starts on its first item: an error, a finished body, or the first SSE line followed
 by the rest as they arrive.
