@@ -32,6 +32,7 @@ API_KEY = "sk-test-" + "0123456789abcdef"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SECOND_MODEL = "acme/smollm2-135m:copy"
 ALIAS = "gpt-4o-mini"
+METRICS_ALIAS = "metrics-probe"  # a name only the metrics tests use, so their counters see no other traffic
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 MAX_REQUEST_BYTES = 1024 * 1024
 STARTUP_TIMEOUT_S = float(os.environ.get("RAYROUTE_TEST_STARTUP_TIMEOUT", "600"))
@@ -86,7 +87,7 @@ def test_config(tmp_path: Path) -> Path:
     args["max_request_bytes"] = MAX_REQUEST_BYTES
     models = args["models"]
     first = models[0]
-    first["aliases"] = [ALIAS]
+    first["aliases"] = [ALIAS, METRICS_ALIAS]
     # One compute thread for the copy: with two busy engines on two cores, more would only fight over them.
     models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True,
                    "resources": {**first["resources"], "cpus": 1}})

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import ALIAS, API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, ROOT, Cluster
+from tests.conftest import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +37,17 @@ class Prometheus:
     def value(self, expr: str) -> float:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else 0.0
+
+    def settled(self, expr: str, quiet_s: float = 4, timeout: float = 60) -> float:
+        """The value once it has not changed for ``quiet_s`` (earlier traffic fully exported and scraped)."""
+        deadline = time.monotonic() + timeout
+        value, since = self.value(expr), time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+            time.sleep(1)
+            current = self.value(expr)
+            if current != value:
+                value, since = current, time.monotonic()
+        return value
 
     def wait_for(self, expr: str, expected: float, timeout: float = 60) -> float:
         """Poll until ``expr`` equals ``expected``: Ray exports metrics periodically, Prometheus scrapes each second."""
@@ -113,8 +124,8 @@ def test_scrape_passes_promtool(cluster: Cluster) -> None:
 
 
 def test_token_counters_equal_the_usage_clients_received(cluster: Cluster, prometheus: Prometheus) -> None:
-    model = ALIAS  # an alias, so the labels show the name the client used
-    before = {name: prometheus.value(counter(model, name)) for name in ("prompt_tokens", "completion_tokens")}
+    model = METRICS_ALIAS  # an alias, so the labels show the name the client used; no other test sends it
+    before = {name: prometheus.settled(counter(model, name)) for name in ("prompt_tokens", "completion_tokens")}
     client = cluster.client()
     prompt = completion = 0
     plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=9)  # cut by max_tokens
@@ -145,7 +156,7 @@ def test_token_counters_equal_the_usage_clients_received(cluster: Cluster, prome
 def test_abandoned_stream_counts_what_was_generated(cluster: Cluster, prometheus: Prometheus) -> None:
     model = DEFAULT_MODEL
     expr = counter(model, "completion_tokens")
-    before = prometheus.wait_for(expr, prometheus.value(expr), timeout=5)
+    before = prometheus.settled(expr)
     received = 0
     body = {"model": model, "messages": ASK, "stream": True, "max_tokens": 2000, "ignore_eos": True}
     with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", json=body, headers=AUTH,
@@ -167,17 +178,22 @@ def test_request_and_engine_metrics_are_exported(cluster: Cluster, prometheus: P
                json={"model": EMBEDDING_MODEL, "input": "cat"})
     httpx.post(cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=60,
                json={"model": "no-such-model", "messages": ASK})
-    for expr in [
-        'ray_rayroute_requests_total{endpoint="/v1/embeddings",status_code="200"}',
-        'ray_rayroute_requests_total{status_code="404",model=""}',  # a made-up name never becomes a label
-        'ray_vllm_num_requests_running{model_name="smollm2-135m-instruct"}',
-        'ray_vllm_kv_cache_usage_perc',
-        'ray_serve_deployment_replica_healthy{application="rayroute"}',
-    ]:
-        deadline = time.monotonic() + 60
-        while not prometheus.query(expr) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert prometheus.query(expr), expr
+    # vLLM sets its gauges while it steps, and Ray exports a series only while it is being set: keep one busy.
+    busy = {"model": DEFAULT_MODEL, "messages": ASK, "stream": True, "max_tokens": 400, "ignore_eos": True}
+    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                      json=busy) as response:
+        next(response.iter_lines())
+        for expr in [
+            'ray_rayroute_requests_total{endpoint="/v1/embeddings",status_code="200"}',
+            'ray_rayroute_requests_total{status_code="404",model=""}',  # a made-up name never becomes a label
+            'ray_vllm_num_requests_running{model_name="smollm2-135m-instruct"}',
+            'ray_vllm_kv_cache_usage_perc',
+            'ray_serve_deployment_replica_healthy{application="rayroute"}',
+        ]:
+            deadline = time.monotonic() + 60
+            while not prometheus.query(expr) and time.monotonic() < deadline:
+                time.sleep(1)
+            assert prometheus.query(expr), expr
     assert not prometheus.query('ray_rayroute_requests_total{model="no-such-model"}')
 
 
