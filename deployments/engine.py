@@ -52,6 +52,7 @@ class _Endpoint:
     serving_attribute: str  # the attribute init_app_state sets on its state
     call: Callable[[Any, Any], Any]  # (serving object, request) → awaitable result
     prompt_param: str  # the parameter that holds the prompt, named when it is too long
+    what: str  # what the endpoint makes, for "model X does not support ..."
 
     @functools.cached_property
     def request_adapter(self) -> Any:
@@ -67,14 +68,14 @@ class _Endpoint:
 ENDPOINTS = {
     "chat": _Endpoint("vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest",
                       "openai_serving_chat", lambda serving, request: serving.create_chat_completion(request),
-                      "messages"),
+                      "messages", "chat completions"),
     "completions": _Endpoint("vllm.entrypoints.openai.completion.protocol:CompletionRequest",
                              "openai_serving_completion", lambda serving, request: serving.create_completion(request),
-                             "prompt"),
+                             "prompt", "text completions"),
     "embeddings": _Endpoint("vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest",
-                            "serving_embedding", lambda serving, request: serving(request), "input"),
+                            "serving_embedding", lambda serving, request: serving(request), "input",
+                            "embeddings"),
 }
-_NOT_SUPPORTED = {"chat": "chat completions", "completions": "text completions", "embeddings": "embeddings"}
 
 
 class VLLMEngine:
@@ -147,12 +148,12 @@ class VLLMEngine:
         from vllm.exceptions import VLLMError
 
         serving = self._serving[endpoint]
+        spec = ENDPOINTS[endpoint]
         if serving is None:
-            yield ErrorReply(400, f"The model `{body.get('model')}` does not support {_NOT_SUPPORTED[endpoint]}.",
+            yield ErrorReply(400, f"The model `{body.get('model')}` does not support {spec.what}.",
                              "invalid_request_error", "model", "model_not_supported")
             return
         _requested_model.set(body.get("model"))
-        spec = ENDPOINTS[endpoint]
         rewriter = None
         if body.get("stream") and endpoint != "embeddings":
             # Usage on every chunk lets the router count the tokens of a stream cut short; the rewriter removes it

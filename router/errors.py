@@ -29,10 +29,9 @@ class OpenAIError(Exception):
     """Raise anywhere in the router to answer with this error."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+                 param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.reply = ErrorReply(status, message, type, param, code)
-        self.headers = headers
 
     @classmethod
     def model_not_found(cls, model: str) -> OpenAIError:
@@ -51,7 +50,7 @@ def error_response(reply: ErrorReply, headers: dict[str, str] | None = None) -> 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.reply, exc.headers)
+        return error_response(exc.reply)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster
+from tests.conftest import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -58,11 +57,6 @@ class Prometheus:
             value = self.value(expr)
         return value
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

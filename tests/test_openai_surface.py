@@ -435,7 +435,7 @@ def test_async_openai_client(cluster: Cluster) -> None:
     assert len(set(texts)) == 1  # the same greedy answer from both copies, via the alias, and streamed
 
 
-def run_client(cluster: Cluster, script: str, *args: str) -> dict:
+def run_client(script: str, *args: str) -> dict:
     """Run a client script from tests/clients in the clients' own environment and return its JSON output."""
     result = subprocess.run([str(clients_python()), str(ROOT / "tests" / "clients" / script), *args],
                             capture_output=True, text=True, timeout=600, check=False)
@@ -444,7 +444,7 @@ def run_client(cluster: Cluster, script: str, *args: str) -> dict:
 
 
 def test_langchain(cluster: Cluster, client: openai.OpenAI) -> None:
-    out = run_client(cluster, "langchain_check.py", cluster.base_url + "/v1", API_KEY, DEFAULT_MODEL)
+    out = run_client("langchain_check.py", cluster.base_url + "/v1", API_KEY, DEFAULT_MODEL)
     expected = client.chat.completions.create(model=DEFAULT_MODEL, temperature=0, max_tokens=40, messages=[
         {"role": "user", "content": "Tell me about the city of Lyon."}]).choices[0].message.content
     assert out["invoke"] == out["stream"] == expected
@@ -455,7 +455,7 @@ def test_langchain(cluster: Cluster, client: openai.OpenAI) -> None:
 
 
 def test_llamaindex(cluster: Cluster, client: openai.OpenAI) -> None:
-    out = run_client(cluster, "llamaindex_check.py", cluster.base_url + "/v1", API_KEY, DEFAULT_MODEL)
+    out = run_client("llamaindex_check.py", cluster.base_url + "/v1", API_KEY, DEFAULT_MODEL)
     expected = client.chat.completions.create(model=DEFAULT_MODEL, temperature=0, max_tokens=20, messages=[
         {"role": "user", "content": "Tell me about the city of Lyon."}]).choices[0].message.content
     assert out["chat"] == out["stream_chat"] == expected
