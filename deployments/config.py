@@ -92,23 +92,39 @@ class Resources(_Strict):
 
 
 class Autoscaling(_Strict):
-    """Replica bounds and Ray Serve's request-based autoscaling target.
+    """Replica bounds, and the policy that picks a count between them.
 
-    The default target keeps a few requests per replica: an LLM engine batches, so one in-flight request says
-    nothing about saturation, while Ray Serve LLM's default (effectively infinite) never scales at all.
+    ``requests`` is Ray Serve's own policy: replicas = requests in flight / ``target_ongoing_requests``. The
+    default target keeps a few requests per replica: an engine batches, so one request in flight says nothing
+    about saturation, while Ray Serve LLM's default (effectively infinite) never scales at all. ``engine_load``
+    (:mod:`deployments.autoscaling`) asks the engines instead: their running and waiting requests and KV-cache use.
     """
 
-    min_replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(1, ge=0, description="0 lets the model scale to zero when idle.")
     max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
+    policy: Literal["requests", "engine_load"] = "requests"
+    target_ongoing_requests: float = Field(16, gt=0, description="Requests per replica the policy aims at.")
+    target_kv_cache_usage: float = Field(0.8, gt=0, le=1, description="`engine_load` only: KV-cache share "
+                                         "per replica the policy aims at.")
     upscale_delay_s: float = Field(30, ge=0)
     downscale_delay_s: float = Field(300, ge=0)
+    look_back_period_s: float = Field(30, gt=0, description="Window the load is averaged over.")
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
         return self
+
+
+class Timeouts(_Strict):
+    """How long a request may wait at each stage; the status a client gets when it waited too long."""
+
+    queue_s: float = Field(300, gt=0, description="For a replica to take the request: queued, or while one "
+                           "starts from zero. Then 503 with Retry-After.")
+    first_token_s: float = Field(120, gt=0, description="Streams: from a replica taking the request to its "
+                                 "first token. Then 408.")
+    total_s: float = Field(900, gt=0, description="The whole request. Then 504, or an error event in a stream.")
 
 
 class ModelConfig(_Strict):
@@ -121,6 +137,11 @@ class ModelConfig(_Strict):
     resources: Resources = Field(default_factory=Resources)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
+    max_queued_requests: int = Field(256, ge=0, description="Requests each ingress replica holds for the "
+                                     "model when its replicas are full; beyond that, 429.")
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    drain_timeout_s: float = Field(300, ge=0, description="How long a stopping replica (scale-down, redeploy) "
+                                   "lets its requests finish.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
     multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
 
@@ -166,10 +187,18 @@ class ModelConfig(_Strict):
         return str(local) if local is not None else self.source
 
 
+class Ingress(_Strict):
+    """The router deployment: every request passes through one of its replicas."""
+
+    replicas: int = Field(1, ge=1, description="Router replicas; per-key limits hold across all of them.")
+    max_ongoing_requests: int = Field(4096, ge=1, description="Connections one router replica serves at once.")
+
+
 class ServeArgs(_Strict):
     """The ``args`` of the rayroute application in a Serve config file."""
 
     models: list[ModelConfig] = Field(min_length=1)
+    ingress: Ingress = Field(default_factory=Ingress)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413.")
 
     @model_validator(mode="after")

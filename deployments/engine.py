@@ -13,6 +13,11 @@ to a Serve replica:
 
 When the client goes away the router cancels the Serve call; the cancellation reaches vLLM's generator here,
 which aborts the engine request and frees its slot.
+
+Health means progress, not just a live process: a replica is unhealthy when vLLM's engine core has died, or
+when it holds requests but has produced no token for :data:`STALL_TIMEOUT_S`; Serve then replaces it. A request
+that reaches a replica whose engine is dead is answered ``engine_unavailable`` before it is admitted, so the
+router sends it elsewhere (or waits for the replacement) instead of failing it.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ import contextvars
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from deployments.autoscaling import KV_CACHE, RUNNING, WAITING
 from deployments.config import ModelConfig
 from deployments.replies import (
+    ENGINE_UNAVAILABLE,
+    Admitted,
     EngineItem,
     ErrorReply,
     FullReply,
@@ -38,6 +47,49 @@ from deployments.replies import (
 )
 
 logger = logging.getLogger("rayroute.engine")
+
+# An engine that holds requests but has made no token for this long is stuck; its replica reports unhealthy.
+# Generous, because one prefill of a long prompt on a big model is one long step.
+STALL_TIMEOUT_S = 120.0
+
+
+class EngineProgress:
+    """A vLLM stat logger (the per-engine kind ``AsyncLLM(stat_loggers=...)`` takes) that keeps the engine's last
+    scheduler state, for autoscaling, and when it last made a token, for health."""
+
+    def __init__(self) -> None:
+        self.running = self.waiting = 0
+        self.kv_cache_usage = 0.0
+        self.last_progress = time.monotonic()
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self.running, self.waiting = scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs
+            self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        if iteration_stats is not None:  # the engine core finished a step
+            self.last_progress = time.monotonic()
+
+    def stalled(self, unfinished_requests: int, now: float | None = None) -> bool:
+        """Requests are waiting on the engine and nothing has come out for too long."""
+        now = time.monotonic() if now is None else now
+        return unfinished_requests > 0 and now - self.last_progress > STALL_TIMEOUT_S
+
+    def load(self, unfinished_requests: int) -> dict[str, float]:
+        """The scheduler's counts are as of its last step; an idle engine has no step, so trust them only while
+        requests are unfinished."""
+        if unfinished_requests == 0:
+            return {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0}
+        return {RUNNING: float(self.running), WAITING: float(self.waiting), KV_CACHE: self.kv_cache_usage}
+
+    def log(self) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
 
 
 # The model name the current request asked for; vLLM's serving layer names responses after it (see __init__).
@@ -93,6 +145,7 @@ class VLLMEngine:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.model = model
+        self.progress = EngineProgress()
         frontend_names = set(FrontendArgs.__dataclass_fields__)
         frontend_kwargs = {k: v for k, v in model.engine_args.items() if k in frontend_names}
         engine_kwargs = {k: v for k, v in model.engine_args.items() if k not in frontend_names}
@@ -112,7 +165,7 @@ class VLLMEngine:
             disable_log_stats=engine_args.disable_log_stats,
             # vLLM's own metrics (vllm:num_requests_running, KV-cache use, TTFT, ...) as Ray metrics, so the
             # node's one metrics port exports them for every replica, tagged with its ReplicaId.
-            stat_loggers=[RayPrometheusStatLogger],
+            stat_loggers=[RayPrometheusStatLogger, lambda config, index: self.progress],
         )
 
         state = State()
@@ -146,7 +199,12 @@ class VLLMEngine:
         from starlette.responses import Response
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self.engine.errored:  # before Admitted: the router may send this request to another replica
+            yield self._engine_unavailable()
+            return
+        yield Admitted()
         serving = self._serving[endpoint]
         spec = ENDPOINTS[endpoint]
         if serving is None:
@@ -168,13 +226,16 @@ class VLLMEngine:
             # Raised after the request validated, it is about a message part vLLM checks while rendering.
             yield validation_error(exc.errors(), body, root=None if request is None else "messages")
             return
+        except EngineDeadError:
+            yield self._engine_unavailable()
+            return
         except (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError) as exc:
             # What `vllm serve` turns into 4xx (a prompt longer than the context, `tool_choice` without `tools`),
             # raised by vLLM's request validators or its serving layer. Anything else is a real engine failure.
             yield from_vllm_error(serving.create_error_response(exc), spec.prompt_param)
             return
         if isinstance(result, ErrorResponse):
-            yield from_vllm_error(result, spec.prompt_param)
+            yield self._engine_unavailable() if self.engine.errored else from_vllm_error(result, spec.prompt_param)
         elif isinstance(result, Response):  # the pooling endpoints answer with a finished JSON response
             body_text = bytes(result.body).decode()
             usage = json.loads(body_text).get("usage") or {}
@@ -184,10 +245,26 @@ class VLLMEngine:
             usage = result.usage
             yield FullReply(result.model_dump_json(), usage.prompt_tokens, usage.completion_tokens or 0)
         else:
+            sent = False
             async for event in result:
                 chunk = rewriter.rewrite(event)
-                if chunk is not None:
-                    yield chunk
+                if chunk is None:
+                    continue
+                if rewriter.error is not None and not sent and self.engine.errored:
+                    # vLLM ends a stream with an error event when the engine dies; before any token, the router
+                    # can still retry the request elsewhere.
+                    yield self._engine_unavailable()
+                    return
+                sent = True
+                yield chunk
+
+    def _engine_unavailable(self) -> ErrorReply:
+        return ErrorReply(503, f"The engine serving `{self.model.id}` on this replica has stopped.", "server_error",
+                          None, ENGINE_UNAVAILABLE)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on every replica; the ``engine_load`` policy (:mod:`deployments.autoscaling`) reads it."""
+        return self.progress.load(self.engine.get_num_unfinished_requests())
 
     async def engine_info(self) -> dict[str, Any]:
         """What the tests and operators ask a replica: its platform and how many requests it is running."""
@@ -207,4 +284,6 @@ class VLLMEngine:
 
     async def check_health(self) -> None:
         # Serve calls this periodically; raising marks the replica unhealthy so Serve replaces it.
-        await self.engine.check_health()
+        await self.engine.check_health()  # raises once the engine-core process is gone
+        if self.progress.stalled(self.engine.get_num_unfinished_requests()):
+            raise RuntimeError(f"the engine has produced nothing for {STALL_TIMEOUT_S:.0f}s while holding requests")

@@ -1,8 +1,9 @@
 """What an engine replica sends back to the router, and the adjustments made to vLLM's replies on the way.
 
-An engine call is a stream of items: first an :class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk`
-(one SSE event), then, for a stream, more chunks. Every reply carries the request's token usage so far, so the
-router can count exactly the tokens clients received, also for a stream whose client left before its end.
+An engine call is a stream of items: first :class:`Admitted` (a replica took the request), then an
+:class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk` (one SSE event), then, for a stream, more chunks.
+Every reply carries the request's token usage so far, so the router can count exactly the tokens clients
+received, also for a stream whose client left before its end.
 
 vLLM's replies are adjusted to what OpenAI returns: usage reported only where the client asked for it, a choice
 with tool calls finishing with ``"tool_calls"`` (vLLM 0.32 says ``"stop"`` when the tool was forced by name) and
@@ -14,7 +15,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from http import HTTPStatus
+from types import SimpleNamespace
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """First item of every engine reply: a replica has taken the request.
+
+    Until it arrives the request is waiting for a replica (queued, or for one to start from zero), which the
+    router bounds with the model's queue timeout (503); after it, the wait is the engine's (first-token timeout,
+    408), and a failure before the first token is retried elsewhere.
+    """
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,19 @@ class ErrorReply:
     type: str
     param: str | None = None
     code: str | None = None
+    retry_after_s: float | None = None  # sent as Retry-After (429, 503)
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def sse(self) -> str:
+        """The error as the last events of a stream that already started: OpenAI's envelope, then ``[DONE]``, so
+        a client's SSE parser ends cleanly and raises the error instead of waiting or crashing on a cut."""
+        return f"data: {json.dumps(self.envelope())}\n\ndata: [DONE]\n\n"
+
+
+# The engine behind a replica is gone (its process died): the request never ran, so it may go elsewhere.
+ENGINE_UNAVAILABLE = "engine_unavailable"
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,7 @@ class Chunk:
     completion_tokens: int = 0
 
 
-EngineItem = ErrorReply | FullReply | Chunk
+EngineItem = Admitted | ErrorReply | FullReply | Chunk
 
 
 def fix_tool_call_finish(response: Any) -> None:
@@ -74,6 +99,7 @@ class StreamRewriter:
         self.prompt_tokens = 0
         self.completion_by_choice: dict[int, int] = {}
         self.choices_with_calls: set[int] = set()
+        self.error: ErrorReply | None = None  # set when vLLM ended the stream with an error event
 
     @property
     def completion_tokens(self) -> int:
@@ -84,6 +110,12 @@ class StreamRewriter:
         if not event.startswith("data: {"):
             return Chunk(event, self.prompt_tokens, self.completion_tokens)
         chunk = json.loads(event[len("data: "):])
+        if "error" in chunk and "choices" not in chunk:
+            # vLLM's error event holds the HTTP status as a number in `code`; clients expect OpenAI's envelope.
+            self.error = from_vllm_error(SimpleNamespace(error=SimpleNamespace(**{
+                "message": "", "param": None, "code": 500, **chunk["error"]})), "messages")
+            return Chunk(f"data: {json.dumps(self.error.envelope())}\n\n", self.prompt_tokens,
+                         self.completion_tokens)
         usage = chunk.get("usage") or None
         choices = chunk.get("choices") or []
         if usage:

@@ -11,9 +11,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import ModelConfig, check_engine_args, parse_args
+from deployments.autoscaling import serve_autoscaling_config
+from deployments.config import ModelConfig, ServeArgs, check_engine_args, parse_args
 from deployments.engine import VLLMEngine
 from router.ingress import Router
+from router.limits import KeyLimits
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -21,29 +23,37 @@ def build_app(args: dict[str, Any]) -> Application:
     for model in config.models:  # here, so a misspelt engine argument fails before any replica starts
         check_engine_args(model)
     engines = {model.id: engine_deployment(model).bind(model) for model in config.models}
-    return Router.bind(config.model_dump(mode="json"), engines)
+    # One replica, so every router replica sees the same buckets; it holds a few floats per key.
+    limits = serve.deployment(KeyLimits).options(name="key-limits", num_replicas=1, max_ongoing_requests=4096,
+                                                 ray_actor_options={"num_cpus": 0}).bind()
+    return router_deployment(config).bind(config.model_dump(mode="json"), engines, limits)
+
+
+def router_deployment(config: ServeArgs) -> serve.Deployment:
+    return Router.options(
+        num_replicas=config.ingress.replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        # A router replica stops (redeploy) only once its streams have ended, as long as any model's would.
+        graceful_shutdown_timeout_s=max(model.drain_timeout_s for model in config.models),
+    )
 
 
 def engine_deployment(model: ModelConfig) -> serve.Deployment:
-    scaling = model.autoscaling
     return serve.deployment(VLLMEngine).options(
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,
-        autoscaling_config={
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        },
+        # Enforced by each router replica's handle: requests beyond it get a 429 instead of an unbounded queue.
+        max_queued_requests=model.max_queued_requests,
+        autoscaling_config=serve_autoscaling_config(model.autoscaling),
         ray_actor_options={
             **model.resources.replica_actor_resources(),
             "runtime_env": {"env_vars": {**model.resources.engine_env(), **model.env}},
         },
         placement_group_bundles=model.resources.placement_group_bundles(),
         placement_group_strategy="STRICT_PACK",
-        # Loading weights and starting an engine takes minutes on big models; a health check is an engine ping.
-        health_check_period_s=10,
+        # A health check is an engine ping plus a stall check; three failures in a row and Serve replaces it.
+        health_check_period_s=5,
         health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=30,
+        # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).
+        graceful_shutdown_timeout_s=model.drain_timeout_s,
     )

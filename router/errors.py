@@ -10,7 +10,7 @@ would not parse.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,9 +29,11 @@ class OpenAIError(Exception):
     """Raise anywhere in the router to answer with this error."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.reply = ErrorReply(status, message, type, param, code)
+        self.reply = ErrorReply(status, message, type, param, code, retry_after_s)
+        self.headers = headers or {}
 
     @classmethod
     def model_not_found(cls, model: str) -> OpenAIError:
@@ -39,18 +41,17 @@ class OpenAIError(Exception):
                    "invalid_request_error", "model", "model_not_found")
 
 
-def error_body(reply: ErrorReply) -> dict[str, Any]:
-    return {"error": {"message": reply.message, "type": reply.type, "param": reply.param, "code": reply.code}}
-
-
 def error_response(reply: ErrorReply, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(reply), status_code=reply.status, headers=headers)
+    headers = dict(headers or {})
+    if reply.retry_after_s is not None:  # whole seconds: the HTTP form every client (and the OpenAI SDK) reads
+        headers["Retry-After"] = str(max(1, math.ceil(reply.retry_after_s)))
+    return JSONResponse(reply.envelope(), status_code=reply.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
-        return error_response(exc.reply)
+        return error_response(exc.reply, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -28,6 +28,7 @@ PROTECTED_PREFIX = "/v1/"
 # A client's own request id is kept when it is short and plain; anything else is replaced, never echoed.
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RECORD_KEY = "rayroute_record"  # where the request's RequestRecord lives in scope["state"]
+API_KEY_KEY = "rayroute_api_key"  # where the caller's ApiKey lives in scope["state"] (absent without auth)
 
 
 class RequestLogMiddleware:
@@ -68,10 +69,14 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX) and self.auth.enabled:
-            failure = self.auth.check(_header(scope, b"authorization"))
-            if failure is not None:
-                await error_response(failure, CHALLENGE)(scope, receive, send)
+            found = self.auth.check(_header(scope, b"authorization"))
+            if isinstance(found, ErrorReply):
+                await error_response(found, CHALLENGE)(scope, receive, send)
                 return
+            scope.setdefault("state", {})[API_KEY_KEY] = found
+            record = scope["state"].get(RECORD_KEY)
+            if record is not None:
+                record.key_name = found.name
         await self.app(scope, receive, send)
 
 

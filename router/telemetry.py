@@ -124,6 +124,8 @@ class RequestRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     client_disconnected: bool = False
+    key_name: str | None = None  # the API key's configured name; never the key
+    attempts: int = 0  # engine calls made (more than one when a failed replica's request was retried)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -142,4 +144,5 @@ class RequestRecord:
             "served_model": self.served_model, "status": self.status, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "ttft_ms": ms(self.arrived_at, self.first_reply_at),
             "duration_ms": ms(self.arrived_at, self.finished_at), "client_disconnected": self.client_disconnected,
+            "key": self.key_name, "attempts": self.attempts,
         })

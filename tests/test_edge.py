@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.replies import Chunk, ErrorReply, FullReply, validation_error
+from deployments.replies import Admitted, Chunk, ErrorReply, FullReply, validation_error
 from router.auth import load_api_keys
 from router.ingress import OpenAIRouter, build_http_app
 from router.telemetry import access_log
@@ -73,9 +73,10 @@ def echo_answer(model_id: str) -> Callable[[str, dict], list[Any]]:
     def answer(endpoint: str, body: dict) -> list[Any]:
         if body.get("stream"):
             chunk = {"object": "chat.completion.chunk", "model": body["model"], "served_by": model_id}
-            return [Chunk(f"data: {json.dumps(chunk)}\n\n", 7, 1), Chunk(f"data: {json.dumps(chunk)}\n\n", 7, 2),
-                    Chunk("data: [DONE]\n\n", 7, 2)]
-        return [FullReply(json.dumps({"endpoint": endpoint, "model": body["model"], "served_by": model_id}), 5, 3)]
+            return [Admitted(), Chunk(f"data: {json.dumps(chunk)}\n\n", 7, 1),
+                    Chunk(f"data: {json.dumps(chunk)}\n\n", 7, 2), Chunk("data: [DONE]\n\n", 7, 2)]
+        return [Admitted(),
+                FullReply(json.dumps({"endpoint": endpoint, "model": body["model"], "served_by": model_id}), 5, 3)]
 
     return answer
 
@@ -244,7 +245,9 @@ def test_body_over_the_limit_is_413(client: TestClient, engines) -> None:
 # --- authentication ----------------------------------------------------------------------------------------------
 
 def test_api_keys_from_env() -> None:
-    assert load_api_keys({"RAYROUTE_API_KEYS": " a, b ,,c "}) == (b"a", b"b", b"c")
+    keys = load_api_keys({"RAYROUTE_API_KEYS": " a, b ,,c "})
+    assert [(k.name, k.key.get_secret_value(), k.models, k.limited) for k in keys] == [
+        ("key-1", "a", None, False), ("key-2", "b", None, False), ("key-3", "c", None, False)]
     assert load_api_keys({}) == ()
 
 

@@ -1,0 +1,76 @@
+"""The ``engine_load`` autoscaling policy: replicas follow what the engines report, not the request count.
+
+Ray Serve's own policy counts requests in flight. For an LLM engine that count misjudges load both ways: a few
+long-context requests can fill the KV cache while the count looks low, and many short ones batch together
+cheaply while it looks high. What shows saturation is the engine itself: requests it has accepted but cannot
+schedule (waiting), and how full its KV cache is. Each replica reports both (``VLLMEngine.record_autoscaling_stats``)
+and this policy sizes the deployment so that every replica sits at its targets:
+
+    load of a replica = max(kv_cache_usage / target_kv_cache_usage, (running + waiting) / target_ongoing_requests)
+    replicas          = ceil(sum of loads), and at least one more than now while any engine has requests waiting
+
+Waiting requests force a step up even when the averages look fine, because they are the one signal that an
+engine has run out of room. Ray applies ``min_replicas``/``max_replicas``, the delays and scale-from-zero around
+this function, so scaling down stays as conservative as ``downscale_delay_s`` makes it.
+
+Selected per model in the config::
+
+    autoscaling: {policy: engine_load, min_replicas: 1, max_replicas: 4, target_kv_cache_usage: 0.8}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The metric names a replica reports and this policy reads.
+RUNNING, WAITING, KV_CACHE = "engine_running_requests", "engine_waiting_requests", "engine_kv_cache_usage"
+
+
+class EngineLoadPolicy:
+    """A Ray Serve custom autoscaling policy (``AutoscalingPolicy(policy_function=...)``, built once per
+    deployment with ``policy_kwargs``)."""
+
+    def __init__(self, target_ongoing_requests: float, target_kv_cache_usage: float):
+        self.target_ongoing_requests = target_ongoing_requests
+        self.target_kv_cache_usage = target_kv_cache_usage
+
+    def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
+        """``ctx`` is Ray's ``AutoscalingContext``; returns the desired replica count and the policy state."""
+        metrics = ctx.aggregated_metrics or {}
+        running, waiting, kv = (metrics.get(name, {}) for name in (RUNNING, WAITING, KV_CACHE))
+        replicas = set(running) | set(waiting) | set(kv)
+        if not replicas:  # nothing reported yet (replicas starting): keep what there is
+            return ctx.target_num_replicas, ctx.policy_state
+        return self.desired_replicas(ctx.current_num_replicas, [
+            (running.get(r, 0.0), waiting.get(r, 0.0), kv.get(r, 0.0)) for r in replicas
+        ]), ctx.policy_state
+
+    def desired_replicas(self, current: int, loads: list[tuple[float, float, float]]) -> int:
+        """``loads``: (running, waiting, kv_cache_usage) per reporting replica."""
+        total = sum(max(kv / self.target_kv_cache_usage, (running + waiting) / self.target_ongoing_requests)
+                    for running, waiting, kv in loads)
+        desired = math.ceil(total - 1e-9)
+        if any(waiting > 0 for _, waiting, _ in loads):
+            desired = max(desired, current + 1)
+        return desired
+
+
+def serve_autoscaling_config(autoscaling: Any) -> dict[str, Any]:
+    """A model's ``autoscaling`` section (:class:`deployments.config.Autoscaling`) as Ray Serve's
+    ``autoscaling_config``."""
+    config: dict[str, Any] = {
+        "min_replicas": autoscaling.min_replicas,
+        "max_replicas": autoscaling.max_replicas,
+        "target_ongoing_requests": autoscaling.target_ongoing_requests,
+        "upscale_delay_s": autoscaling.upscale_delay_s,
+        "downscale_delay_s": autoscaling.downscale_delay_s,
+        "look_back_period_s": autoscaling.look_back_period_s,
+    }
+    if autoscaling.policy == "engine_load":
+        config["policy"] = {
+            "policy_function": f"{__name__}:{EngineLoadPolicy.__name__}",
+            "policy_kwargs": {"target_ongoing_requests": autoscaling.target_ongoing_requests,
+                              "target_kv_cache_usage": autoscaling.target_kv_cache_usage},
+        }
+    return config

@@ -1,0 +1,324 @@
+"""What the router does when engines are slow, full, dying or gone, and when a key runs out of allowance.
+
+Driven without a cluster: scripted engine handles play each failure exactly as Ray Serve reports it (a
+``BackPressureError`` from a full queue, a ``RayActorError`` from a dead replica, an ``engine_unavailable`` reply
+from a replica whose engine died). The end-to-end tests show the same behaviour with real replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
+
+from deployments.autoscaling import KV_CACHE, RUNNING, WAITING, EngineLoadPolicy, serve_autoscaling_config
+from deployments.config import Autoscaling
+from deployments.engine import STALL_TIMEOUT_S, EngineProgress
+from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, ErrorReply, FullReply
+from router.ingress import OpenAIRouter, build_http_app
+from router.limits import KeyLimits, duration
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+KEYS = [
+    {"name": "free", "key": "sk-free-0000", "models": ["gpt-4o-mini"], "requests_per_minute": 2},
+    {"name": "tokens", "key": "sk-tokens-00", "tokens_per_minute": 10},
+    {"name": "admin", "key": "sk-admin-000"},
+]
+
+
+def config(**model: Any) -> dict[str, Any]:
+    return {"models": [{"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"], **model}]}
+
+
+class Hang:
+    """A step that never completes (a replica that never answers)."""
+
+
+class ScriptedStream:
+    def __init__(self, steps: list[Any]):
+        self.steps = list(steps)
+        self.cancelled = False
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self.steps:
+            raise StopAsyncIteration
+        step = self.steps.pop(0)
+        if isinstance(step, Hang):
+            await asyncio.sleep(3600)
+        if isinstance(step, BaseException):
+            raise step
+        return step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class ScriptedEngine:
+    """A model's handle whose n-th call plays the n-th script (the last one repeats)."""
+
+    def __init__(self, *scripts: list[Any]):
+        self.scripts = list(scripts)
+        self.streams: list[ScriptedStream] = []
+
+    def options(self, **_: Any) -> ScriptedEngine:
+        return self
+
+    def __getattr__(self, endpoint: str) -> SimpleNamespace:
+        def remote(body: dict) -> ScriptedStream:
+            script = self.scripts[min(len(self.streams), len(self.scripts) - 1)]
+            self.streams.append(ScriptedStream(script))
+            return self.streams[-1]
+
+        return SimpleNamespace(remote=remote)
+
+
+class LocalLimits:
+    """KeyLimits behind the same ``.method.remote()`` calls a Serve handle takes."""
+
+    def __init__(self) -> None:
+        self.limits = KeyLimits()
+
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        async def result(*args: Any) -> Any:
+            return getattr(self.limits, method)(*args)
+
+        def remote(*args: Any) -> Any:
+            return result(*args) if method == "admit" else getattr(self.limits, method)(*args)
+
+        return SimpleNamespace(remote=remote)
+
+
+def make_client(engine: ScriptedEngine, monkeypatch: pytest.MonkeyPatch, **model: Any) -> TestClient:
+    monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(KEYS))
+    router = OpenAIRouter(config(**model), {"chat-a": engine}, LocalLimits())
+    return TestClient(build_http_app(router), raise_server_exceptions=False)
+
+
+def chat(client: TestClient, key: str = "sk-admin-000", **body: Any):
+    return client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES, **body},
+                       headers={"Authorization": f"Bearer {key}"})
+
+
+def ok(body: str = "{}", prompt: int = 3, completion: int = 2) -> list[Any]:
+    return [Admitted(), FullReply(body, prompt, completion)]
+
+
+def stream_of(*texts: str) -> list[Any]:
+    return [Admitted(), *(Chunk(f"data: {json.dumps({'t': t})}\n\n", 3, i + 1) for i, t in enumerate(texts))]
+
+
+def sse_events(text: str) -> list[Any]:
+    return [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+# --- backpressure and timeouts -----------------------------------------------------------------------------------
+
+def test_full_queue_is_429_with_retry_after(monkeypatch) -> None:
+    client = make_client(ScriptedEngine([BackPressureError(num_queued_requests=5, max_queued_requests=5)]),
+                         monkeypatch)
+    response = chat(client)
+    assert response.status_code == 429
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    assert response.json()["error"]["code"] == "model_at_capacity"
+    assert response.headers["retry-after"] == "1"
+
+
+def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(monkeypatch) -> None:
+    engine = ScriptedEngine([Hang()])
+    client = make_client(engine, monkeypatch, timeouts={"queue_s": 0.2})
+    response = chat(client)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_unavailable"
+    assert int(response.headers["retry-after"]) >= 1
+    assert engine.streams[0].cancelled
+
+
+def test_no_first_token_in_time_is_408(monkeypatch) -> None:
+    engine = ScriptedEngine([Admitted(), Hang()])
+    client = make_client(engine, monkeypatch, timeouts={"first_token_s": 0.2})
+    response = chat(client, stream=True)
+    assert response.status_code == 408
+    assert response.json()["error"] == {"message": "The model `chat-a` produced no token within 0.2s.",
+                                        "type": "timeout_error", "param": None, "code": "first_token_timeout"}
+    assert engine.streams[0].cancelled
+
+
+def test_first_token_timeout_does_not_apply_to_whole_answers(monkeypatch) -> None:
+    engine = ScriptedEngine([Admitted(), Hang()])
+    client = make_client(engine, monkeypatch, timeouts={"first_token_s": 0.1, "total_s": 0.4})
+    response = chat(client)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "request_timeout"
+
+
+def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> None:
+    engine = ScriptedEngine([*stream_of("a"), Hang()])
+    client = make_client(engine, monkeypatch, timeouts={"total_s": 0.5})
+    response = chat(client, stream=True)
+    assert response.status_code == 200
+    events = sse_events(response.text)
+    assert events[0] == '{"t": "a"}'
+    assert json.loads(events[1])["error"]["code"] == "request_timeout"
+    assert events[2] == "[DONE]"
+
+
+# --- failover ----------------------------------------------------------------------------------------------------
+
+def test_replica_that_died_before_admitting_is_retried(monkeypatch) -> None:
+    engine = ScriptedEngine([ActorDiedError()], [ErrorReply(503, "gone", "server_error", None, ENGINE_UNAVAILABLE)],
+                            ok('{"answer": 1}'))
+    response = chat(make_client(engine, monkeypatch))
+    assert response.status_code == 200 and response.json() == {"answer": 1}
+    assert len(engine.streams) == 3
+
+
+def test_failure_after_admission_is_retried_once_only(monkeypatch) -> None:
+    engine = ScriptedEngine([Admitted(), ActorDiedError()])
+    response = chat(make_client(engine, monkeypatch))
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "engine_error"
+    assert len(engine.streams) == 2  # the request itself may be what kills engines
+
+
+def test_retries_stop_at_the_queue_timeout(monkeypatch) -> None:
+    engine = ScriptedEngine([ActorDiedError()])
+    response = chat(make_client(engine, monkeypatch, timeouts={"queue_s": 1}))
+    assert response.status_code == 503
+    assert 2 <= len(engine.streams) <= 5
+
+
+def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) -> None:
+    engine = ScriptedEngine([*stream_of("a", "b"), ActorDiedError()])
+    response = chat(make_client(engine, monkeypatch), stream=True)
+    assert response.status_code == 200
+    events = sse_events(response.text)
+    assert [json.loads(e) for e in events[:2]] == [{"t": "a"}, {"t": "b"}]
+    assert json.loads(events[2])["error"] == {
+        "message": "The engine serving this stream failed. The output so far is incomplete.",
+        "type": "server_error", "param": None, "code": "engine_error"}
+    assert events[3] == "[DONE]"
+    assert len(engine.streams) == 1  # tokens were sent: a retry would repeat them
+
+
+# --- per-key access and limits -----------------------------------------------------------------------------------
+
+def test_key_limited_to_some_models_gets_403_for_others(monkeypatch) -> None:
+    client = make_client(ScriptedEngine(ok()), monkeypatch)
+    response = chat(client, key="sk-free-0000")
+    assert response.status_code == 403
+    assert response.json()["error"] == {"message": "This API key may not use the model `chat-a`.",
+                                        "type": "permission_error", "param": "model", "code": "model_not_allowed"}
+    response = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
+                           headers={"Authorization": "Bearer sk-free-0000"})
+    assert response.status_code == 200
+
+
+def test_requests_per_minute_limit(monkeypatch) -> None:
+    client = make_client(ScriptedEngine(ok()), monkeypatch)
+    answers = [client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
+                           headers={"Authorization": "Bearer sk-free-0000"}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+    assert answers[0].headers["x-ratelimit-remaining-requests"] == "1"
+    assert answers[1].headers["x-ratelimit-remaining-requests"] == "0"
+    refused = answers[2]
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert int(refused.headers["retry-after"]) in (29, 30)  # a 2-per-minute bucket refills one in 30 s
+    assert "x-ratelimit-limit-tokens" not in refused.headers
+    assert "x-ratelimit-limit-requests" not in chat(client).headers  # the admin key has no limits
+
+
+def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
+    client = make_client(ScriptedEngine(ok(prompt=6, completion=6)), monkeypatch)
+    first = chat(client, key="sk-tokens-00")
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "10"
+    second = chat(client, key="sk-tokens-00")  # 12 used of 10: refused until it refills
+    assert second.status_code == 429
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "tokens per minute" in second.json()["error"]["message"]
+
+
+def test_streamed_tokens_are_charged(monkeypatch) -> None:
+    client = make_client(ScriptedEngine([*stream_of(*"abcdefgh"), Chunk("data: [DONE]\n\n", 3, 8)]), monkeypatch)
+    assert chat(client, key="sk-tokens-00", stream=True).status_code == 200
+    assert chat(client, key="sk-tokens-00", stream=True).status_code == 429  # 3 + 8 > 10
+
+
+def test_token_bucket_refills_at_the_per_minute_rate() -> None:
+    limits = KeyLimits()
+    assert limits.admit("k", 60, None, now=0).allowed
+    for _ in range(59):
+        limits.admit("k", 60, None, now=0)
+    refused = limits.admit("k", 60, None, now=0)
+    assert not refused.allowed and refused.limited_by == "requests"
+    assert refused.retry_after_s == pytest.approx(1.0)
+    assert limits.admit("k", 60, None, now=1.0).allowed  # one a second comes back
+    limits.charge("k", 100, 150, now=1.0)
+    tokens = limits.admit("k", None, 100, now=1.0)
+    assert not tokens.allowed and tokens.limited_by == "tokens"
+    assert tokens.retry_after_s == pytest.approx(51 * 0.6)  # from -50 to 1 at 100/min
+    assert limits.admit("k", None, 100, now=1.0 + 31).allowed
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (0.02, "20ms"), (1, "1s"), (1.5, "1.5s"),
+                                               (360, "6m0s"), (3723, "1h2m3s")])
+def test_reset_durations_read_like_openai(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
+
+
+# --- engine load: autoscaling signal and health ------------------------------------------------------------------
+
+def test_engine_load_policy_sizes_to_the_targets() -> None:
+    policy = EngineLoadPolicy(target_ongoing_requests=8, target_kv_cache_usage=0.5)
+    assert policy.desired_replicas(1, [(4, 0, 0.1)]) == 1
+    assert policy.desired_replicas(1, [(16, 0, 0.1)]) == 2  # by requests
+    assert policy.desired_replicas(2, [(2, 0, 0.9), (2, 0, 0.6)]) == 3  # by KV cache: 1.8 + 1.2
+    assert policy.desired_replicas(2, [(1, 1, 0.1), (0, 0, 0.0)]) == 3  # anything waiting: one more
+    assert policy.desired_replicas(3, [(0, 0, 0.0)] * 3) == 0  # idle; Ray keeps min_replicas and the delay
+
+
+def test_engine_load_policy_reads_ray_context() -> None:
+    policy = EngineLoadPolicy(target_ongoing_requests=8, target_kv_cache_usage=0.8)
+    ctx = SimpleNamespace(aggregated_metrics={RUNNING: {"r1": 8.0, "r2": 8.0}, WAITING: {"r1": 0.0, "r2": 2.0},
+                                              KV_CACHE: {"r1": 0.2, "r2": 0.3}},
+                          current_num_replicas=2, target_num_replicas=2, policy_state={"s": 1})
+    assert policy(ctx) == (3, {"s": 1})
+    ctx.aggregated_metrics = {}
+    assert policy(ctx) == (2, {"s": 1})
+
+
+def test_autoscaling_config_is_what_ray_serve_accepts() -> None:
+    from ray.serve.config import AutoscalingConfig
+
+    for policy in ("requests", "engine_load"):
+        scaling = Autoscaling(min_replicas=0, max_replicas=3, policy=policy, upscale_delay_s=1)
+        checked = AutoscalingConfig(**serve_autoscaling_config(scaling))
+        assert (checked.min_replicas, checked.max_replicas, checked.upscale_delay_s) == (0, 3, 1)
+        assert checked.policy.is_default_policy_function() == (policy == "requests")
+        if policy == "engine_load":
+            assert callable(checked.policy.get_policy())
+
+
+def test_engine_progress_reports_load_only_while_busy_and_notices_a_stall() -> None:
+    progress = EngineProgress()
+    progress.record(SimpleNamespace(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.4), None)
+    assert progress.load(unfinished_requests=4) == {RUNNING: 3.0, WAITING: 1.0, KV_CACHE: 0.4}
+    assert progress.load(unfinished_requests=0) == {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0}
+    later = progress.last_progress + STALL_TIMEOUT_S + 1
+    assert progress.stalled(unfinished_requests=2, now=later)
+    assert not progress.stalled(unfinished_requests=0, now=later)  # idle is not stuck
+    progress.record(None, SimpleNamespace())
+    assert not progress.stalled(unfinished_requests=2)
