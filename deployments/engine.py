@@ -27,6 +27,7 @@ import contextvars
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -272,6 +273,7 @@ class VLLMEngine:
 
         return {
             "model": self.model.id,
+            "pid": os.getpid(),  # the replica's process; vLLM's engine core is its child
             "platform": current_platform.device_type,
             "running_requests": self.engine.get_num_unfinished_requests(),
         }

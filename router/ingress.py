@@ -13,6 +13,7 @@ middleware and limits come from this deployment's config rather than from a modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -95,7 +96,6 @@ class OpenAIRouter:
         record.first_reply_at = time.perf_counter()
         self.metrics.first_reply(record)
         if isinstance(first, ErrorReply):
-            stream.cancel()
             return error_response(first, headers)
         record.prompt_tokens, record.completion_tokens = first.prompt_tokens, first.completion_tokens
         if isinstance(first, FullReply):
@@ -231,7 +231,7 @@ class OpenAIRouter:
             record.client_disconnected = True
             raise
         finally:
-            rest.cancel()
+            _cancel(rest)
             self._charge(key, record)
 
     async def readiness(self) -> JSONResponse:
@@ -260,7 +260,9 @@ class OpenAIRouter:
 
 def _cancel(stream: DeploymentResponseGenerator | None) -> None:
     if stream is not None:
-        stream.cancel()
+        # Cancelling a call that already failed raises its error again (Ray 2.60); it is handled where it came.
+        with contextlib.suppress(Exception):
+            stream.cancel()
 
 
 # A plain class underneath, so tests can drive it with fake engine handles and no Ray cluster; router.app sets

@@ -114,12 +114,12 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
 
 
 def logical_cpus(config: ServeArgs) -> int:
-    """Ray's logical CPUs: enough for every model at its most replicas plus the router, never fewer than the machine
-    has.
+    """Ray's logical CPUs: enough for every model at its most replicas plus the routers, never fewer than the
+    machine has.
 
     vLLM's CPU engine uses its threads however Ray counts them; the count only has to let every replica place.
     """
-    needed = 1 + sum(
+    needed = config.ingress.replicas + sum(
         sum(b.get("CPU", 0) for b in m.resources.placement_group_bundles()) * max(m.autoscaling.max_replicas, 1)
         for m in config.models
     )

@@ -7,6 +7,7 @@ Everything below is marked `e2e` by the fixture's users; `pytest -m 'not e2e'` n
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -29,8 +30,21 @@ os.environ["RAY_AUTH_MODE"] = "token"
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + "0123456789abcdef"
+LIMITED_KEY = "sk-limited-" + "0123456789"  # may use the default model only, 4 requests a minute
+TOKENS_KEY = "sk-tokens-" + "0123456789"  # 60 tokens a minute
+API_KEYS = [
+    {"name": "tests", "key": API_KEY},
+    {"name": "other", "key": "sk-other-key"},
+    {"name": "limited", "key": LIMITED_KEY, "models": ["smollm2-135m-instruct"], "requests_per_minute": 4},
+    {"name": "tokens", "key": TOKENS_KEY, "tokens_per_minute": 60},
+]
 DEFAULT_MODEL = "smollm2-135m-instruct"
-SECOND_MODEL = "acme/smollm2-135m:copy"
+SECOND_MODEL = "acme/smollm2-135m:copy"  # also the backpressure subject: one request at a time, one queued
+ELASTIC_MODEL = "smollm2-elastic"  # autoscaled 1-2 on engine load, with short delays; failures happen to it
+COLD_MODEL = "smollm2-cold"  # scales to zero
+UNPLACEABLE_MODEL = "needs-a-gpu"  # min_replicas 0 and a GPU this machine lacks: no replica ever starts
+QUEUE_TIMEOUT_UNPLACEABLE_S = 3
+INGRESS_REPLICAS = 2
 ALIAS = "gpt-4o-mini"
 METRICS_ALIAS = "metrics-probe"  # a name only the metrics tests use, so their counters see no other traffic
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -52,25 +66,49 @@ class Cluster:
     metrics_port: int
     process: subprocess.Popen
     log: Path
+    config: Path
 
     def client(self, api_key: str | None = API_KEY):
         import openai
 
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=120)
 
-    def engine_info(self, model_id: str) -> dict:
-        """Ask an engine replica directly, through Ray, what it is running."""
+    def connect(self) -> None:
+        """Join this cluster's Ray as a driver (once per test process), as `serve deploy` or an operator would."""
         import ray
-        from ray import serve
-
-        from deployments.config import engine_deployment_name
 
         if not ray.is_initialized():
             # This cluster's address, from the launcher's banner: "auto" could find another cluster on the machine.
             address = re.search(r"Ray cluster: (\S+)", self.log.read_text()).group(1)
-            ray.init(address=address, namespace="serve", log_to_driver=False)
+            ray.init(address=address, namespace="serve", log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+
+    def engine_info(self, model_id: str) -> dict:
+        """Ask an engine replica directly, through Ray, what it is running."""
+        from ray import serve
+
+        from deployments.config import engine_deployment_name
+
+        self.connect()
         handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
         return handle.engine_info.remote().result(timeout_s=30)
+
+    def replicas(self, model_id: str) -> dict[str, int]:
+        """The model's replicas by state (RUNNING, STARTING, STOPPING, ...), as Serve reports them."""
+        from ray import serve
+
+        from deployments.config import engine_deployment_name
+
+        self.connect()
+        app = serve.status().applications["rayroute"]
+        deployment = app.deployments.get(engine_deployment_name(model_id))
+        return dict(deployment.replica_states) if deployment else {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that kill engines or redeploy go last, in their file's order: every other test sees the cluster as
+    # it was started.
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
 
 
 def free_port() -> int:
@@ -80,17 +118,34 @@ def free_port() -> int:
 
 
 def test_config(tmp_path: Path) -> Path:
-    """configs/local.yaml plus a second copy of the chat model (marked multimodal, so images pass the router) and
-    an alias: the same schema, the same defaults."""
+    """configs/local.yaml plus the models the tests need, all through the same schema and defaults:
+
+    - a second copy of the chat model (marked multimodal, so images pass the router), which takes one request at a
+      time and queues one more, so a third is refused (backpressure);
+    - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds), a copy that scales to zero, and a
+      model whose replicas cannot be placed;
+    - two router replicas, so per-key limits are shown to hold across them.
+    """
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     args = document["applications"][0]["args"]
     args["max_request_bytes"] = MAX_REQUEST_BYTES
+    args["ingress"] = {"replicas": INGRESS_REPLICAS}
     models = args["models"]
     first = models[0]
     first["aliases"] = [ALIAS, METRICS_ALIAS]
-    # One compute thread for the copy: with two busy engines on two cores, more would only fight over them.
-    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True,
-                   "resources": {**first["resources"], "cpus": 1}})
+    # One compute thread for the copies: with several busy engines on two cores, more would only fight over them.
+    one_cpu = {**first["resources"], "cpus": 1}
+    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True, "resources": one_cpu,
+                   "max_ongoing_requests": 1, "max_queued_requests": 1})
+    models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu, "drain_timeout_s": 120,
+                   "autoscaling": {"policy": "engine_load", "min_replicas": 1, "max_replicas": 2,
+                                   "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 15,
+                                   "look_back_period_s": 3}})
+    models.append({**first, "id": COLD_MODEL, "aliases": [], "resources": one_cpu,
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}})
+    models.append({**first, "id": UNPLACEABLE_MODEL, "aliases": [], "resources": {"accelerator": "gpu"},
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 1},
+                   "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
     path = tmp_path / "e2e.yaml"
@@ -105,15 +160,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     port, metrics_port = free_port(), free_port()
     log = tmp / "serve.log"
     # Ray exports metrics every 10 s by default; each second keeps the metrics tests short.
-    env = {**os.environ, "RAYROUTE_API_KEYS": f"sk-other-key,{API_KEY}", "RAY_DEDUP_LOGS": "0",
-           "RAY_metrics_report_interval_ms": "1000"}
+    # Replicas and handles report autoscaling metrics every 10 s by default; each second keeps the scaling tests
+    # short.
+    env = {**os.environ, "RAYROUTE_API_KEYS": json.dumps(API_KEYS), "RAY_DEDUP_LOGS": "0",
+           "RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+           "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "router.launch", str(config), "--port", str(port),
              "--metrics-port", str(metrics_port)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log)
+    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log, config)
     try:
         wait_ready(cluster)
         yield cluster

@@ -9,7 +9,18 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ALIAS, API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, SECOND_MODEL, Cluster
+from tests.conftest import (
+    ALIAS,
+    API_KEY,
+    COLD_MODEL,
+    DEFAULT_MODEL,
+    ELASTIC_MODEL,
+    EMBEDDING_MODEL,
+    METRICS_ALIAS,
+    SECOND_MODEL,
+    UNPLACEABLE_MODEL,
+    Cluster,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -81,7 +92,7 @@ def test_routes_by_model_name(cluster: Cluster) -> None:
 def test_models_list_and_card(cluster: Cluster) -> None:
     client = cluster.client()
     assert {m.id for m in client.models.list()} == {DEFAULT_MODEL, SECOND_MODEL, ALIAS, METRICS_ALIAS,
-                                                    EMBEDDING_MODEL}
+                                                    EMBEDDING_MODEL, ELASTIC_MODEL, COLD_MODEL, UNPLACEABLE_MODEL}
     card = client.models.retrieve(SECOND_MODEL)  # the id holds both "/" and ":"
     assert card.id == SECOND_MODEL and card.object == "model"
     with pytest.raises(openai.NotFoundError) as caught:

@@ -45,6 +45,7 @@ class ScriptedStream:
     def __init__(self, steps: list[Any]):
         self.steps = list(steps)
         self.cancelled = False
+        self.failed: BaseException | None = None
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -56,11 +57,14 @@ class ScriptedStream:
         if isinstance(step, Hang):
             await asyncio.sleep(3600)
         if isinstance(step, BaseException):
+            self.failed = step
             raise step
         return step
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.failed is not None:  # as Ray's handle does: cancelling a failed call raises its error again
+            raise self.failed
 
 
 class ScriptedEngine:

@@ -1,0 +1,147 @@
+"""Losing a node under load: a head and two worker raylets on this machine (``ray.cluster_utils.Cluster``), the
+default model's two replicas one per worker, steady streaming and non-streaming traffic, and one worker removed
+without warning mid-way.
+
+Run by tests/test_node_failure.py in its own process (a process joins one Ray cluster, and the test session's is
+another); prints one JSON report on its last line:
+
+    python -m tests.node_failure [--model-source PATH]
+
+What a client must see: every request that had not started streaming is answered (Serve routes it, or the router
+retries it, on the surviving replica); a stream already running on the lost node ends with an error event and
+``[DONE]``; nothing hangs; the model answers afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported; see tests/conftest.py
+
+import httpx  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m-instruct"
+LOAD_THREADS = 6
+ASK = [{"role": "user", "content": "Tell me about lighthouses."}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-source", default="~/.cache/rayroute/models/smollm2-135m-instruct")
+    parser.add_argument("--port", type=int, default=0)
+    options = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from router.app import build_app
+    from tests.conftest import free_port
+
+    port = options.port or free_port()
+    # The head holds the router (one CPU) and nothing else fits there; each worker fits exactly one engine replica.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    report: dict = {"port": port}
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+                 log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        replica_nodes = engine_replica_nodes()
+        report["replica_nodes"] = sorted(replica_nodes.values())
+        worker_ids = {w.node_id: w for w in workers}
+        victim_id = next(node for node in replica_nodes.values() if node in worker_ids)
+        report["spread_over_workers"] = set(replica_nodes.values()) == set(worker_ids)
+
+        results: list[dict] = []
+        stop = threading.Event()
+        threads = [threading.Thread(target=load, args=(base, i, stop, results)) for i in range(LOAD_THREADS)]
+        for thread in threads:
+            thread.start()
+        time.sleep(8)  # traffic on both replicas
+        removed_at = time.monotonic()
+        cluster.remove_node(worker_ids[victim_id], allow_graceful=False)
+        time.sleep(20)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=200)
+        report["hung_threads"] = sum(thread.is_alive() for thread in threads)
+        report["removed_after_requests"] = sum(1 for r in results if r["started_at"] < removed_at)
+        report["results"] = results
+        after = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": ASK, "max_tokens": 4},
+                           timeout=120)
+        report["after_status"] = after.status_code
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(report))
+    return 0
+
+
+def app_args(source: str) -> dict:
+    engine_args = {"dtype": "float32", "enforce_eager": True, "max_model_len": 1024,
+                   "kv_cache_memory_bytes": 256 * 1024 * 1024, "max_num_seqs": 8}
+    return {"models": [{
+        "id": MODEL, "source": source, "engine_args": engine_args,
+        "resources": {"accelerator": "cpu", "cpus": 1},
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+        "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"},
+    }]}
+
+
+def engine_replica_nodes() -> dict[str, str]:
+    """Replica actor id → node id, for the engine deployment's live replicas."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.actor_id: a.node_id for a in actors if a.class_name.startswith("ServeReplica:rayroute:engine-")}
+
+
+def load(base: str, index: int, stop: threading.Event, results: list[dict]) -> None:
+    """Back-to-back requests, alternating streaming and not, each recorded with how it ended."""
+    number = 0
+    with httpx.Client(timeout=180) as client:
+        while not stop.is_set():
+            stream = (index + number) % 2 == 0
+            number += 1
+            body = {"model": MODEL, "messages": ASK, "max_tokens": 24, "ignore_eos": True, "stream": stream}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            result = {"thread": index, "stream": stream, "started_at": time.monotonic()}
+            try:
+                if stream:
+                    events = []
+                    with client.stream("POST", base + "/v1/chat/completions", json=body) as response:
+                        result["status"] = response.status_code
+                        for line in response.iter_lines():
+                            if line.startswith("data: "):
+                                events.append(line[len("data: "):])
+                    chunks = [json.loads(e) for e in events if e.startswith("{")]
+                    result["tokens"] = sum(1 for c in chunks for choice in c.get("choices", [])
+                                           if choice["delta"].get("content"))
+                    result["error_event"] = any("error" in c for c in chunks)
+                    result["completion_tokens"] = next(
+                        (c["usage"]["completion_tokens"] for c in chunks if c.get("usage")), None)
+                    result["done"] = bool(events) and events[-1] == "[DONE]"
+                else:
+                    response = client.post(base + "/v1/chat/completions", json=body)
+                    result["status"] = response.status_code
+                    result["done"] = response.status_code == 200
+            except httpx.HTTPError as exc:
+                result["exception"] = repr(exc)
+            result["ended_at"] = time.monotonic()
+            results.append(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

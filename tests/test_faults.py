@@ -1,0 +1,264 @@
+"""Load, limits and faults on the real cluster: what a client sees when a model is full, cold, unplaceable,
+limited, scaling, or losing an engine, and that none of it ends in a hang or a bare 5xx.
+
+The models these tests use are set up in conftest.test_config. Tests marked ``disruptive`` kill engines or
+redeploy, so they run after every other test (conftest orders them last).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import (
+    API_KEY,
+    COLD_MODEL,
+    DEFAULT_MODEL,
+    ELASTIC_MODEL,
+    LIMITED_KEY,
+    QUEUE_TIMEOUT_UNPLACEABLE_S,
+    SECOND_MODEL,
+    TOKENS_KEY,
+    UNPLACEABLE_MODEL,
+    Cluster,
+)
+
+pytestmark = pytest.mark.e2e
+
+ASK = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def post_chat(cluster: Cluster, key: str = API_KEY, timeout: float = 300, **body) -> httpx.Response:
+    return httpx.post(cluster.base_url + "/v1/chat/completions", json={"messages": ASK, **body},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
+
+
+def stream_events(cluster: Cluster, on_event=None, **body) -> list[str]:
+    """The SSE data lines of one streamed chat completion; ``on_event(n)`` is called after the n-th."""
+    events = []
+    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", json={"messages": ASK, "stream": True,
+                      **body}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+                if on_event:
+                    on_event(len(events))
+    return events
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"not within {timeout:.0f}s: {what}")
+
+
+# --- backpressure ------------------------------------------------------------------------------------------------
+
+def test_full_model_answers_429_with_retry_after(cluster: Cluster) -> None:
+    # SECOND_MODEL runs one request and queues one per router replica: a burst of twelve overflows it.
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda _: post_chat(cluster, model=SECOND_MODEL, max_tokens=48, ignore_eos=True),
+                                  range(12)))
+    statuses = Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[200] >= 2 and statuses[429] >= 1, statuses
+    for refused in (r for r in responses if r.status_code == 429):
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.json()["error"]["code"] == "model_at_capacity"
+        assert int(refused.headers["retry-after"]) >= 1
+    assert post_chat(cluster, model=SECOND_MODEL, max_tokens=2).status_code == 200  # and it serves again
+
+
+# --- scale to zero -----------------------------------------------------------------------------------------------
+
+def test_model_scaled_to_zero_answers_its_first_request(cluster: Cluster) -> None:
+    assert cluster.replicas(COLD_MODEL).get("RUNNING", 0) == 0
+    started = time.monotonic()
+    response = post_chat(cluster, model=COLD_MODEL, max_tokens=4)
+    waited = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    assert waited > 5, waited  # it waited while an engine started, rather than failing
+    assert cluster.replicas(COLD_MODEL).get("RUNNING") == 1
+
+
+def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(cluster: Cluster) -> None:
+    started = time.monotonic()
+    response = post_chat(cluster, model=UNPLACEABLE_MODEL, max_tokens=4)
+    waited = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_unavailable"
+    assert response.json()["error"]["type"] == "server_error"
+    assert int(response.headers["retry-after"]) >= 1
+    assert QUEUE_TIMEOUT_UNPLACEABLE_S - 0.5 <= waited <= QUEUE_TIMEOUT_UNPLACEABLE_S + 10
+
+
+# --- per-key limits ----------------------------------------------------------------------------------------------
+
+def test_key_may_use_only_its_models(cluster: Cluster) -> None:
+    response = post_chat(cluster, key=LIMITED_KEY, model=SECOND_MODEL, max_tokens=1)
+    assert response.status_code == 403
+    assert response.json()["error"]["type"] == "permission_error"
+    assert response.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_requests_per_minute_hold_across_router_replicas(cluster: Cluster) -> None:
+    """Twelve requests at once from a key allowed four a minute, spread over both router replicas by the proxy:
+    four answered, eight refused, whichever replica each reached."""
+    run = f"rpm-{time.time_ns()}"
+
+    def call(i: int) -> httpx.Response:
+        return httpx.post(cluster.base_url + "/v1/chat/completions",
+                          json={"model": DEFAULT_MODEL, "messages": ASK, "max_tokens": 16},
+                          headers={"Authorization": f"Bearer {LIMITED_KEY}", "X-Request-Id": f"{run}-{i}"},
+                          timeout=300)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(call, range(12)))
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {200: 4, 429: 8}, statuses
+    for response in responses:
+        assert response.headers["x-ratelimit-limit-requests"] == "4"
+        assert re.fullmatch(r"[0-9.]+m?s|\d+m[0-9.]+s", response.headers["x-ratelimit-reset-requests"])
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 15  # 4 a minute: one back every 15 s
+    # Both router replicas answered some of them (their access lines name the replica's process).
+    pids = wait_for(lambda: _router_pids_of(cluster.log, run) if len(_router_pids_of(cluster.log, run)) > 1
+                    else None, 20, "access lines from two router replicas")
+    assert len(pids) == 2
+
+
+def _router_pids_of(log: Path, request_id_prefix: str) -> set[str]:
+    pids = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if request_id_prefix in line and '"request_id"' in line:
+            found = re.search(r"pid=(\d+)", line)
+            if found:
+                pids.add(found.group(1))
+    return pids
+
+
+def test_tokens_per_minute(cluster: Cluster) -> None:
+    first = post_chat(cluster, key=TOKENS_KEY, model=DEFAULT_MODEL, max_tokens=40, ignore_eos=True)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-tokens"] == "60"
+    used = first.json()["usage"]["total_tokens"]
+    assert used > 60
+    second = post_chat(cluster, key=TOKENS_KEY, model=DEFAULT_MODEL, max_tokens=1)
+    assert second.status_code == 429
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert "tokens per minute" in second.json()["error"]["message"]
+    assert int(second.headers["retry-after"]) >= (used - 60) // 1  # at one token a second, the overdraft first
+
+
+# --- autoscaling -------------------------------------------------------------------------------------------------
+
+def test_replicas_follow_engine_load_up_to_the_maximum_and_back(cluster: Cluster) -> None:
+    wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 120, "one elastic replica to start with")
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            response = post_chat(cluster, model=ELASTIC_MODEL, max_tokens=32, ignore_eos=True)
+            if response.status_code != 200:
+                failures.append(response.text)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    try:
+        # 8 requests against a target of 2 per replica: the policy wants 4, and max_replicas caps it at 2.
+        wait_for(lambda: cluster.replicas(ELASTIC_MODEL).get("RUNNING") == 2, 300, "a second replica under load")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]
+    # Idle again: back to min_replicas after the downscale delay.
+    wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 180, "back to one replica when idle")
+
+
+# --- faults ------------------------------------------------------------------------------------------------------
+
+def _engine_core(replica_pid: int) -> psutil.Process:
+    for child in psutil.Process(replica_pid).children(recursive=True):
+        if "EngineCore" in " ".join(child.cmdline()):
+            return child
+    pytest.fail(f"no vLLM engine-core process under replica {replica_pid}")
+
+
+@pytest.mark.disruptive
+def test_dead_engine_ends_its_stream_cleanly_and_is_replaced_while_requests_wait(cluster: Cluster) -> None:
+    wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 180, "a single elastic replica")
+    replica = cluster.engine_info(ELASTIC_MODEL)["pid"]
+    engine_core = _engine_core(replica)
+
+    def kill_after_three(n: int) -> None:
+        if n == 3:
+            engine_core.send_signal(signal.SIGKILL)
+
+    started = time.monotonic()
+    events = stream_events(cluster, kill_after_three, model=ELASTIC_MODEL, max_tokens=400, ignore_eos=True)
+    assert time.monotonic() - started < 60  # no hang
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "server_error"
+    assert len(events) < 400  # it was cut short, and said so
+
+    # A request sent while the only replica's engine is dead waits for the replacement instead of failing.
+    response = post_chat(cluster, model=ELASTIC_MODEL, max_tokens=4)
+    assert response.status_code == 200, response.text
+    assert cluster.engine_info(ELASTIC_MODEL)["pid"] != replica  # Serve replaced the replica
+    assert not psutil.pid_exists(replica) or psutil.Process(replica).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.disruptive
+def test_redeploy_lets_inflight_streams_finish(cluster: Cluster) -> None:
+    """A changed config replaces the elastic model's replicas (and the routers, whose args hold every model);
+    a stream running through both finishes whole before either stops."""
+    from ray import serve
+
+    from router.app import build_app
+
+    wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 180, "a single elastic replica")
+    old_replica = cluster.engine_info(ELASTIC_MODEL)["pid"]
+    document = yaml.safe_load(cluster.config.read_text())
+    args = document["applications"][0]["args"]
+    for model in args["models"]:
+        if model["id"] == ELASTIC_MODEL:
+            model["engine_args"]["max_num_seqs"] = 8
+    redeployed = threading.Event()
+
+    def redeploy(n: int) -> None:
+        if n == 2:
+            cluster.connect()
+            threading.Thread(target=lambda: (serve.run(build_app(args), name="rayroute", route_prefix="/"),
+                                             redeployed.set()), daemon=True).start()
+
+    events = stream_events(cluster, redeploy, model=ELASTIC_MODEL, max_tokens=120, ignore_eos=True,
+                           stream_options={"include_usage": True})
+    assert events[-1] == "[DONE]"
+    assert not any('"error"' in e for e in events)
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 120
+    wait_for(redeployed.is_set, 300, "the redeploy to finish")
+    assert cluster.engine_info(ELASTIC_MODEL)["pid"] != old_replica
+    assert post_chat(cluster, model=ELASTIC_MODEL, max_tokens=2).status_code == 200

@@ -1,0 +1,51 @@
+"""A worker node lost under load (see tests/node_failure.py, which this runs in its own process and session)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def test_losing_a_worker_node_loses_no_request_that_had_not_started() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "tests.node_failure"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    try:
+        output, _ = process.communicate(timeout=900)
+    finally:
+        # Whatever the scenario left (a raylet, an engine core orphaned by its node's removal) ends with it.
+        for leftover in [p for p in psutil.process_iter() if _session(p) == process.pid]:
+            leftover.send_signal(signal.SIGKILL)
+    assert process.returncode == 0, output[-6000:]
+    report = json.loads(output.strip().splitlines()[-1])
+    assert report["spread_over_workers"], report["replica_nodes"]
+    results = report["results"]
+    assert report["hung_threads"] == 0
+    assert report["removed_after_requests"] >= 4, "the node went before there was traffic"
+    assert len(results) >= 12
+    for result in results:
+        assert "exception" not in result, result
+        assert result["status"] == 200, result
+        assert result["done"], result  # every stream ends in [DONE], even a broken one
+        if result["stream"] and result["error_event"]:
+            assert result["tokens"] > 0, result  # only a stream that had started may be cut
+        elif result["stream"]:
+            assert result["completion_tokens"] == 24, result
+    assert report["after_status"] == 200
+
+
+def _session(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
