@@ -72,9 +72,13 @@ class EngineProgress:
             self.last_progress = time.monotonic()
 
     def stalled(self, unfinished_requests: int, now: float | None = None) -> bool:
-        """Requests are waiting on the engine and nothing has come out for too long."""
+        """Requests are waiting on the engine and nothing has come out for too long. Called by every health
+        check: an idle engine owes nothing, so the clock restarts whenever one is seen idle."""
         now = time.monotonic() if now is None else now
-        return unfinished_requests > 0 and now - self.last_progress > STALL_TIMEOUT_S
+        if unfinished_requests == 0:
+            self.last_progress = now
+            return False
+        return now - self.last_progress > STALL_TIMEOUT_S
 
     def load(self, unfinished_requests: int) -> dict[str, float]:
         """The scheduler's counts are as of its last step; an idle engine has no step, so trust them only while

@@ -321,8 +321,13 @@ def test_engine_progress_reports_load_only_while_busy_and_notices_a_stall() -> N
     progress.record(SimpleNamespace(num_running_reqs=3, num_waiting_reqs=1, kv_cache_usage=0.4), None)
     assert progress.load(unfinished_requests=4) == {RUNNING: 3.0, WAITING: 1.0, KV_CACHE: 0.4}
     assert progress.load(unfinished_requests=0) == {RUNNING: 0.0, WAITING: 0.0, KV_CACHE: 0.0}
-    later = progress.last_progress + STALL_TIMEOUT_S + 1
-    assert progress.stalled(unfinished_requests=2, now=later)
-    assert not progress.stalled(unfinished_requests=0, now=later)  # idle is not stuck
-    progress.record(None, SimpleNamespace())
+    start = progress.last_progress
+    assert not progress.stalled(unfinished_requests=2, now=start + STALL_TIMEOUT_S - 1)
+    assert progress.stalled(unfinished_requests=2, now=start + STALL_TIMEOUT_S + 1)
+    progress.record(None, SimpleNamespace())  # a step made output
     assert not progress.stalled(unfinished_requests=2)
+    # A long idle spell is not a stall: the clock starts when work arrives after it.
+    idle_seen = start + 10 * STALL_TIMEOUT_S
+    assert not progress.stalled(unfinished_requests=0, now=idle_seen)
+    assert not progress.stalled(unfinished_requests=3, now=idle_seen + 5)
+    assert progress.stalled(unfinished_requests=3, now=idle_seen + STALL_TIMEOUT_S + 1)
