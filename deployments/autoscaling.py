@@ -7,10 +7,13 @@ schedule (waiting), and how full its KV cache is. Each replica reports both (``V
 and this policy sizes the deployment so that every replica sits at its targets:
 
     load of a replica = max(kv_cache_usage / target_kv_cache_usage, (running + waiting) / target_ongoing_requests)
-    replicas          = ceil(sum of loads), and at least one more than now while any engine has requests waiting
+    replicas          = ceil(sum of loads), and at least one more than now while any engine has requests waiting,
+                        and never fewer than Ray's request count asks for
 
 Waiting requests force a step up even when the averages look fine, because they are the one signal that an
-engine has run out of room. Ray applies ``min_replicas``/``max_replicas``, the delays and scale-from-zero around
+engine has run out of room. The request count (requests at the replicas plus those queued at the routers) is a
+floor because queued requests are load no engine has seen yet, and because an engine too busy to report in time
+must not read as an idle one. Ray applies ``min_replicas``/``max_replicas``, the delays and scale-from-zero around
 this function, so scaling down stays as conservative as ``downscale_delay_s`` makes it.
 
 Selected per model in the config::
@@ -44,13 +47,15 @@ class EngineLoadPolicy:
             return ctx.target_num_replicas, ctx.policy_state
         return self.desired_replicas(ctx.current_num_replicas, [
             (running.get(r, 0.0), waiting.get(r, 0.0), kv.get(r, 0.0)) for r in replicas
-        ]), ctx.policy_state
+        ], ctx.total_num_requests), ctx.policy_state
 
-    def desired_replicas(self, current: int, loads: list[tuple[float, float, float]]) -> int:
-        """``loads``: (running, waiting, kv_cache_usage) per reporting replica."""
+    def desired_replicas(self, current: int, loads: list[tuple[float, float, float]],
+                         requests: float = 0.0) -> int:
+        """``loads``: (running, waiting, kv_cache_usage) per reporting replica; ``requests``: Serve's count of the
+        deployment's requests, running and queued."""
         total = sum(max(kv / self.target_kv_cache_usage, (running + waiting) / self.target_ongoing_requests)
                     for running, waiting, kv in loads)
-        desired = math.ceil(total - 1e-9)
+        desired = math.ceil(max(total, requests / self.target_ongoing_requests) - 1e-9)
         if any(waiting > 0 for _, waiting, _ in loads):
             desired = max(desired, current + 1)
         return desired

@@ -106,9 +106,11 @@ class Cluster:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that kill engines or redeploy go last, in their file's order: every other test sees the cluster as
-    # it was started.
-    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)
+    # Tests without the shared cluster first: those that start clusters of their own (node failure, load) then
+    # have the machine to themselves. Tests that kill engines or redeploy go last, in their file's order: every
+    # other test sees the shared cluster as it was started.
+    items.sort(key=lambda item: ("cluster" in getattr(item, "fixturenames", ()),
+                                 item.get_closest_marker("disruptive") is not None))
 
 
 def free_port() -> int:
@@ -139,15 +141,17 @@ def test_config(tmp_path: Path) -> Path:
                    "max_ongoing_requests": 1, "max_queued_requests": 1})
     models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu, "drain_timeout_s": 120,
                    "autoscaling": {"policy": "engine_load", "min_replicas": 1, "max_replicas": 2,
-                                   "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 15,
-                                   "look_back_period_s": 3}})
+                                   "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 20,
+                                   "look_back_period_s": 10}})
     models.append({**first, "id": COLD_MODEL, "aliases": [], "resources": one_cpu,
-                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 600}})
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 30}})
     models.append({**first, "id": UNPLACEABLE_MODEL, "aliases": [], "resources": {"accelerator": "gpu"},
                    "autoscaling": {"min_replicas": 0, "max_replicas": 1},
                    "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
+        if model is not first:  # the copies' engines hold 256 MiB of KV cache, not 1 GiB: seven fit in memory
+            model["engine_args"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(document))
     return path

@@ -52,6 +52,31 @@ def test_defaults() -> None:
     assert model.autoscaling.min_replicas == 1
 
 
+def test_scaling_limits_and_timeouts_defaults() -> None:
+    config = parse_args(GOOD)
+    model = config.models[0]
+    assert (model.autoscaling.policy, model.autoscaling.target_ongoing_requests) == ("requests", 16)
+    assert (model.max_ongoing_requests, model.max_queued_requests, model.drain_timeout_s) == (64, 256, 300)
+    assert (model.timeouts.queue_s, model.timeouts.first_token_s, model.timeouts.total_s) == (300, 120, 900)
+    assert (config.ingress.replicas, config.ingress.max_ongoing_requests) == (1, 4096)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"autoscaling": {"policy": "ttft"}}, "models[0 m1].autoscaling.policy: Input should be 'requests' or"),
+    ({"autoscaling": {"target_kv_cache_usage": 1.5}}, "models[0 m1].autoscaling.target_kv_cache_usage: Input"),
+    ({"timeouts": {"queue_s": 0}}, "models[0 m1].timeouts.queue_s: Input should be greater than 0"),
+    ({"timeouts": {"ttft_s": 5}}, "models[0 m1].timeouts.ttft_s: unknown field"),
+    ({"max_queued_requests": -1}, "models[0 m1].max_queued_requests: Input should be greater than or equal to 0"),
+])
+def test_bad_scaling_settings_are_named(fields: dict, message: str) -> None:
+    assert message in error_of(with_model(**fields))
+
+
+def test_ingress_replicas_must_be_positive() -> None:
+    assert "ingress.replicas: Input should be greater than or equal to 1" in error_of({**GOOD, "ingress": {
+        "replicas": 0}})
+
+
 def test_unknown_key_is_named() -> None:
     message = error_of(with_model(resources={"accelerator": "cpu", "num_gpu": 1}))
     assert "models[0 m1].resources.num_gpu: unknown field" in message

@@ -292,14 +292,19 @@ def test_engine_load_policy_sizes_to_the_targets() -> None:
     assert policy.desired_replicas(2, [(2, 0, 0.9), (2, 0, 0.6)]) == 3  # by KV cache: 1.8 + 1.2
     assert policy.desired_replicas(2, [(1, 1, 0.1), (0, 0, 0.0)]) == 3  # anything waiting: one more
     assert policy.desired_replicas(3, [(0, 0, 0.0)] * 3) == 0  # idle; Ray keeps min_replicas and the delay
+    # Requests queued at the routers (or an engine that did not report in time) still count.
+    assert policy.desired_replicas(1, [(0, 0, 0.0)], requests=20) == 3
 
 
 def test_engine_load_policy_reads_ray_context() -> None:
     policy = EngineLoadPolicy(target_ongoing_requests=8, target_kv_cache_usage=0.8)
     ctx = SimpleNamespace(aggregated_metrics={RUNNING: {"r1": 8.0, "r2": 8.0}, WAITING: {"r1": 0.0, "r2": 2.0},
                                               KV_CACHE: {"r1": 0.2, "r2": 0.3}},
-                          current_num_replicas=2, target_num_replicas=2, policy_state={"s": 1})
+                          current_num_replicas=2, target_num_replicas=2, policy_state={"s": 1},
+                          total_num_requests=18.0)
     assert policy(ctx) == (3, {"s": 1})
+    ctx.total_num_requests = 40.0
+    assert policy(ctx) == (5, {"s": 1})
     ctx.aggregated_metrics = {}
     assert policy(ctx) == (2, {"s": 1})
 
