@@ -146,7 +146,9 @@ def test_config(tmp_path: Path) -> Path:
     models.append({**first, "id": COLD_MODEL, "aliases": [], "resources": one_cpu,
                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 30}})
     models.append({**first, "id": UNPLACEABLE_MODEL, "aliases": [], "resources": {"accelerator": "gpu"},
-                   "autoscaling": {"min_replicas": 0, "max_replicas": 1},
+                   # Back to zero soon after the test that asks for it: a replica Ray can never place keeps the
+                   # application from counting as deployed, which a later redeploy waits for.
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
                    "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
