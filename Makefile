@@ -10,7 +10,7 @@ CLIENTS_VENV ?= .venv-clients
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model clients prometheus serve test test-quick lint bench clean
+.PHONY: setup model clients prometheus serve test test-quick lint bench load clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
@@ -52,6 +52,10 @@ test: model clients prometheus lint
 # rayroute against bare vLLM on the same model and engine settings; prints a table, writes bench-results/.
 bench: model
 	$(PY) -m tests.bench --config $(CONFIG)
+
+# The router alone under 100 and 1,000 concurrent streams from a model-free engine: added latency, peak memory.
+load: setup
+	$(PY) -m tests.load --streams 100,1000
 
 lint: setup
 	$(VENV)/bin/ruff check router deployments tests

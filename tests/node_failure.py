@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.conftest import free_port
 
     port = options.port or free_port()
-    # The head holds the router (one CPU) and nothing else fits there; each worker fits exactly one engine replica.
+    # Three nodes of one CPU each: the router and the two engine replicas (one CPU each) fill them, one per node.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     report: dict = {"port": port}
@@ -56,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        replica_nodes = engine_replica_nodes()
-        report["replica_nodes"] = sorted(replica_nodes.values())
+        engine_nodes = replica_nodes("engine-")
+        router_nodes = replica_nodes("OpenAIRouter")
+        report["engine_nodes"], report["router_nodes"] = sorted(engine_nodes), sorted(router_nodes)
+        report["engines_spread"] = len(set(engine_nodes)) == 2
+        # The node to lose: a worker holding an engine replica and not the router (the head cannot be removed,
+        # and losing the only router is a different failure: Serve restarts it, but its streams are gone).
         worker_ids = {w.node_id: w for w in workers}
-        victim_id = next(node for node in replica_nodes.values() if node in worker_ids)
-        report["spread_over_workers"] = set(replica_nodes.values()) == set(worker_ids)
+        victim_id = next(node for node in engine_nodes if node in worker_ids and node not in router_nodes)
 
         results: list[dict] = []
         stop = threading.Event()
@@ -99,12 +102,12 @@ def app_args(source: str) -> dict:
     }]}
 
 
-def engine_replica_nodes() -> dict[str, str]:
-    """Replica actor id → node id, for the engine deployment's live replicas."""
+def replica_nodes(deployment_prefix: str) -> list[str]:
+    """The node of each live replica of the deployments whose name starts with ``deployment_prefix``."""
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.actor_id: a.node_id for a in actors if a.class_name.startswith("ServeReplica:rayroute:engine-")}
+    return [a.node_id for a in actors if a.class_name.startswith(f"ServeReplica:rayroute:{deployment_prefix}")]
 
 
 def load(base: str, index: int, stop: threading.Event, results: list[dict]) -> None:

@@ -28,7 +28,7 @@ def test_losing_a_worker_node_loses_no_request_that_had_not_started() -> None:
             leftover.send_signal(signal.SIGKILL)
     assert process.returncode == 0, output[-6000:]
     report = json.loads(output.strip().splitlines()[-1])
-    assert report["spread_over_workers"], report["replica_nodes"]
+    assert report["engines_spread"], report["engine_nodes"]
     results = report["results"]
     assert report["hung_threads"] == 0
     assert report["removed_after_requests"] >= 4, "the node went before there was traffic"
