@@ -44,6 +44,7 @@ ELASTIC_MODEL = "smollm2-elastic"  # autoscaled 1-2 on engine load, with short d
 COLD_MODEL = "smollm2-cold"  # scales to zero
 UNPLACEABLE_MODEL = "needs-a-gpu"  # min_replicas 0 and a GPU this machine lacks: no replica ever starts
 QUEUE_TIMEOUT_UNPLACEABLE_S = 3
+TOTAL_TIMEOUT_SECOND_S = 40  # SECOND_MODEL's requests end after this long
 INGRESS_REPLICAS = 2
 ALIAS = "gpt-4o-mini"
 METRICS_ALIAS = "metrics-probe"  # a name only the metrics tests use, so their counters see no other traffic
@@ -138,13 +139,17 @@ def test_config(tmp_path: Path) -> Path:
     # One compute thread for the copies: with several busy engines on two cores, more would only fight over them.
     one_cpu = {**first["resources"], "cpus": 1}
     models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True, "resources": one_cpu,
-                   "max_ongoing_requests": 1, "max_queued_requests": 1})
+                   "max_ongoing_requests": 1, "max_queued_requests": 1,
+                   "timeouts": {"total_s": TOTAL_TIMEOUT_SECOND_S}})
     models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu, "drain_timeout_s": 120,
                    "autoscaling": {"policy": "engine_load", "min_replicas": 1, "max_replicas": 2,
                                    "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 20,
                                    "look_back_period_s": 10}})
+    # No engine makes a first token within a millisecond: every stream to it ends in 408 (whole answers do not
+    # have a first-token timeout).
     models.append({**first, "id": COLD_MODEL, "aliases": [], "resources": one_cpu,
-                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 30}})
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 30},
+                   "timeouts": {"first_token_s": 0.001}})
     models.append({**first, "id": UNPLACEABLE_MODEL, "aliases": [], "resources": {"accelerator": "gpu"},
                    # Back to zero soon after the test that asks for it: a replica Ray can never place keeps the
                    # application from counting as deployed, which a later redeploy waits for.

@@ -30,6 +30,7 @@ from tests.conftest import (
     QUEUE_TIMEOUT_UNPLACEABLE_S,
     SECOND_MODEL,
     TOKENS_KEY,
+    TOTAL_TIMEOUT_SECOND_S,
     UNPLACEABLE_MODEL,
     Cluster,
 )
@@ -96,6 +97,24 @@ def test_model_scaled_to_zero_answers_its_first_request(cluster: Cluster) -> Non
     assert response.json()["choices"][0]["message"]["content"]
     assert waited > 5, waited  # it waited while an engine started, rather than failing
     assert cluster.replicas(COLD_MODEL).get("RUNNING") == 1
+
+
+def test_stream_without_a_first_token_in_time_is_408(cluster: Cluster) -> None:
+    response = post_chat(cluster, model=COLD_MODEL, max_tokens=16, stream=True)
+    assert response.status_code == 408
+    assert response.json()["error"]["code"] == "first_token_timeout"
+    assert response.json()["error"]["type"] == "timeout_error"
+
+
+def test_stream_past_its_total_time_ends_with_an_error_event(cluster: Cluster) -> None:
+    started = time.monotonic()
+    events = stream_events(cluster, model=SECOND_MODEL, max_tokens=3000, ignore_eos=True)
+    assert TOTAL_TIMEOUT_SECOND_S - 1 <= time.monotonic() - started <= TOTAL_TIMEOUT_SECOND_S + 15
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert len(events) > 10  # it was streaming until then
+    # and the engine let the request go
+    wait_for(lambda: cluster.engine_info(SECOND_MODEL)["running_requests"] == 0, 30, "the engine slot freed")
 
 
 def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(cluster: Cluster) -> None:
