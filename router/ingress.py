@@ -2,9 +2,10 @@
 
 A request's path through this file: the middleware authenticates and bounds the body (:mod:`router.middleware`)
 → FastAPI parses and checks it against the route's body model (:mod:`router.protocol`) → :meth:`OpenAIRouter.forward`
-looks up the model's deployment handle by the ``model`` field (ids and aliases) and calls the engine replica as a
-Serve stream → the response starts on its first item: an error, a finished body, or the first SSE line followed
-by the rest as they arrive.
+finds the model by the ``model`` field (ids and aliases), checks the key may use it and has allowance left
+(:mod:`router.limits`), and calls the engine replica as a Serve stream, within the model's timeouts and retrying
+a failed replica (:mod:`router.dispatch`) → the response starts on the first item: an error, a finished body, or
+the first SSE line followed by the rest as they arrive.
 
 The FastAPI app is built in the replica, after the constructor (``__serve_build_asgi_app__``), so its routes,
 middleware and limits come from this deployment's config rather than from a module-level app frozen at import.
@@ -13,7 +14,6 @@ middleware and limits come from this deployment's config rather than from a modu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,13 +22,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import ModelConfig, ServeArgs
-from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, EngineItem, ErrorReply, FullReply
+from deployments.replies import Chunk, ErrorReply, FullReply
 from router.auth import ApiKey, ApiKeyAuth, load_api_keys
+from router.dispatch import call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
 from router.limits import Admission
 from router.middleware import API_KEY_KEY, RECORD_KEY, install_middleware
@@ -37,10 +36,6 @@ from router.telemetry import GatewayMetrics, RequestRecord, enable_access_log
 
 # Proxies (nginx, cloud load balancers) buffer responses unless told not to; a buffered stream is a broken one.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# Between attempts at a request whose replica failed: long enough for Serve to notice, short next to a timeout.
-_RETRY_PAUSE_S, _RETRY_PAUSE_MAX_S = 0.25, 2.0
-# What a 503 (no replica within the queue timeout) tells clients to wait: about the time a replica takes to start.
-_UNAVAILABLE_RETRY_AFTER_S = 10.0
 
 logger = logging.getLogger("rayroute.router")
 
@@ -88,8 +83,8 @@ class OpenAIRouter:
         self.metrics.started(record)
         streaming = bool(getattr(body, "stream", False))
         try:
-            first, stream = await self._dispatch(endpoint, model, body.model_dump(exclude_unset=True), record,
-                                                 streaming)
+            first, stream = await call_engine(self.handles[body.model], endpoint, model,
+                                              body.model_dump(exclude_unset=True), record, streaming)
         except OpenAIError as exc:
             exc.headers.update(headers)
             raise
@@ -122,79 +117,6 @@ class OpenAIRouter:
             # Not awaited: the answer need not wait for the bookkeeping.
             self.limits.charge.remote(key.name, key.tokens_per_minute,
                                       record.prompt_tokens + record.completion_tokens)
-
-    async def _dispatch(self, endpoint: str, model: ModelConfig, payload: dict[str, Any], record: RequestRecord,
-                        streaming: bool) -> tuple[EngineItem, DeploymentResponseGenerator]:
-        """Call the engine until it gives a first answer, within the model's timeouts.
-
-        A call that fails before its replica admitted the request (the replica is gone, or its engine died) never
-        ran, so it is sent again, after a short pause, until the queue timeout: meanwhile Serve replaces the
-        replica or routes to another. One that fails after admission is retried once only, so a request that
-        itself kills engines cannot take down one replica after another.
-        """
-        timeouts = model.timeouts
-        queue_deadline = record.arrived_at + timeouts.queue_s
-        total_deadline = record.arrived_at + timeouts.total_s
-        handle = self.handles[payload["model"]]
-        failed_after_admission = 0
-        pause = _RETRY_PAUSE_S
-        while True:
-            record.attempts += 1
-            stream: DeploymentResponseGenerator | None = None
-            admitted = False
-            first_token_deadline = total_deadline
-            try:
-                stream = getattr(handle, endpoint).remote(payload)
-                async with asyncio.timeout(queue_deadline - time.perf_counter()):
-                    item = await stream.__anext__()
-                if isinstance(item, Admitted):
-                    admitted = True
-                    if streaming:
-                        first_token_deadline = min(total_deadline, time.perf_counter() + timeouts.first_token_s)
-                    async with asyncio.timeout(first_token_deadline - time.perf_counter()):
-                        item = await stream.__anext__()
-            except TimeoutError:
-                _cancel(stream)
-                raise self._timeout(model, admitted, first_token_deadline < total_deadline) from None
-            except BackPressureError as exc:
-                _cancel(stream)
-                raise OpenAIError(429, f"The model `{payload['model']}` is at capacity: too many requests are "
-                                  "queued for it. Retry shortly.", "rate_limit_error", None, "model_at_capacity",
-                                  exc.retry_after_s or 1.0) from None
-            except RayActorError:
-                _cancel(stream)
-                item = None  # the replica died or cannot be reached
-            except StopAsyncIteration:
-                raise OpenAIError(502, "The engine ended the response without output.", "server_error") from None
-            except BaseException:
-                _cancel(stream)
-                raise
-            if item is not None and not (isinstance(item, ErrorReply) and item.code == ENGINE_UNAVAILABLE):
-                return item, stream
-            _cancel(stream)
-            failed_after_admission += admitted
-            if failed_after_admission > 1:
-                raise OpenAIError(502, "The engine failed while answering this request, twice. It was not "
-                                  "retried again.", "server_error", None, "engine_error")
-            if time.perf_counter() + pause > queue_deadline:
-                raise self._timeout(model, False, False)
-            logger.warning("retrying a %s request for %s after a replica failure (attempt %d)", endpoint,
-                           model.id, record.attempts)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _RETRY_PAUSE_MAX_S)
-
-    @staticmethod
-    def _timeout(model: ModelConfig, admitted: bool, first_token: bool) -> OpenAIError:
-        timeouts = model.timeouts
-        if not admitted:
-            return OpenAIError(503, f"No replica of `{model.id}` could take the request within "
-                               f"{timeouts.queue_s:g}s (starting up or busy). Retry later.", "server_error", None,
-                               "model_unavailable", _UNAVAILABLE_RETRY_AFTER_S)
-        if first_token:
-            return OpenAIError(408, f"The model `{model.id}` produced no token within {timeouts.first_token_s:g}s.",
-                               "timeout_error", None, "first_token_timeout")
-        return OpenAIError(504, f"The request to `{model.id}` did not finish within {timeouts.total_s:g}s.",
-                           "timeout_error", None, "request_timeout")
 
     async def _relay(self, first: Chunk, rest: DeploymentResponseGenerator, record: RequestRecord,
                      deadline: float, key: ApiKey | None) -> AsyncIterator[str]:
@@ -231,7 +153,7 @@ class OpenAIRouter:
             record.client_disconnected = True
             raise
         finally:
-            _cancel(rest)
+            cancel(rest)
             self._charge(key, record)
 
     async def readiness(self) -> JSONResponse:
@@ -256,13 +178,6 @@ class OpenAIRouter:
         if self.models[name].id != name:
             card["root"] = self.models[name].id
         return card
-
-
-def _cancel(stream: DeploymentResponseGenerator | None) -> None:
-    if stream is not None:
-        # Cancelling a call that already failed raises its error again (Ray 2.60); it is handled where it came.
-        with contextlib.suppress(Exception):
-            stream.cancel()
 
 
 # A plain class underneath, so tests can drive it with fake engine handles and no Ray cluster; router.app sets

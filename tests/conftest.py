@@ -30,12 +30,13 @@ os.environ["RAY_AUTH_MODE"] = "token"
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + "0123456789abcdef"
-LIMITED_KEY = "sk-limited-" + "0123456789"  # may use the default model only, 4 requests a minute
+LIMITED_KEY = "sk-limited-" + "0123456789"  # may use the default chat and embedding models, 4 requests a minute
 TOKENS_KEY = "sk-tokens-" + "0123456789"  # 60 tokens a minute
 API_KEYS = [
     {"name": "tests", "key": API_KEY},
     {"name": "other", "key": "sk-other-key"},
-    {"name": "limited", "key": LIMITED_KEY, "models": ["smollm2-135m-instruct"], "requests_per_minute": 4},
+    {"name": "limited", "key": LIMITED_KEY, "models": ["smollm2-135m-instruct", "all-minilm-l6-v2"],
+     "requests_per_minute": 4},
     {"name": "tokens", "key": TOKENS_KEY, "tokens_per_minute": 60},
 ]
 DEFAULT_MODEL = "smollm2-135m-instruct"

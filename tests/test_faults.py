@@ -26,6 +26,7 @@ from tests.conftest import (
     COLD_MODEL,
     DEFAULT_MODEL,
     ELASTIC_MODEL,
+    EMBEDDING_MODEL,
     LIMITED_KEY,
     QUEUE_TIMEOUT_UNPLACEABLE_S,
     SECOND_MODEL,
@@ -139,19 +140,23 @@ def test_key_may_use_only_its_models(cluster: Cluster) -> None:
 
 def test_requests_per_minute_hold_across_router_replicas(cluster: Cluster) -> None:
     """Twelve requests at once from a key allowed four a minute, spread over both router replicas by the proxy:
-    four answered, eight refused, whichever replica each reached."""
+    four answered, eight refused, whichever replica each reached. (Embeddings: cheap, so the twelve reach the
+    routers together instead of waiting for cores a generating engine holds.)"""
     run = f"rpm-{time.time_ns()}"
 
     def call(i: int) -> httpx.Response:
-        return httpx.post(cluster.base_url + "/v1/chat/completions",
-                          json={"model": DEFAULT_MODEL, "messages": ASK, "max_tokens": 16},
+        return httpx.post(cluster.base_url + "/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": ["a"]},
                           headers={"Authorization": f"Bearer {LIMITED_KEY}", "X-Request-Id": f"{run}-{i}"},
                           timeout=300)
 
+    started = time.monotonic()
     with ThreadPoolExecutor(12) as pool:
         responses = list(pool.map(call, range(12)))
+    # The bucket gives one request back every 15 s; a slow machine may stretch the burst over one of those.
+    refilled = int((time.monotonic() - started) / 15)
     statuses = Counter(r.status_code for r in responses)
-    assert statuses == {200: 4, 429: 8}, statuses
+    assert set(statuses) == {200, 429}, statuses
+    assert 4 <= statuses[200] <= 4 + refilled < 8, (statuses, refilled)  # per replica, 8 would pass
     for response in responses:
         assert response.headers["x-ratelimit-limit-requests"] == "4"
         assert re.fullmatch(r"[0-9.]+m?s|\d+m[0-9.]+s", response.headers["x-ratelimit-reset-requests"])

@@ -1,0 +1,111 @@
+"""Calling a model's engine deployment until it answers, within the model's timeouts.
+
+The engine's first item says a replica took the request (:class:`deployments.replies.Admitted`); that splits the
+wait into two, each with its own answer when it runs out. Before it the request waits for a replica, queued or
+while one starts from zero: ``queue_s``, then 503 with ``Retry-After``. After it the wait is the engine's: for a
+stream ``first_token_s``, then 408; for anything, ``total_s`` from arrival, then 504.
+
+Failures are retried by where they happened. A call that fails before a replica took it (the replica is gone, or
+its engine died and it said so) never ran, so it is sent again after a short pause, for as long as the queue
+timeout allows; meanwhile Serve routes to another replica or starts a replacement. One that fails after admission
+is retried once only: a request that itself kills engines must not take down one replica after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments.config import ModelConfig
+from deployments.replies import ENGINE_UNAVAILABLE, Admitted, EngineItem, ErrorReply
+from router.errors import OpenAIError
+from router.telemetry import RequestRecord
+
+# Between attempts at a request whose replica failed: long enough for Serve to notice, short next to a timeout.
+RETRY_PAUSE_S, RETRY_PAUSE_MAX_S = 0.25, 2.0
+# What a 503 (no replica within the queue timeout) tells clients to wait: about the time a replica takes to start.
+UNAVAILABLE_RETRY_AFTER_S = 10.0
+
+logger = logging.getLogger("rayroute.router")
+
+
+async def call_engine(handle: DeploymentHandle, endpoint: str, model: ModelConfig, payload: dict[str, Any],
+                      record: RequestRecord, streaming: bool) -> tuple[EngineItem, DeploymentResponseGenerator]:
+    """The engine's first answer (an error, a whole reply, or a stream's first chunk) and the stream it came on;
+    raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed twice."""
+    timeouts = model.timeouts
+    queue_deadline = record.arrived_at + timeouts.queue_s
+    total_deadline = record.arrived_at + timeouts.total_s
+    failed_after_admission = 0
+    pause = RETRY_PAUSE_S
+    while True:
+        record.attempts += 1
+        stream: DeploymentResponseGenerator | None = None
+        admitted = False
+        first_token_deadline = total_deadline
+        try:
+            stream = getattr(handle, endpoint).remote(payload)
+            async with asyncio.timeout(queue_deadline - time.perf_counter()):
+                item = await stream.__anext__()
+            if isinstance(item, Admitted):
+                admitted = True
+                if streaming:
+                    first_token_deadline = min(total_deadline, time.perf_counter() + timeouts.first_token_s)
+                async with asyncio.timeout(first_token_deadline - time.perf_counter()):
+                    item = await stream.__anext__()
+        except TimeoutError:
+            cancel(stream)
+            raise timeout_error(model, admitted, first_token_deadline < total_deadline) from None
+        except BackPressureError as exc:
+            cancel(stream)
+            raise OpenAIError(429, f"The model `{payload['model']}` is at capacity: too many requests are "
+                              "queued for it. Retry shortly.", "rate_limit_error", None, "model_at_capacity",
+                              exc.retry_after_s or 1.0) from None
+        except RayActorError:
+            cancel(stream)
+            item = None  # the replica died or cannot be reached
+        except StopAsyncIteration:
+            raise OpenAIError(502, "The engine ended the response without output.", "server_error") from None
+        except BaseException:
+            cancel(stream)
+            raise
+        if item is not None and not (isinstance(item, ErrorReply) and item.code == ENGINE_UNAVAILABLE):
+            return item, stream
+        cancel(stream)
+        failed_after_admission += admitted
+        if failed_after_admission > 1:
+            raise OpenAIError(502, "The engine failed while answering this request, twice. It was not "
+                              "retried again.", "server_error", None, "engine_error")
+        if time.perf_counter() + pause > queue_deadline:
+            raise timeout_error(model, False, False)
+        logger.warning("retrying a %s request for %s after a replica failure (attempt %d)", endpoint,
+                       model.id, record.attempts)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, RETRY_PAUSE_MAX_S)
+
+
+def timeout_error(model: ModelConfig, admitted: bool, first_token: bool) -> OpenAIError:
+    timeouts = model.timeouts
+    if not admitted:
+        return OpenAIError(503, f"No replica of `{model.id}` could take the request within "
+                           f"{timeouts.queue_s:g}s (starting up or busy). Retry later.", "server_error", None,
+                           "model_unavailable", UNAVAILABLE_RETRY_AFTER_S)
+    if first_token:
+        return OpenAIError(408, f"The model `{model.id}` produced no token within {timeouts.first_token_s:g}s.",
+                           "timeout_error", None, "first_token_timeout")
+    return OpenAIError(504, f"The request to `{model.id}` did not finish within {timeouts.total_s:g}s.",
+                       "timeout_error", None, "request_timeout")
+
+
+def cancel(stream: DeploymentResponseGenerator | None) -> None:
+    if stream is not None:
+        # Cancelling a call that already failed raises its error again (Ray 2.60); it is handled where it came.
+        with contextlib.suppress(Exception):
+            stream.cancel()
