@@ -152,8 +152,8 @@ def test_config(tmp_path: Path) -> Path:
                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 30},
                    "timeouts": {"first_token_s": 0.001}})
     models.append({**first, "id": UNPLACEABLE_MODEL, "aliases": [], "resources": {"accelerator": "gpu"},
-                   # Back to zero soon after the test that asks for it: a replica Ray can never place keeps the
-                   # application from counting as deployed, which a later redeploy waits for.
+                   # Once asked for, its replica stays wanted: Ray's policy does not scale down a deployment with
+                   # no running replica, so the application never counts as running again (see the redeploy test).
                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
                    "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
     for model in models:
