@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -214,11 +215,24 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
     assert len(queries) >= 12
     missing = {}
     deadline = time.monotonic() + 90
-    # vLLM's gauges (running, waiting, KV cache) exist only while an engine steps: keep one busy meanwhile.
-    busy = {"model": DEFAULT_MODEL, "messages": ASK, "stream": True, "max_tokens": 2000, "ignore_eos": True}
-    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
-                      json=busy) as response:
-        next(response.iter_lines())
+    # Ray exports a gauge only while it is being set: vLLM's (running, waiting, KV cache) while an engine steps,
+    # the router's (in flight, waiting) as requests start and answer. Keep short streams coming meanwhile.
+    done = threading.Event()
+
+    def keep_busy(tokens: int) -> None:
+        busy = {"model": DEFAULT_MODEL, "messages": ASK, "stream": True, "max_tokens": tokens, "ignore_eos": True}
+        while not done.is_set():
+            with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                              json=busy) as response:
+                for _ in response.iter_lines():
+                    if done.is_set():
+                        break
+
+    # One long stream keeps the engine stepping; short ones keep requests starting and answering.
+    workers = [threading.Thread(target=keep_busy, args=(tokens,), daemon=True) for tokens in (400, 24)]
+    for worker in workers:
+        worker.start()
+    try:
         for title, expr in queries:
             promql = grafana_to_promql(expr)
             promql_parser.parse(promql)  # raises on a syntax error
@@ -226,4 +240,8 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
                 time.sleep(1)
             if not prometheus.query(promql):
                 missing[title] = promql
+    finally:
+        done.set()
+        for worker in workers:
+            worker.join(timeout=60)
     assert not missing, missing
