@@ -128,7 +128,8 @@ class Timeouts(_Strict):
 
 
 class ModelConfig(_Strict):
-    id: str = Field(description="The model name clients send in the request's `model` field.")
+    id: str = Field(description="The model name clients send in the request's `model` field.",
+                    json_schema_extra={"pattern": _MODEL_ID.pattern})
     source: str = Field(description="Hugging Face hub id, or a local folder (`~` and $VARS are expanded).")
     aliases: list[str] = Field(default_factory=list, description="Other names that route to this model.")
     engine_args: dict[str, Any] = Field(
@@ -192,6 +193,21 @@ class Ingress(_Strict):
 
     replicas: int = Field(1, ge=1, description="Router replicas; per-key limits hold across all of them.")
     max_ongoing_requests: int = Field(4096, ge=1, description="Connections one router replica serves at once.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each router replica (and the key-limits replica) needs. The Helm chart "
+        "gives the head node `rayroute_ingress` and asks for it here: a GPU node holding a router could never "
+        "scale down.")
+
+    @field_validator("ray_resources")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"`{name}` is not a custom resource")
+            if amount <= 0:
+                raise ValueError(f"`{name}` must be a positive amount")
+        return resources
 
 
 class ServeArgs(_Strict):

@@ -24,8 +24,9 @@ def build_app(args: dict[str, Any]) -> Application:
         check_engine_args(model)
     engines = {model.id: engine_deployment(model).bind(model) for model in config.models}
     # One replica, so every router replica sees the same buckets; it holds a few floats per key.
-    limits = serve.deployment(KeyLimits).options(name="key-limits", num_replicas=1, max_ongoing_requests=4096,
-                                                 ray_actor_options={"num_cpus": 0}).bind()
+    limits = serve.deployment(KeyLimits).options(
+        name="key-limits", num_replicas=1, max_ongoing_requests=4096,
+        ray_actor_options={"num_cpus": 0, "resources": dict(config.ingress.ray_resources)}).bind()
     return router_deployment(config).bind(config.model_dump(mode="json"), engines, limits)
 
 
@@ -33,6 +34,7 @@ def router_deployment(config: ServeArgs) -> serve.Deployment:
     return Router.options(
         num_replicas=config.ingress.replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"resources": dict(config.ingress.ray_resources)},
         # A router replica stops (redeploy) only once its streams have ended, as long as any model's would.
         graceful_shutdown_timeout_s=max(model.drain_timeout_s for model in config.models),
     )

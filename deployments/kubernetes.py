@@ -1,0 +1,238 @@
+"""The Helm chart's values (``helm/values.yaml``): the Serve args of ``configs/`` plus the Kubernetes cluster around
+them. ``helm/values.schema.json`` is generated from these models, so Helm rejects a bad value with the same rules
+that reject it in a config file:
+
+    python -m deployments.kubernetes > helm/values.schema.json     # after changing a model here or in config.py
+
+``serve`` is exactly a config file's ``applications[0].args`` (:class:`deployments.config.ServeArgs`); the chart
+renders it into the RayService's ``serveConfigV2``. Everything else is named the Kubernetes way (camelCase), and
+what is plain Kubernetes (resources, tolerations, affinity, security contexts) is passed through unchanged and
+checked against Kubernetes' own schemas when the chart is tested.
+
+Each model's replicas are Ray placement groups (see :class:`deployments.config.Resources`); the Ray autoscaler
+adds pods to the worker group that can hold them, so a model that needs 2 GPUs per replica needs a worker group
+whose pods have 2. The chart fails to render when no group fits, instead of leaving replicas pending forever.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.config import ServeArgs
+from router.auth import ApiKey
+
+# The Ray resource only the head node has; the routers ask for it (``serve.ingress.ray_resources``).
+INGRESS_RESOURCE = "rayroute_ingress"
+
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_Object = dict[str, Any]
+
+
+class _Values(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Image(_Values):
+    repository: str = Field("", description="The rayroute image (helm/image/Dockerfile): Ray, vLLM and rayroute. "
+                            "Required.")
+    tag: str = Field("", description="Defaults to the chart's appVersion.")
+    pullPolicy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    pullSecrets: list[str] = Field(default_factory=list, description="Names of image pull Secrets.")
+
+
+class ApiKeys(_Values):
+    """Keys reach the router as a file mounted from a Secret on the head pod only (the routers run there)."""
+
+    existingSecret: str = Field("", description="A Secret holding the keys file (a YAML list of keys, the format "
+                                "of RAYROUTE_API_KEYS_FILE). Takes precedence over `keys`.")
+    secretKey: str = Field("api-keys.yaml", description="The Secret's key that holds the file.")
+    keys: list[ApiKey] = Field(default_factory=list, description="Keys for a Secret the chart creates.")
+    allowUnauthenticated: bool = Field(False, description="Serve without keys. Off: the chart refuses to render "
+                                       "an endpoint anyone can call.")
+
+
+class HuggingFace(_Values):
+    existingSecret: str = Field("", description="A Secret holding a Hugging Face token, for gated models.")
+    secretKey: str = Field("token")
+    token: str = Field("", description="A token for a Secret the chart creates (prefer existingSecret).")
+
+
+class Head(_Values):
+    """The head pod: Ray's control plane, the HTTP proxy and the routers; never GPU work."""
+
+    resources: _Object = Field(default_factory=lambda: {
+        "requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}})
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[_Object] = Field(default_factory=list)
+    affinity: _Object = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkerGroup(_Values):
+    name: str = Field(pattern=_DNS_LABEL, max_length=40, description="The Ray worker group's name.")
+    gpus: int = Field(1, ge=0, le=16, description="`nvidia.com/gpu` per pod; Ray's GPUs on that node.")
+    acceleratorType: str | None = Field(None, description="The GPU model (e.g. `L4`, `A100`): models that set "
+                                        "`resources.accelerator_type` to it are placed on this group.")
+    minReplicas: int = Field(0, ge=0)
+    maxReplicas: int = Field(1, ge=1)
+    sharedMemory: str = Field("8Gi", description="Size of /dev/shm: tensor-parallel workers and Ray's object "
+                              "store share memory through it, and a container's default is 64 MiB.")
+    resources: _Object = Field(default_factory=lambda: {
+        "requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}},
+        description="CPU and memory; the chart adds the `nvidia.com/gpu` limit from `gpus`.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[_Object] = Field(default_factory=lambda: [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    affinity: _Object = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkerGroup:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(f"minReplicas ({self.minReplicas}) exceeds maxReplicas ({self.maxReplicas})")
+        return self
+
+
+class Autoscaler(_Values):
+    """Ray's autoscaler, which adds and removes worker pods as Serve asks for replicas."""
+
+    idleTimeoutSeconds: int = Field(300, ge=0, description="How long a worker pod sits idle before removal.")
+    upscalingMode: Literal["Default", "Aggressive", "Conservative"] = "Default"
+    resources: _Object = Field(default_factory=lambda: {
+        "requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}})
+
+
+class Service(_Values):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(8000, ge=1, le=65535)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class IngressHost(_Values):
+    host: str
+    path: str = "/"
+
+
+class IngressTLS(_Values):
+    secretName: str
+    hosts: list[str] = Field(min_length=1)
+
+
+# Without these, ingress-nginx cuts a stream after 60 s of silence and buffers it, and rejects bodies over 1 MiB.
+NGINX_STREAMING_ANNOTATIONS = {
+    "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-send-timeout": "3600",
+    "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+    "nginx.ingress.kubernetes.io/proxy-body-size": "16m",
+}
+
+
+class Ingress(_Values):
+    enabled: bool = False
+    className: str = ""
+    annotations: dict[str, str] = Field(default_factory=lambda: dict(NGINX_STREAMING_ANNOTATIONS))
+    hosts: list[IngressHost] = Field(default_factory=list)
+    tls: list[IngressTLS] = Field(default_factory=list)
+
+
+class HTTPRoute(_Values):
+    """A Gateway API route; TLS is the Gateway's listener's business."""
+
+    enabled: bool = False
+    parentRefs: list[_Object] = Field(default_factory=list, description="The Gateway(s), e.g. `[{name: web}]`.")
+    hostnames: list[str] = Field(default_factory=list)
+    requestTimeout: str = Field("0s", pattern=r"^([0-9]{1,5}(h|m|s|ms)){1,4}$",
+                                description="Gateway API duration; `0s` turns the timeout off, so long streams "
+                                "are not cut.")
+
+
+class ScrapeMonitor(_Values):
+    enabled: bool = False
+    interval: str = "15s"
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels your Prometheus selects monitors by.")
+
+
+class Dashboard(_Values):
+    enabled: bool = True
+    labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"},
+                                   description="The label Grafana's dashboard sidecar watches.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="E.g. `grafana_folder: LLM`.")
+
+
+class Monitoring(_Values):
+    podMonitor: ScrapeMonitor = Field(default_factory=lambda: ScrapeMonitor(enabled=True))
+    serviceMonitor: ScrapeMonitor = Field(default_factory=ScrapeMonitor)
+    dashboard: Dashboard = Field(default_factory=Dashboard)
+
+
+class DisruptionBudget(_Values):
+    enabled: bool = True
+    maxUnavailable: int = Field(1, ge=0, description="Worker pods a node drain may take at once.")
+
+
+class ModelCache(_Values):
+    """Where engines keep downloaded weights (``HF_HOME``); shared, so a new replica does not download again."""
+
+    enabled: bool = False
+    existingClaim: str = ""
+    size: str = "200Gi"
+    storageClassName: str | None = None
+    accessModes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]] = Field(
+        default_factory=lambda: ["ReadWriteMany"], min_length=1)
+    mountPath: str = "/home/ray/.cache/huggingface"
+
+
+class Python(_Values):
+    packages: list[str] = Field(default_factory=list, description="Extra pip packages for the application "
+                                "(a Ray runtime_env); the image already holds Ray, vLLM and rayroute.")
+
+
+class ChartValues(_Values):
+    image: Image = Field(default_factory=Image)
+    serve: ServeArgs = Field(description="The application's args: the same schema as `configs/*.yaml`.")
+    upgradeStrategy: Literal["NewCluster", "None"] = Field(
+        "NewCluster", description="What KubeRay does when the cluster spec changes (Serve config changes are "
+        "applied in place either way).")
+    python: Python = Field(default_factory=Python)
+    env: list[_Object] = Field(default_factory=list, description="Extra environment variables for every Ray pod.")
+    apiKeys: ApiKeys = Field(default_factory=ApiKeys)
+    huggingface: HuggingFace = Field(default_factory=HuggingFace)
+    head: Head = Field(default_factory=Head)
+    workerGroups: list[WorkerGroup] = Field(default_factory=list)
+    autoscaler: Autoscaler = Field(default_factory=Autoscaler)
+    service: Service = Field(default_factory=Service)
+    ingress: Ingress = Field(default_factory=Ingress)
+    httpRoute: HTTPRoute = Field(default_factory=HTTPRoute)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    podDisruptionBudget: DisruptionBudget = Field(default_factory=DisruptionBudget)
+    modelCache: ModelCache = Field(default_factory=ModelCache)
+    podSecurityContext: _Object = Field(default_factory=lambda: {
+        "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"}},
+        description="The Ray images run as `ray` (uid 1000, group users 100).")
+    securityContext: _Object = Field(default_factory=lambda: {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}})
+
+    @model_validator(mode="after")
+    def _unique_groups(self) -> ChartValues:
+        names = [group.name for group in self.workerGroups]
+        if len(set(names)) != len(names):
+            raise ValueError("workerGroups names must be unique")
+        return self
+
+
+def values_json_schema() -> dict[str, Any]:
+    """The chart's ``values.schema.json``."""
+    schema = ChartValues.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+if __name__ == "__main__":
+    json.dump(values_json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")

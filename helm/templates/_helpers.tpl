@@ -1,0 +1,119 @@
+{{/* Names are cut to 40 characters: KubeRay appends "-raycluster-xxxxx" and pod suffixes to them. */}}
+{{- define "rayroute.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rayroute.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "rayroute.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "rayroute.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "rayroute.image" -}}
+{{- $repository := required "image.repository is required: build helm/image/Dockerfile, push it, and set image.repository" .Values.image.repository -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "rayroute.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "rayroute.fullname" .)) .Values.apiKeys.existingSecret -}}
+{{- end -}}
+
+{{- define "rayroute.authEnabled" -}}
+{{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys -}}true{{- end -}}
+{{- end -}}
+
+{{- define "rayroute.hfSecret" -}}
+{{- default (printf "%s-hf-token" (include "rayroute.fullname" .)) .Values.huggingface.existingSecret -}}
+{{- end -}}
+
+{{/* Ray's health endpoints, as KubeRay's own default probes ask them (ray-operator/controllers/ray/utils). */}}
+{{- define "rayroute.rayletHealth" -}}
+wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success
+{{- end -}}
+{{- define "rayroute.gcsHealth" -}}
+wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success
+{{- end -}}
+{{- define "rayroute.proxyHealth" -}}
+wget --tries 1 -T 2 -q -O- http://localhost:8000/-/healthz | grep success
+{{- end -}}
+
+{{/* The environment of every Ray container. */}}
+{{- define "rayroute.env" -}}
+{{- if or .Values.huggingface.existingSecret .Values.huggingface.token }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rayroute.hfSecret" . }}
+      key: {{ .Values.huggingface.secretKey }}
+{{- end }}
+{{- if .Values.modelCache.enabled }}
+- name: HF_HOME
+  value: {{ .Values.modelCache.mountPath | quote }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Every GPU model must fit on one pod of some worker group: a replica is one STRICT_PACK placement group of
+tensor_parallel_size x gpus_per_worker GPUs (deployments/config.py Resources), and a replica that fits no group
+would stay pending forever. The defaults below are the config schema's.
+*/}}
+{{- define "rayroute.checkPlacement" -}}
+{{- range $i, $model := .Values.serve.models -}}
+{{- $resources := default dict $model.resources -}}
+{{- if eq (default "gpu" $resources.accelerator) "gpu" -}}
+{{- $need := mulf (default 1 $resources.tensor_parallel_size) (default 1 $resources.gpus_per_worker) -}}
+{{- $type := default "" $resources.accelerator_type -}}
+{{- $fits := false -}}
+{{- range $.Values.workerGroups -}}
+{{- if and (ge (float64 .gpus) $need) (or (not $type) (eq $type (default "" .acceleratorType))) -}}
+{{- $fits = true -}}
+{{- end -}}
+{{- end -}}
+{{- if not $fits -}}
+{{- fail (printf "serve.models[%d] (%s) needs %v GPU(s)%s on one pod, but no workerGroups entry has them: add a group with gpus: %v%s" $i $model.id $need (ternary (printf " of type %s" $type) "" (ne $type "")) (ceil $need) (ternary (printf " and acceleratorType: %s" $type) "" (ne $type ""))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.workerGroups -}}
+{{- if gt (int .minReplicas) (int .maxReplicas) -}}
+{{- fail (printf "workerGroups %s: minReplicas (%v) exceeds maxReplicas (%v)" .name .minReplicas .maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- if not (or (include "rayroute.authEnabled" .) .Values.apiKeys.allowUnauthenticated) -}}
+{{- fail "no API keys: set apiKeys.existingSecret (or apiKeys.keys), or apiKeys.allowUnauthenticated: true for an endpoint anyone can call" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+serveConfigV2: a Serve config file like configs/local.yaml, its args taken from .Values.serve unchanged except
+that the routers are pinned to the head (see rayservice.yaml's head rayStartParams).
+*/}}
+{{- define "rayroute.serveConfig" -}}
+{{- $args := deepCopy .Values.serve -}}
+{{- $ingress := default dict $args.ingress -}}
+{{- $_ := set $ingress "ray_resources" (merge (dict "rayroute_ingress" 1) (default dict $ingress.ray_resources)) -}}
+{{- $_ = set $args "ingress" $ingress -}}
+{{- $app := dict "name" "rayroute" "route_prefix" "/" "import_path" "router.app:build_app" "args" $args -}}
+{{- with .Values.python.packages -}}
+{{- $_ = set $app "runtime_env" (dict "pip" .) -}}
+{{- end -}}
+{{/*
+EveryNode: a proxy on every node that holds a replica, so HTTP load spreads over the pods. keep_alive_timeout_s is
+above the 60 s idle timeout of the usual cloud load balancers, so the proxy never closes a connection a balancer is
+about to reuse (which the client would see as a 502).
+*/}}
+{{- toYaml (dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" 90) "applications" (list $app)) -}}
+{{- end -}}
