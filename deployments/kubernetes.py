@@ -73,8 +73,9 @@ class Head(_Values):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
-class WorkerGroup(_Values):
-    name: str = Field(pattern=_DNS_LABEL, max_length=40, description="The Ray worker group's name.")
+class WorkerSettings(_Values):
+    """A GPU worker group's pods; ``workerDefaults`` holds these, and each ``workerGroups`` entry overrides any."""
+
     gpus: int = Field(1, ge=0, le=16, description="`nvidia.com/gpu` per pod; Ray's GPUs on that node.")
     acceleratorType: str | None = Field(None, description="The GPU model (e.g. `L4`, `A100`): models that set "
                                         "`resources.accelerator_type` to it are placed on this group.")
@@ -93,10 +94,20 @@ class WorkerGroup(_Values):
     annotations: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _bounds(self) -> WorkerGroup:
+    def _bounds(self) -> WorkerSettings:
         if self.minReplicas > self.maxReplicas:
             raise ValueError(f"minReplicas ({self.minReplicas}) exceeds maxReplicas ({self.maxReplicas})")
         return self
+
+
+class WorkerGroup(WorkerSettings):
+    name: str = Field(pattern=_DNS_LABEL, max_length=40, description="The Ray worker group's name.")
+
+    @classmethod
+    def from_values(cls, entry: dict[str, Any], defaults: dict[str, Any]) -> WorkerGroup:
+        """The group the chart renders: each top-level setting from the entry, else from ``workerDefaults``
+        (whole values, not merged: a group's own ``resources`` replace the default ones entirely)."""
+        return cls.model_validate({**defaults, **entry})
 
 
 class Autoscaler(_Values):
@@ -133,7 +144,9 @@ NGINX_STREAMING_ANNOTATIONS = {
 }
 
 
-class Ingress(_Values):
+class IngressResource(_Values):
+    """A Kubernetes Ingress in front of the Service (not `serve.ingress`, the routers)."""
+
     enabled: bool = False
     className: str = ""
     annotations: dict[str, str] = Field(default_factory=lambda: dict(NGINX_STREAMING_ANNOTATIONS))
@@ -204,10 +217,12 @@ class ChartValues(_Values):
     apiKeys: ApiKeys = Field(default_factory=ApiKeys)
     huggingface: HuggingFace = Field(default_factory=HuggingFace)
     head: Head = Field(default_factory=Head)
-    workerGroups: list[WorkerGroup] = Field(default_factory=list)
+    workerDefaults: WorkerSettings = Field(default_factory=WorkerSettings)
+    workerGroups: list[WorkerGroup] = Field(default_factory=list, description="Each entry: a name, and any "
+                                            "setting of workerDefaults to override.")
     autoscaler: Autoscaler = Field(default_factory=Autoscaler)
     service: Service = Field(default_factory=Service)
-    ingress: Ingress = Field(default_factory=Ingress)
+    ingress: IngressResource = Field(default_factory=IngressResource)
     httpRoute: HTTPRoute = Field(default_factory=HTTPRoute)
     monitoring: Monitoring = Field(default_factory=Monitoring)
     podDisruptionBudget: DisruptionBudget = Field(default_factory=DisruptionBudget)

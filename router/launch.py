@@ -79,6 +79,7 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
 
     context = ray.init(
         num_cpus=logical_cpus(config),
+        resources=ingress_resources(config),
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         # Replicas import `router` and `deployments` from this checkout, also where it is not pip-installed.
@@ -124,6 +125,12 @@ def logical_cpus(config: ServeArgs) -> int:
         for m in config.models
     )
     return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def ingress_resources(config: ServeArgs) -> dict[str, float]:
+    """The custom resources the routers and the key-limits replica ask for (``ingress.ray_resources``): on
+    Kubernetes only the head has them; here the one node is the head."""
+    return {name: amount * (config.ingress.replicas + 1) for name, amount in config.ingress.ray_resources.items()}
 
 
 def check_local_sources(config: ServeArgs) -> None:

@@ -133,7 +133,8 @@ def test_config(tmp_path: Path) -> Path:
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     args = document["applications"][0]["args"]
     args["max_request_bytes"] = MAX_REQUEST_BYTES
-    args["ingress"] = {"replicas": INGRESS_REPLICAS}
+    # The routers ask for the Ray resource the Helm chart gives only the head node; the launcher gives it to its one.
+    args["ingress"] = {"replicas": INGRESS_REPLICAS, "ray_resources": {"rayroute_ingress": 1}}
     models = args["models"]
     first = models[0]
     first["aliases"] = [ALIAS, METRICS_ALIAS]

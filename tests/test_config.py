@@ -209,3 +209,14 @@ def test_launcher_names_a_missing_model_folder(tmp_path: Path) -> None:
     result = run_launcher(tmp_path, with_model(source=str(tmp_path / "nowhere")))
     assert result.returncode == 2
     assert f"models[m1].source: no model folder at {tmp_path / 'nowhere'}" in result.stderr
+
+
+def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:
+    from router.app import router_deployment
+    from router.launch import ingress_resources
+
+    args = parse_args({**GOOD, "ingress": {"replicas": 2, "ray_resources": {"rayroute_ingress": 1}}})
+    assert router_deployment(args).ray_actor_options["resources"] == {"rayroute_ingress": 1}
+    assert ingress_resources(args) == {"rayroute_ingress": 3}  # two routers and the key-limits replica
+    assert "`GPU` is not a custom resource" in error_of({**GOOD, "ingress": {"ray_resources": {"GPU": 1}}})
+    assert "must be a positive amount" in error_of({**GOOD, "ingress": {"ray_resources": {"x": 0}}})

@@ -77,7 +77,7 @@ would stay pending forever. The defaults below are the config schema's.
 {{- $need := mulf (default 1 $resources.tensor_parallel_size) (default 1 $resources.gpus_per_worker) -}}
 {{- $type := default "" $resources.accelerator_type -}}
 {{- $fits := false -}}
-{{- range $.Values.workerGroups -}}
+{{- range (include "rayroute.workerGroups" $ | fromYamlArray) -}}
 {{- if and (ge (float64 .gpus) $need) (or (not $type) (eq $type (default "" .acceleratorType))) -}}
 {{- $fits = true -}}
 {{- end -}}
@@ -87,7 +87,7 @@ would stay pending forever. The defaults below are the config schema's.
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- range .Values.workerGroups -}}
+{{- range (include "rayroute.workerGroups" . | fromYamlArray) -}}
 {{- if gt (int .minReplicas) (int .maxReplicas) -}}
 {{- fail (printf "workerGroups %s: minReplicas (%v) exceeds maxReplicas (%v)" .name .minReplicas .maxReplicas) -}}
 {{- end -}}
@@ -116,4 +116,17 @@ above the 60 s idle timeout of the usual cloud load balancers, so the proxy neve
 about to reuse (which the client would see as a 502).
 */}}
 {{- toYaml (dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" 90) "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* workerGroups with each setting a group leaves out taken whole from workerDefaults (a shallow merge). */}}
+{{- define "rayroute.workerGroups" -}}
+{{- $groups := list -}}
+{{- range .Values.workerGroups -}}
+{{- $group := deepCopy $.Values.workerDefaults -}}
+{{- range $key, $value := . -}}
+{{- $_ := set $group $key $value -}}
+{{- end -}}
+{{- $groups = append $groups $group -}}
+{{- end -}}
+{{- toYaml $groups -}}
 {{- end -}}

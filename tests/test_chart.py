@@ -1,0 +1,545 @@
+"""The Helm chart, rendered by a real helm and checked the way a cluster and the operators would check it.
+
+Every values file under ``helm/examples/`` and ``helm/ci/`` is a scenario: ``helm lint --strict``, ``helm template``,
+then each rendered object against its schema (built-in kinds with kubernetes-validate, RayService, PodMonitor and
+ServiceMonitor with the CRDs in ``../shared/crds``), and the RayService's ``serveConfigV2`` through rayroute's own
+config model, Ray's ``ServeDeploySchema`` and ``AutoscalingConfig``, and ``build_app``.
+
+helm comes from ``make helm`` (``tests/helm_binary.py``); ``RAYROUTE_HELM`` and ``RAYROUTE_CRDS`` override where.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from deployments.autoscaling import serve_autoscaling_config
+from deployments.config import parse_args
+from deployments.kubernetes import INGRESS_RESOURCE, ChartValues, WorkerGroup, WorkerSettings, values_json_schema
+from router.auth import API_KEYS_FILE_ENV, load_api_keys
+from tests.helm_binary import HELM_SHA256, HELM_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm"
+HELM = Path(os.environ.get("RAYROUTE_HELM", ROOT / ".venv" / "bin" / "helm"))
+CRDS = Path(os.environ.get("RAYROUTE_CRDS", ROOT.parent / "shared" / "crds"))
+SCENARIOS = sorted(CHART.glob("examples/*.yaml")) + sorted(CHART.glob("ci/*-values.yaml"))
+NAMESPACE = "llm"
+RELEASE = "rr"
+FULLNAME = "rr-rayroute"
+# The chart's kubeVersion floor, and the newest Kubernetes that kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")
+CRD_FILES = {
+    ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+}
+# No schema for it is at hand (not built in, not in ../shared/crds): test_routes_reach_the_serve_service checks it.
+UNCHECKED_KINDS = {("gateway.networking.k8s.io/v1", "HTTPRoute")}
+
+
+def helm(*args: str | Path) -> subprocess.CompletedProcess:
+    if not HELM.exists():
+        pytest.fail(f"no helm at {HELM}: run `make helm` (or set RAYROUTE_HELM)")
+    return subprocess.run([str(HELM), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def template(*values_files: Path, extra: dict | None = None, tmp: Path | None = None) -> subprocess.CompletedProcess:
+    args: list[str | Path] = ["template", RELEASE, CHART, "--namespace", NAMESPACE]
+    for path in values_files:
+        args += ["-f", path]
+    if extra is not None:
+        assert tmp is not None
+        override = tmp / "override.yaml"
+        override.write_text(yaml.safe_dump(extra))
+        args += ["-f", override]
+    return helm(*args)
+
+
+@functools.cache
+def rendered(scenario: Path) -> tuple[dict[str, Any], ...]:
+    result = template(scenario)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def only(docs, kind: str) -> dict[str, Any]:
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def of_kind(docs, kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def merged_values(scenario: Path) -> dict[str, Any]:
+    """The values helm renders with: the chart's defaults coalesced with the scenario (maps merge, lists replace,
+    null deletes), as helm's own coalescing does."""
+    return _coalesce(yaml.safe_load((CHART / "values.yaml").read_text()), yaml.safe_load(scenario.read_text()))
+
+
+def _coalesce(base: Any, override: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return copy.deepcopy(override)
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _coalesce(out.get(key), value)
+    return out
+
+
+def serve_config(docs) -> dict[str, Any]:
+    return yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def cluster_spec(docs) -> dict[str, Any]:
+    return only(docs, "RayService")["spec"]["rayClusterConfig"]
+
+
+def pod_templates(docs) -> dict[str, dict[str, Any]]:
+    spec = cluster_spec(docs)
+    pods = {"head": spec["headGroupSpec"]["template"]}
+    pods.update({group["groupName"]: group["template"] for group in spec.get("workerGroupSpecs", [])})
+    return pods
+
+
+# --- CRD schemas as strict JSON Schema -------------------------------------------------------------------------------
+
+def crd_json_schema(node: Any) -> Any:
+    """A CRD's openAPIV3Schema as JSON Schema that rejects fields the CRD does not declare.
+
+    Kubernetes prunes (drops) unknown fields unless ``x-kubernetes-preserve-unknown-fields`` is set, so a misspelt
+    field would vanish silently on a real cluster; here it is an error instead.
+    """
+    if isinstance(node, list):
+        return [crd_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("properties", "patternProperties"):
+            out[key] = {name: crd_json_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not", "allOf", "anyOf", "oneOf"):
+            out[key] = crd_json_schema(value)
+        elif not key.startswith("x-kubernetes-") and key != "nullable":
+            out[key] = value
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if node.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
+    if ("properties" in out and "additionalProperties" not in out
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
+    path = CRDS / CRD_FILES[(api_version, kind)]
+    if not path.exists():
+        pytest.skip(f"no CRD schemas at {CRDS} (set RAYROUTE_CRDS to the folder holding {path.name})")
+    crd = yaml.safe_load(path.read_text())
+    group, version = api_version.split("/")
+    assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return jsonschema.Draft7Validator(crd_json_schema(served["schema"]["openAPIV3Schema"]))
+
+
+def crd_errors(doc: dict[str, Any]) -> list[str]:
+    validator = crd_validator(doc["apiVersion"], doc["kind"])
+    return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(doc)]
+
+
+# --- the tools and the schema ----------------------------------------------------------------------------------------
+
+def test_helm_is_the_pinned_release() -> None:
+    assert hashlib.sha256(HELM.read_bytes()).hexdigest() == HELM_SHA256 if HELM.exists() else helm("version")
+    assert helm("version", "--short").stdout.startswith(HELM_VERSION)
+
+
+def test_values_schema_is_generated_from_the_config_models() -> None:
+    committed = json.loads((CHART / "values.schema.json").read_text())
+    assert committed == values_json_schema(), "run: python -m deployments.kubernetes > helm/values.schema.json"
+
+
+def test_values_yaml_states_the_models_defaults() -> None:
+    """values.yaml shows every default the pydantic models have, with the same value (one source of truth)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    parsed = ChartValues.model_validate(values)
+    assert values["workerDefaults"] == WorkerSettings().model_dump()
+    defaults = ChartValues(serve=parsed.serve).model_dump(exclude={"serve", "workerGroups"})
+    assert parsed.model_dump(exclude={"serve", "workerGroups"}) == defaults
+    for key in ChartValues.model_fields:
+        assert key in values, f"values.yaml does not show `{key}`"
+
+
+def test_versions_agree() -> None:
+    """The Ray in the image, in pyproject.toml and in the RayService; rayroute's version and the chart's appVersion."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (ray_pin,) = [dep for dep in project["dependencies"] if dep.startswith("ray[")]
+    ray_version = ray_pin.split("==")[1]
+    dockerfile = (CHART / "image" / "Dockerfile").read_text()
+    assert re.search(rf"ARG RAY_IMAGE=rayproject/ray:{re.escape(ray_version)}-py311-", dockerfile)
+    assert cluster_spec(rendered(SCENARIOS[0]))["rayVersion"] == ray_version
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == project["version"]
+    vllm_pin = next(dep for dep in project["optional-dependencies"]["gpu"] if dep.startswith("vllm"))
+    assert '".[gpu]"' in dockerfile, f"the image must install rayroute's own {vllm_pin}"
+
+
+# --- every scenario --------------------------------------------------------------------------------------------------
+
+def _ids(path: Path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_lint_strict(scenario: Path) -> None:
+    result = helm("lint", "--strict", CHART, "-f", scenario, "--namespace", NAMESPACE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_objects_match_their_schemas(scenario: Path) -> None:
+    docs = rendered(scenario)
+    checked = set()
+    for doc in docs:
+        kind = (doc["apiVersion"], doc["kind"])
+        where = f"{doc['kind']} {doc['metadata']['name']}"
+        if kind in CRD_FILES:
+            errors = crd_errors(doc)
+            assert not errors, f"{where} does not match its CRD:\n" + "\n".join(errors)
+        elif kind not in UNCHECKED_KINDS:
+            for version in KUBERNETES_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    pytest.fail(f"{where} is not valid Kubernetes {version}: {exc.message} at {list(exc.path)}")
+        checked.add(doc["kind"])
+    assert "RayService" in checked
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_serve_config_is_what_values_say_and_deploys(scenario: Path) -> None:
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from router.app import build_app
+
+    document = serve_config(rendered(scenario))
+    ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(document)
+    (app,) = document["applications"]
+    assert app["import_path"] == "router.app:build_app"
+    args = parse_args(app["args"], origin=f"{scenario.name} serveConfigV2")
+
+    # One source of truth: the models in values reach the Serve config untouched; only the routers' pin is added.
+    expected = copy.deepcopy(merged_values(scenario)["serve"])
+    expected.setdefault("ingress", {})["ray_resources"] = {INGRESS_RESOURCE: 1}
+    assert app["args"] == expected
+    assert args.ingress.ray_resources == {INGRESS_RESOURCE: 1}
+    for model in args.models:
+        AutoscalingConfig(**serve_autoscaling_config(model.autoscaling))
+    build_app(app["args"])  # also checks every engine argument name against vLLM's own
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_values_validate_with_the_config_models(scenario: Path) -> None:
+    values = merged_values(scenario)
+    ChartValues.model_validate(values)
+    for entry in values["workerGroups"]:
+        WorkerGroup.from_values(entry, values["workerDefaults"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_every_gpu_model_fits_a_worker_group(scenario: Path) -> None:
+    """Each GPU replica (one STRICT_PACK placement group) fits one pod of some group, and the routers fit only the
+    head, so Ray's autoscaler can always place them and GPU pods can always scale down."""
+    docs = rendered(scenario)
+    spec = cluster_spec(docs)
+    args = parse_args(serve_config(docs)["applications"][0]["args"])
+    head_resources = json.loads(json.loads(spec["headGroupSpec"]["rayStartParams"]["resources"]))
+    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    assert all(head_resources.get(name, 0) >= amount for name, amount in args.ingress.ray_resources.items())
+    groups = []
+    for group in spec.get("workerGroupSpecs", []):
+        (container,) = group["template"]["spec"]["containers"]
+        gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
+        declared = json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
+        assert INGRESS_RESOURCE not in declared
+        groups.append((gpus, declared))
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert spec["enableInTreeAutoscaling"] is True
+    for model in args.models:
+        if model.resources.accelerator != "gpu":
+            continue
+        bundles = model.resources.placement_group_bundles()
+        need = sum(bundle.get("GPU", 0) for bundle in bundles)
+        custom = {k for bundle in bundles for k in bundle if k not in ("CPU", "GPU")}
+        assert any(gpus >= need and custom <= set(declared) for gpus, declared in groups), model.id
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_pods_are_hardened_and_probed(scenario: Path) -> None:
+    docs = rendered(scenario)
+    values = merged_values(scenario)
+    for name, pod in pod_templates(docs).items():
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        # A label that changes with every chart release would make KubeRay build a new cluster on each upgrade.
+        assert set(pod["metadata"]["labels"]) >= {"app.kubernetes.io/name", "app.kubernetes.io/instance"}
+        assert not {"helm.sh/chart", "app.kubernetes.io/version"} & set(pod["metadata"]["labels"]), name
+        for container in spec["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+            assert {"requests", "limits"} <= set(container["resources"]), name
+            assert container["livenessProbe"] and container["readinessProbe"], name
+            assert {"serve", "metrics"} <= {port["name"] for port in container["ports"]}, name
+            env = {item["name"]: item for item in container.get("env", [])}
+            if values["modelCache"]["enabled"] and name != "head":
+                assert env["HF_HOME"]["value"] == values["modelCache"]["mountPath"]
+                assert values["modelCache"]["mountPath"] in {m["mountPath"] for m in container["volumeMounts"]}
+        if name != "head":
+            assert spec["automountServiceAccountToken"] is False
+            assert "/dev/shm" in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    pdbs = of_kind(docs, "PodDisruptionBudget")
+    if values["podDisruptionBudget"]["enabled"] and values["workerGroups"]:
+        (pdb,) = pdbs
+        assert pdb["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
+    else:
+        assert not pdbs
+    claims = of_kind(docs, "PersistentVolumeClaim")
+    assert len(claims) == int(values["modelCache"]["enabled"] and not values["modelCache"]["existingClaim"])
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_keys_stay_in_secrets_and_on_the_head(scenario: Path, tmp_path: Path) -> None:
+    docs = rendered(scenario)
+    values = merged_values(scenario)
+    pods = pod_templates(docs)
+    head = pods["head"]["spec"]["containers"][0]
+    head_env = {item["name"]: item for item in head.get("env", [])}
+    secrets = {doc["metadata"]["name"]: doc for doc in of_kind(docs, "Secret")}
+    plain = [key["key"] for key in values["apiKeys"]["keys"]] + [values["huggingface"]["token"]]
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            text = yaml.safe_dump(doc)
+            assert not [secret for secret in plain if secret and secret in text], f"a secret is in {doc['kind']}"
+
+    if values["apiKeys"]["existingSecret"] or values["apiKeys"]["keys"]:
+        volume = next(v for v in pods["head"]["spec"]["volumes"] if v["name"] == "api-keys")
+        mount = next(m for m in head["volumeMounts"] if m["name"] == "api-keys")
+        (item,) = volume["secret"]["items"]
+        assert head_env[API_KEYS_FILE_ENV]["value"] == f"{mount['mountPath']}/{item['path']}"
+        if values["apiKeys"]["keys"]:
+            # The Secret the chart makes is a keys file the router reads.
+            data = secrets[volume["secret"]["secretName"]]["data"][item["key"]]
+            keys_file = tmp_path / "api-keys.yaml"
+            keys_file.write_bytes(base64.b64decode(data))
+            keys = load_api_keys({API_KEYS_FILE_ENV: str(keys_file)})
+            assert [key.name for key in keys] == [key["name"] for key in values["apiKeys"]["keys"]]
+            assert [k.key.get_secret_value() for k in keys] == [k["key"] for k in values["apiKeys"]["keys"]]
+        else:
+            assert volume["secret"]["secretName"] == values["apiKeys"]["existingSecret"]
+    else:
+        assert values["apiKeys"]["allowUnauthenticated"] and API_KEYS_FILE_ENV not in head_env
+    for name, pod in pods.items():
+        if name != "head":
+            (container,) = pod["spec"]["containers"]
+            assert API_KEYS_FILE_ENV not in {item["name"] for item in container.get("env", [])}
+            assert "api-keys" not in {v["name"] for v in pod["spec"]["volumes"]}
+
+    if values["huggingface"]["existingSecret"] or values["huggingface"]["token"]:
+        for pod in pods.values():
+            env = {item["name"]: item for item in pod["spec"]["containers"][0]["env"]}
+            reference = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert reference["name"] in secrets or reference["name"] == values["huggingface"]["existingSecret"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_monitoring_scrapes_every_ray_pod(scenario: Path) -> None:
+    docs = rendered(scenario)
+    values = merged_values(scenario)["monitoring"]
+    pods = pod_templates(docs)
+    spec = cluster_spec(docs)
+    params = [spec["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in spec.get("workerGroupSpecs", [])]
+    assert all(p["metrics-export-port"] == "8080" for p in params)
+    for pod in pods.values():
+        assert {"name": "metrics", "containerPort": 8080} in pod["spec"]["containers"][0]["ports"]
+
+    def selects_every_pod(selector: dict[str, str]) -> bool:
+        return all(selector.items() <= pod["metadata"]["labels"].items() for pod in pods.values())
+
+    monitors = of_kind(docs, "PodMonitor")
+    assert len(monitors) == int(values["podMonitor"]["enabled"])
+    for monitor in monitors:
+        assert selects_every_pod(monitor["spec"]["selector"]["matchLabels"])
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        assert values["podMonitor"]["labels"].items() <= monitor["metadata"]["labels"].items()
+    service_monitors = of_kind(docs, "ServiceMonitor")
+    assert len(service_monitors) == int(values["serviceMonitor"]["enabled"])
+    for monitor in service_monitors:
+        (service,) = [s for s in of_kind(docs, "Service")
+                      if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        assert service["spec"]["clusterIP"] == "None" and selects_every_pod(service["spec"]["selector"])
+        assert {p["name"] for p in service["spec"]["ports"]} >= {monitor["spec"]["endpoints"][0]["port"]}
+
+    dashboards = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert len(dashboards) == int(values["dashboard"]["enabled"])
+    for configmap in dashboards:
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        shipped = json.loads((CHART / "dashboards" / "rayroute.json").read_text())
+        assert json.loads(configmap["data"]["rayroute.json"]) == shipped
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_routes_reach_the_serve_service(scenario: Path) -> None:
+    docs = rendered(scenario)
+    values = merged_values(scenario)
+    serve_service = only(docs, "RayService")["spec"]["serveService"]
+    assert serve_service["metadata"]["name"] == FULLNAME
+    (port,) = serve_service["spec"]["ports"]
+    assert (port["port"], port["targetPort"]) == (values["service"]["port"], 8000)
+    assert serve_config(docs)["http_options"]["port"] == 8000
+
+    ingresses = of_kind(docs, "Ingress")
+    assert len(ingresses) == int(values["ingress"]["enabled"])
+    for ingress in ingresses:
+        for rule in ingress["spec"]["rules"]:
+            backend = rule["http"]["paths"][0]["backend"]["service"]
+            assert backend == {"name": FULLNAME, "port": {"number": port["port"]}}
+        # Long streams: no 60 s read timeout, no buffering.
+        assert int(ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+
+    routes = of_kind(docs, "HTTPRoute")
+    assert len(routes) == int(values["httpRoute"]["enabled"])
+    for route in routes:  # no CRD here for Gateway API: its shape is checked by hand
+        assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+        assert set(route["spec"]) <= {"parentRefs", "hostnames", "rules"}
+        assert route["spec"]["parentRefs"] == values["httpRoute"]["parentRefs"]
+        (rule,) = route["spec"]["rules"]
+        assert set(rule) == {"matches", "backendRefs", "timeouts"}
+        assert rule["backendRefs"] == [{"name": FULLNAME, "port": port["port"]}]
+        assert rule["timeouts"] == {"request": "0s"}
+
+
+def test_notes_say_how_to_call_the_endpoint(tmp_path: Path) -> None:
+    # helm shows NOTES.txt only from `install`, which needs a cluster; a copy of the chart renders it into a
+    # ConfigMap instead, with the same values and helpers.
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "NOTES.txt")
+    (chart / "templates" / "notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n'
+        'data: {notes: {{ tpl (.Files.Get "NOTES.txt") . | quote }}}\n')
+    scenario = CHART / "ci" / "minimal-values.yaml"
+    result = helm("template", RELEASE, chart, "-f", scenario, "--namespace", NAMESPACE,
+                  "--show-only", "templates/notes.yaml")
+    assert result.returncode == 0, result.stderr
+    notes = yaml.safe_load(result.stdout)["data"]["notes"]
+    model = merged_values(scenario)["serve"]["models"][0]["id"]
+    assert f"port-forward svc/{FULLNAME} 8000:8000" in notes
+    assert f'"model": "{model}"' in notes and "Authorization: Bearer" in notes
+    assert "grafana_dashboard=1" in notes and "WARNING" not in notes
+
+
+# --- the checks themselves can fail ---------------------------------------------------------------------------------
+
+def test_crd_check_rejects_unknown_fields() -> None:
+    rayservice = copy.deepcopy(only(rendered(SCENARIOS[0]), "RayService"))
+    assert not crd_errors(rayservice)
+    rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePolicy"] = "x"
+    errors = crd_errors(rayservice)
+    assert any("maxReplica" in e for e in errors) and any("imagePolicy" in e for e in errors), errors
+    rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = "yes"
+    assert any("'yes' is not of type 'boolean'" in e for e in crd_errors(rayservice))
+
+
+def test_kubernetes_check_rejects_unknown_fields() -> None:
+    pdb = copy.deepcopy(only(rendered(SCENARIOS[0]), "PodDisruptionBudget"))
+    pdb["spec"]["maxUnavailabe"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pdb, KUBERNETES_VERSIONS[0], strict=True)
+
+
+MINIMAL = CHART / "ci" / "minimal-values.yaml"
+
+BAD_VALUES = {
+    "gpu count as a string": (
+        {"workerGroups": [{"name": "gpu", "gpus": "two"}]},
+        "at '/workerGroups/0/gpus': got string, want integer"),
+    "model without a source": (
+        {"serve": {"models": [{"id": "m1"}]}},
+        "at '/serve/models/0': missing property 'source'"),
+    "misspelt resource field": (
+        {"serve": {"models": [{"id": "m1", "source": "org/m", "resources": {"num_gpus": 1}}]}},
+        "at '/serve/models/0/resources': additional properties 'num_gpus' not allowed"),
+    "model id with a space": (
+        {"serve": {"models": [{"id": "my model", "source": "org/m"}]}},
+        "at '/serve/models/0/id': 'my model' does not match pattern"),
+    "unknown autoscaling policy": (
+        {"serve": {"models": [{"id": "m1", "source": "org/m", "autoscaling": {"policy": "gpu"}}]}},
+        "at '/serve/models/0/autoscaling/policy': value must be one of 'requests', 'engine_load'"),
+    "no models": (
+        {"serve": {"models": []}},
+        "at '/serve/models': minItems: got 0, want 1"),
+    "tensor parallel wider than any pod": (
+        {"serve": {"models": [{"id": "big", "source": "org/big", "resources": {"tensor_parallel_size": 2}}]}},
+        "serve.models[0] (big) needs 2 GPU(s) on one pod, but no workerGroups entry has them: add a group with "
+        "gpus: 2"),
+    "accelerator type no group has": (
+        {"serve": {"models": [{"id": "m1", "source": "org/m", "resources": {"accelerator_type": "H100"}}]}},
+        "serve.models[0] (m1) needs 1 GPU(s) of type H100 on one pod, but no workerGroups entry has them: add a "
+        "group with gpus: 1 and acceleratorType: H100"),
+    "a GPU model and no GPU groups": (
+        {"workerGroups": []},
+        "serve.models[0] (qwen2.5-1.5b-instruct) needs 1 GPU(s) on one pod"),
+    "group min above max": (
+        {"workerGroups": [{"name": "gpu", "minReplicas": 3, "maxReplicas": 2}]},
+        "workerGroups gpu: minReplicas (3) exceeds maxReplicas (2)"),
+    "no keys, not allowed open": (
+        {"apiKeys": {"existingSecret": ""}},
+        "no API keys: set apiKeys.existingSecret (or apiKeys.keys), or apiKeys.allowUnauthenticated: true"),
+    "short API key": (
+        {"apiKeys": {"keys": [{"name": "a", "key": "short"}]}},
+        "at '/apiKeys/keys/0/key': minLength: got 5, want 8"),
+    "route without a gateway": (
+        {"httpRoute": {"enabled": True}},
+        "httpRoute.parentRefs: name the Gateway the route attaches to"),
+    "no image": (
+        {"image": {"repository": ""}},
+        "image.repository is required: build helm/image/Dockerfile"),
+    "unknown top-level value": (
+        {"replicas": 3},
+        "additional properties 'replicas' not allowed"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=str)
+def test_bad_values_fail_with_a_clear_message(case: str, tmp_path: Path) -> None:
+    override, message = BAD_VALUES[case]
+    result = template(MINIMAL, extra=override, tmp=tmp_path)
+    assert result.returncode != 0, f"rendered despite {case}"
+    assert message in result.stderr, result.stderr
