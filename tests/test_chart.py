@@ -59,8 +59,17 @@ def helm(*args: str | Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(HELM), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-def template(*values_files: Path, extra: dict | None = None, tmp: Path | None = None) -> subprocess.CompletedProcess:
-    args: list[str | Path] = ["template", RELEASE, CHART, "--namespace", NAMESPACE]
+# What a cluster with Prometheus Operator offers: the chart renders its monitors only where their kinds exist.
+MONITORING_APIS = ("--api-versions", "monitoring.coreos.com/v1/PodMonitor",
+                   "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor")
+
+
+def template(*values_files: Path, extra: dict | None = None, tmp: Path | None = None,
+             chart: Path = CHART, apis: tuple[str, ...] = MONITORING_APIS,
+             show: str | None = None) -> subprocess.CompletedProcess:
+    args: list[str | Path] = ["template", RELEASE, chart, "--namespace", NAMESPACE, *apis]
+    if show:
+        args += ["--show-only", show]
     for path in values_files:
         args += ["-f", path]
     if extra is not None:
@@ -444,24 +453,41 @@ def test_routes_reach_the_serve_service(scenario: Path) -> None:
         assert rule["timeouts"] == {"request": "0s"}
 
 
-def test_notes_say_how_to_call_the_endpoint(tmp_path: Path) -> None:
+def notes(tmp_path: Path, *values_files: Path, apis: tuple[str, ...] = MONITORING_APIS) -> str:
     # helm shows NOTES.txt only from `install`, which needs a cluster; a copy of the chart renders it into a
     # ConfigMap instead, with the same values and helpers.
     chart = tmp_path / "chart"
-    shutil.copytree(CHART, chart)
-    (chart / "templates" / "NOTES.txt").rename(chart / "NOTES.txt")
-    (chart / "templates" / "notes.yaml").write_text(
-        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n'
-        'data: {notes: {{ tpl (.Files.Get "NOTES.txt") . | quote }}}\n')
-    scenario = CHART / "ci" / "minimal-values.yaml"
-    result = helm("template", RELEASE, chart, "-f", scenario, "--namespace", NAMESPACE,
-                  "--show-only", "templates/notes.yaml")
+    if not chart.exists():
+        shutil.copytree(CHART, chart)
+        (chart / "templates" / "NOTES.txt").rename(chart / "NOTES.txt")
+        (chart / "templates" / "notes.yaml").write_text(
+            'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n'
+            'data: {notes: {{ tpl (.Files.Get "NOTES.txt") . | quote }}}\n')
+    result = template(*values_files, chart=chart, apis=apis, show="templates/notes.yaml")
     assert result.returncode == 0, result.stderr
-    notes = yaml.safe_load(result.stdout)["data"]["notes"]
+    return yaml.safe_load(result.stdout)["data"]["notes"]
+
+
+def test_notes_say_how_to_call_the_endpoint(tmp_path: Path) -> None:
+    scenario = CHART / "ci" / "minimal-values.yaml"
+    text = notes(tmp_path, scenario)
     model = merged_values(scenario)["serve"]["models"][0]["id"]
-    assert f"port-forward svc/{FULLNAME} 8000:8000" in notes
-    assert f'"model": "{model}"' in notes and "Authorization: Bearer" in notes
-    assert "grafana_dashboard=1" in notes and "WARNING" not in notes
+    assert f"port-forward svc/{FULLNAME} 8000:8000" in text
+    assert f'"model": "{model}"' in text and "Authorization: Bearer" in text
+    assert "grafana_dashboard=1" in text and "WARNING" not in text and "No PodMonitor" not in text
+
+    open_endpoint = notes(tmp_path, CHART / "ci" / "open-endpoint-values.yaml")
+    assert "WARNING: no API keys are configured" in open_endpoint and "Authorization" not in open_endpoint
+
+
+def test_monitors_wait_for_prometheus_operator(tmp_path: Path) -> None:
+    """Monitoring is on by default; on a cluster without Prometheus Operator the install must still work."""
+    scenario = CHART / "ci" / "minimal-values.yaml"
+    result = template(scenario, apis=())
+    assert result.returncode == 0, result.stderr
+    kinds = {doc["kind"] for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert "PodMonitor" not in kinds and {"RayService", "ConfigMap"} <= kinds
+    assert "No PodMonitor was made: this cluster has no Prometheus Operator" in notes(tmp_path, scenario, apis=())
 
 
 # --- the checks themselves can fail ---------------------------------------------------------------------------------
