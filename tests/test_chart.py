@@ -542,6 +542,9 @@ BAD_VALUES = {
     "a GPU model and no GPU groups": (
         {"workerGroups": []},
         "serve.models[0] (qwen2.5-1.5b-instruct) needs 1 GPU(s) on one pod"),
+    "more routers than head CPUs": (
+        {"serve": {"ingress": {"replicas": 5}}, "head": {"resources": {"limits": {"cpu": "4000m"}}}},
+        "serve.ingress.replicas: 5 routers need 5 CPUs on the head, but head.resources gives it 4000m"),
     "group min above max": (
         {"workerGroups": [{"name": "gpu", "minReplicas": 3, "maxReplicas": 2}]},
         "workerGroups gpu: minReplicas (3) exceeds maxReplicas (2)"),

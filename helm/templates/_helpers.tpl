@@ -92,6 +92,15 @@ would stay pending forever. The defaults below are the config schema's.
 {{- fail (printf "workerGroups %s: minReplicas (%v) exceeds maxReplicas (%v)" .name .minReplicas .maxReplicas) -}}
 {{- end -}}
 {{- end -}}
+{{- /* Each router replica takes one CPU (Ray Serve's default) on the head, the only node that may hold it. */ -}}
+{{- $headCPU := toString (dig "limits" "cpu" (dig "requests" "cpu" "" .Values.head.resources) .Values.head.resources) -}}
+{{- $routers := dig "ingress" "replicas" 1 .Values.serve -}}
+{{- if $headCPU -}}
+{{- $cores := ternary (divf (trimSuffix "m" $headCPU | float64) 1000) (float64 $headCPU) (hasSuffix "m" $headCPU) -}}
+{{- if lt $cores (float64 $routers) -}}
+{{- fail (printf "serve.ingress.replicas: %v routers need %v CPUs on the head, but head.resources gives it %s" $routers $routers $headCPU) -}}
+{{- end -}}
+{{- end -}}
 {{- if not (or (include "rayroute.authEnabled" .) .Values.apiKeys.allowUnauthenticated) -}}
 {{- fail "no API keys: set apiKeys.existingSecret (or apiKeys.keys), or apiKeys.allowUnauthenticated: true for an endpoint anyone can call" -}}
 {{- end -}}
