@@ -176,6 +176,8 @@ class Dashboard(_Values):
     labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"},
                                    description="The label Grafana's dashboard sidecar watches.")
     annotations: dict[str, str] = Field(default_factory=dict, description="E.g. `grafana_folder: LLM`.")
+    namespace: str = Field("", description="Where the ConfigMap goes when Grafana's sidecar watches one namespace "
+                           "(e.g. `monitoring`); default: the release's.")
 
 
 class Monitoring(_Values):
