@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,19 @@ def test_versions_agree() -> None:
     assert chart["appVersion"] == project["version"]
     vllm_pin = next(dep for dep in project["optional-dependencies"]["gpu"] if dep.startswith("vllm"))
     assert '".[gpu]"' in dockerfile, f"the image must install rayroute's own {vllm_pin}"
+
+
+def test_package_holds_the_chart_and_nothing_else(tmp_path: Path) -> None:
+    import tarfile
+
+    result = helm("package", CHART, "-d", tmp_path)
+    assert result.returncode == 0, result.stderr
+    (package,) = tmp_path.glob("rayroute-*.tgz")
+    with tarfile.open(package) as tgz:
+        names = {name.removeprefix("rayroute/") for name in tgz.getnames()}
+    assert {"Chart.yaml", "values.yaml", "values.schema.json", "templates/NOTES.txt", "README.md",
+            "dashboards/rayroute.json"} <= names
+    assert not [name for name in names if name.startswith(("ci/", "examples/", "image/"))], names
 
 
 # --- every scenario --------------------------------------------------------------------------------------------------
@@ -572,3 +586,56 @@ def test_bad_values_fail_with_a_clear_message(case: str, tmp_path: Path) -> None
     result = template(MINIMAL, extra=override, tmp=tmp_path)
     assert result.returncode != 0, f"rendered despite {case}"
     assert message in result.stderr, result.stderr
+
+
+# --- the rendered Serve config runs -------------------------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> None:
+    """What KubeRay would deploy, deployed: the chart's serveConfigV2 (CPU model, chart-made keys Secret) through
+    the launcher `make serve` uses, with the keys file mounted as the head pod's env var says. Only Kubernetes
+    itself is missing: the routers' pin to the head's Ray resource, the proxy and the keys all run for real."""
+    import httpx
+
+    from tests.conftest import Cluster, free_port, stop_and_check, wait_ready
+
+    local = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0]["args"]["models"][0]
+    model = {**local, "engine_args": {**local["engine_args"], "kv_cache_memory_bytes": 256 * 1024 * 1024}}
+    key = "sk-chart-" + "0123456789abcdef"
+    override = {"serve": {"models": [model], "ingress": {"replicas": 1}}, "workerGroups": [],
+                "apiKeys": {"keys": [{"name": "chart-test", "key": key}]}}
+    result = template(CHART / "ci" / "open-endpoint-values.yaml", extra=override, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    config = tmp_path / "serveConfigV2.yaml"
+    config.write_text(only(docs, "RayService")["spec"]["serveConfigV2"])
+
+    # The head pod: the Secret's file where the volume puts it, the env var naming it.
+    head = pod_templates(docs)["head"]["spec"]
+    volume = next(v for v in head["volumes"] if v["name"] == "api-keys")["secret"]
+    (item,) = volume["items"]
+    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secretName"])
+    keys_file = tmp_path / item["path"]
+    keys_file.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    env = {**os.environ, API_KEYS_FILE_ENV: str(keys_file), "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAYROUTE_API_KEYS", None)
+
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "router.launch", str(config), "--host", "127.0.0.1", "--port", str(port),
+             "--metrics-port", str(metrics_port)],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log, config)
+    try:
+        wait_ready(cluster)
+        body = {"model": model["id"], "max_tokens": 8,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        url = cluster.base_url + "/v1/chat/completions"
+        assert httpx.post(url, json=body, timeout=120).status_code == 401
+        reply = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"]
+    finally:
+        stop_and_check(process, log)
