@@ -214,6 +214,12 @@ def test_versions_agree() -> None:
     assert chart["appVersion"] == project["version"]
     vllm_pin = next(dep for dep in project["optional-dependencies"]["gpu"] if dep.startswith("vllm"))
     assert '".[gpu]"' in dockerfile, f"the image must install rayroute's own {vllm_pin}"
+    # What the image copies exists, and its .dockerignore lets it through.
+    copied = [src for line in re.findall(r"^COPY --chown=\S+ (.+) \S+$", dockerfile, re.M) for src in line.split()]
+    assert set(copied) == {"pyproject.toml", "README.md", "router", "deployments"}
+    ignore = (CHART / "image" / "Dockerfile.dockerignore").read_text().split()
+    for source in copied:
+        assert (ROOT / source).exists() and (f"!{source}" in ignore or f"!{source}/" in ignore), source
 
 
 def test_package_holds_the_chart_and_nothing_else(tmp_path: Path) -> None:
