@@ -246,6 +246,9 @@ def test_lint_strict(scenario: Path) -> None:
     result = helm("lint", "--strict", CHART, "-f", scenario, "--namespace", NAMESPACE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+    output = template(scenario).stdout
+    assert not [n for n, line in enumerate(output.splitlines(), 1) if line.strip() == "" and line], \
+        "whitespace-only lines in the rendered output (a template is missing a trim)"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
