@@ -218,15 +218,21 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
     # Ray exports a gauge only while it is being set: vLLM's (running, waiting, KV cache) while an engine steps,
     # the router's (in flight, waiting) as requests start and answer. Keep short streams coming meanwhile.
     done = threading.Event()
+    outcomes: list[str] = []  # what the busy streams got, for the failure message
 
     def keep_busy(tokens: int) -> None:
         busy = {"model": DEFAULT_MODEL, "messages": ASK, "stream": True, "max_tokens": tokens, "ignore_eos": True}
         while not done.is_set():
-            with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
-                              json=busy) as response:
-                for _ in response.iter_lines():
-                    if done.is_set():
-                        break
+            try:
+                with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                                  json=busy) as response:
+                    for _ in response.iter_lines():
+                        if done.is_set():
+                            break
+                    outcomes.append(f"{tokens}:{response.status_code}")
+            except httpx.HTTPError as exc:
+                outcomes.append(f"{tokens}:{type(exc).__name__}")
+                time.sleep(1)
 
     # One long stream keeps the engine stepping; short ones keep requests starting and answering.
     workers = [threading.Thread(target=keep_busy, args=(tokens,), daemon=True) for tokens in (400, 24)]
@@ -244,4 +250,10 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
         done.set()
         for worker in workers:
             worker.join(timeout=60)
-    assert not missing, missing
+    if missing:
+        exported = {line.split("{")[0] for line in scrape(cluster).splitlines() if not line.startswith("#")}
+        absent = sorted(name for name in {"ray_rayroute_requests_in_flight", "ray_rayroute_requests_waiting",
+                                          "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc"}
+                        if name not in exported)
+        counts = {outcome: outcomes.count(outcome) for outcome in set(outcomes)}
+        pytest.fail(f"no data for {missing}; busy streams ended {counts}; not in a scrape now: {absent}")
