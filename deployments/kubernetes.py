@@ -120,8 +120,10 @@ class Autoscaler(_Values):
 
 
 class Service(_Values):
+    """The OpenAI API's Service. Its port is 8000: KubeRay takes it from the head's `serve` container port and
+    ignores another one written in the RayService."""
+
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
-    port: int = Field(8000, ge=1, le=65535)
     annotations: dict[str, str] = Field(default_factory=dict)
 
 

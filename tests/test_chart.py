@@ -451,7 +451,9 @@ def test_routes_reach_the_serve_service(scenario: Path) -> None:
     serve_service = only(docs, "RayService")["spec"]["serveService"]
     assert serve_service["metadata"]["name"] == FULLNAME
     (port,) = serve_service["spec"]["ports"]
-    assert (port["port"], port["targetPort"]) == (values["service"]["port"], 8000)
+    assert port == {"name": "serve", "port": 8000}  # KubeRay sets it from the head's serve port anyway
+    assert {"name": "serve", "containerPort": 8000} in pod_templates(docs)["head"]["spec"]["containers"][0]["ports"]
+    assert serve_service["spec"]["type"] == values["service"]["type"]
     assert serve_config(docs)["http_options"]["port"] == 8000
 
     ingresses = of_kind(docs, "Ingress")
