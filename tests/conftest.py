@@ -7,6 +7,7 @@ Everything below is marked `e2e` by the fixture's users; `pytest -m 'not e2e'` n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -170,17 +171,24 @@ def test_config(tmp_path: Path) -> Path:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     config = test_config(tmp)
-    port, metrics_port = free_port(), free_port()
-    log = tmp / "serve.log"
     # Ray exports metrics every 10 s by default; each second keeps the metrics tests short.
     # Replicas and handles report autoscaling metrics every 10 s by default; each second keeps the scaling tests
     # short.
     env = {**os.environ, "RAYROUTE_API_KEYS": json.dumps(API_KEYS), "RAY_DEDUP_LOGS": "0",
            "RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+    with launched(config, tmp / "serve.log", env) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def launched(config: Path, log: Path, env: dict[str, str]) -> Iterator[Cluster]:
+    """``make serve``'s launcher on ``config``, on free ports of 127.0.0.1, once it is ready; on exit, stopped with
+    Ctrl-C and checked to leave no process behind."""
+    port, metrics_port = free_port(), free_port()
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "router.launch", str(config), "--port", str(port),
+            [sys.executable, "-m", "router.launch", str(config), "--host", "127.0.0.1", "--port", str(port),
              "--metrics-port", str(metrics_port)],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )

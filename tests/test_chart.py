@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -82,10 +81,15 @@ def template(*values_files: Path, extra: dict | None = None, tmp: Path | None = 
 
 
 @functools.cache
-def rendered(scenario: Path) -> tuple[dict[str, Any], ...]:
+def rendered_text(scenario: Path) -> str:
     result = template(scenario)
     assert result.returncode == 0, result.stderr
-    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+    return result.stdout
+
+
+@functools.cache
+def rendered(scenario: Path) -> tuple[dict[str, Any], ...]:
+    return tuple(doc for doc in yaml.safe_load_all(rendered_text(scenario)) if doc)
 
 
 def only(docs, kind: str) -> dict[str, Any]:
@@ -246,8 +250,7 @@ def test_lint_strict(scenario: Path) -> None:
     result = helm("lint", "--strict", CHART, "-f", scenario, "--namespace", NAMESPACE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
-    output = template(scenario).stdout
-    assert not [n for n, line in enumerate(output.splitlines(), 1) if line.strip() == "" and line], \
+    assert not [n for n, line in enumerate(rendered_text(scenario).splitlines(), 1) if line.strip() == "" and line], \
         "whitespace-only lines in the rendered output (a template is missing a trim)"
 
 
@@ -608,7 +611,7 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
     itself is missing: the routers' pin to the head's Ray resource, the proxy and the keys all run for real."""
     import httpx
 
-    from tests.conftest import Cluster, free_port, stop_and_check, wait_ready
+    from tests.conftest import launched
 
     local = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0]["args"]["models"][0]
     model = {**local, "engine_args": {**local["engine_args"], "kv_cache_memory_bytes": 256 * 1024 * 1024}}
@@ -625,22 +628,13 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
     head = pod_templates(docs)["head"]["spec"]
     volume = next(v for v in head["volumes"] if v["name"] == "api-keys")["secret"]
     (item,) = volume["items"]
-    secret = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secretName"])
+    secret = next(d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == volume["secretName"])
     keys_file = tmp_path / item["path"]
     keys_file.write_bytes(base64.b64decode(secret["data"][item["key"]]))
     env = {**os.environ, API_KEYS_FILE_ENV: str(keys_file), "RAY_DEDUP_LOGS": "0"}
     env.pop("RAYROUTE_API_KEYS", None)
 
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "router.launch", str(config), "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", str(metrics_port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log, config)
-    try:
-        wait_ready(cluster)
+    with launched(config, tmp_path / "serve.log", env) as cluster:
         body = {"model": model["id"], "max_tokens": 8,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}]}
         url = cluster.base_url + "/v1/chat/completions"
@@ -648,5 +642,3 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
         reply = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"]
-    finally:
-        stop_and_check(process, log)

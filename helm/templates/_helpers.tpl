@@ -71,13 +71,14 @@ tensor_parallel_size x gpus_per_worker GPUs (deployments/config.py Resources), a
 would stay pending forever. The defaults below are the config schema's.
 */}}
 {{- define "rayroute.checkPlacement" -}}
+{{- $groups := include "rayroute.workerGroups" . | fromYamlArray -}}
 {{- range $i, $model := .Values.serve.models -}}
 {{- $resources := default dict $model.resources -}}
 {{- if eq (default "gpu" $resources.accelerator) "gpu" -}}
 {{- $need := mulf (default 1 $resources.tensor_parallel_size) (default 1 $resources.gpus_per_worker) -}}
 {{- $type := default "" $resources.accelerator_type -}}
 {{- $fits := false -}}
-{{- range (include "rayroute.workerGroups" $ | fromYamlArray) -}}
+{{- range $groups -}}
 {{- if and (ge (float64 .gpus) $need) (or (not $type) (eq $type (default "" .acceleratorType))) -}}
 {{- $fits = true -}}
 {{- end -}}
@@ -87,7 +88,7 @@ would stay pending forever. The defaults below are the config schema's.
 {{- end -}}
 {{- end -}}
 {{- end -}}
-{{- range (include "rayroute.workerGroups" . | fromYamlArray) -}}
+{{- range $groups -}}
 {{- if gt (int .minReplicas) (int .maxReplicas) -}}
 {{- fail (printf "workerGroups %s: minReplicas (%v) exceeds maxReplicas (%v)" .name .minReplicas .maxReplicas) -}}
 {{- end -}}
