@@ -38,6 +38,7 @@ from deployments.config import ModelConfig
 from deployments.replies import (
     ENGINE_UNAVAILABLE,
     Admitted,
+    Chunk,
     EngineItem,
     ErrorReply,
     FullReply,
@@ -102,6 +103,39 @@ _requested_model: contextvars.ContextVar[str | None] = contextvars.ContextVar("r
 
 
 @dataclass
+class TokenCount:
+    """A stream's tokens so far, read from vLLM's own outputs as they pass (see :func:`_counted`), so no SSE event
+    is parsed to learn them. Counted as vLLM's serving layer counts ``usage``: prompt (with an encoder's) and the
+    generated tokens of every choice; an output is counted before the event made from it is sent."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    def add(self, output: Any) -> None:
+        if not self.prompt:
+            self.prompt = len(output.prompt_token_ids or ()) + len(output.encoder_prompt_token_ids or ())
+        for choice in output.outputs:
+            self.completion += len(choice.token_ids)  # a stream's outputs are deltas
+
+
+# The TokenCount of the stream being served in this task; vLLM's generate runs in it (and in tasks it starts).
+_token_count: contextvars.ContextVar[TokenCount | None] = contextvars.ContextVar("token_count", default=None)
+
+
+def _counted(generate: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """``AsyncLLM.generate``, counting each output into the current stream's :class:`TokenCount`."""
+
+    async def generate_and_count(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        count = _token_count.get()
+        async for output in generate(*args, **kwargs):
+            if count is not None:
+                count.add(output)
+            yield output
+
+    return generate_and_count
+
+
+@dataclass
 class _Endpoint:
     """How one OpenAI endpoint maps onto vLLM: its request model and the serving object that answers it."""
 
@@ -139,6 +173,16 @@ class VLLMEngine:
     """One replica: a vLLM ``AsyncLLM`` plus vLLM's OpenAI serving objects for it."""
 
     async def __init__(self, model: ModelConfig) -> None:
+        self.model = model
+        self.progress = EngineProgress()
+        self.engine, self._serving = await self._start_vllm(model)
+        # vLLM's serving layer calls generate on this object; counting there is free of any parsing.
+        self.engine.generate = _counted(self.engine.generate)
+        logger.info("engine for %s ready (source %s)", model.id, model.resolved_source)
+
+    async def _start_vllm(self, model: ModelConfig) -> tuple[Any, dict[str, Any]]:
+        """vLLM's engine and its serving object for each endpoint (None where the model serves none). The one
+        place vLLM itself is started: the load test's engine (tests/fake_engine.py) replaces only this."""
         # Imported here: vLLM (and torch) load only in engine replicas, never in the router.
         import ray
         from starlette.datastructures import State
@@ -149,8 +193,6 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        self.model = model
-        self.progress = EngineProgress()
         frontend_names = set(FrontendArgs.__dataclass_fields__)
         frontend_kwargs = {k: v for k, v in model.engine_args.items() if k in frontend_names}
         engine_kwargs = {k: v for k, v in model.engine_args.items() if k not in frontend_names}
@@ -164,7 +206,7 @@ class VLLMEngine:
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         # Tensor-parallel workers go into the bundles this replica's placement group reserved for them.
         vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
-        self.engine = AsyncLLM.from_vllm_config(
+        engine = AsyncLLM.from_vllm_config(
             vllm_config,
             usage_context=UsageContext.OPENAI_API_SERVER,
             disable_log_stats=engine_args.disable_log_stats,
@@ -176,15 +218,14 @@ class VLLMEngine:
         state = State()
         # vLLM's CLI hands init_app_state one flat namespace of front-end and engine arguments; so do we.
         args = argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
-        await init_app_state(self.engine, state, args, supported_tasks=await self.engine.get_supported_tasks())
+        await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
         # vLLM names every response after the first served name; answer under the name the client used instead.
         models = state.openai_serving_models
         canonical_name = models.model_name
         models.model_name = lambda lora_request=None: (
             _requested_model.get() if lora_request is None and _requested_model.get() else canonical_name(lora_request)
         )
-        self._serving = {name: getattr(state, e.serving_attribute, None) for name, e in ENDPOINTS.items()}
-        logger.info("engine for %s ready (source %s)", model.id, model.resolved_source)
+        return engine, {name: getattr(state, e.serving_attribute, None) for name, e in ENDPOINTS.items()}
 
     async def chat(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
         """A chat completion; see the module docstring for what is yielded."""
@@ -217,12 +258,9 @@ class VLLMEngine:
                              "invalid_request_error", "model", "model_not_supported")
             return
         _requested_model.set(body.get("model"))
-        rewriter = None
-        if body.get("stream") and endpoint != "embeddings":
-            # Usage on every chunk lets the router count the tokens of a stream cut short; the rewriter removes it
-            # again where the client did not ask for it.
-            rewriter = StreamRewriter(body.get("stream_options"), fix_tool_calls=endpoint == "chat")
-            body = {**body, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        streaming = bool(body.get("stream")) and endpoint != "embeddings"
+        count = TokenCount()
+        _token_count.set(count if streaming else None)
         request = None
         try:
             request = spec.request_adapter.validate_python(body)
@@ -250,18 +288,30 @@ class VLLMEngine:
             usage = result.usage
             yield FullReply(result.model_dump_json(), usage.prompt_tokens, usage.completion_tokens or 0)
         else:
-            sent = False
-            async for event in result:
-                chunk = rewriter.rewrite(event)
-                if chunk is None:
-                    continue
-                if rewriter.error is not None and not sent and self.engine.errored:
-                    # vLLM ends a stream with an error event when the engine dies; before any token, the router
-                    # can still retry the request elsewhere.
-                    yield self._engine_unavailable()
-                    return
-                sent = True
+            tools = endpoint == "chat" and bool(body.get("tools"))
+            async for chunk in self._stream(result, count, fix_tool_calls=tools):
                 yield chunk
+
+    async def _stream(self, events: AsyncIterator[str], count: TokenCount, fix_tool_calls: bool,
+                      ) -> AsyncIterator[EngineItem]:
+        """vLLM's SSE events as chunks, each sent as soon as vLLM makes it, with the stream's token counts.
+
+        No timer and no buffer: vLLM's serving layer makes an event only when this generator asks for the next one.
+        When this replica's loop falls behind the engine, the tokens made meanwhile wait in vLLM's per-request
+        output collector, which merges them, and become one event carrying all of their text, logprobs and
+        tool-call deltas, built by vLLM itself; usage counts every token whatever shares an event.
+        """
+        rewriter = StreamRewriter(fix_tool_calls)
+        sent = False
+        async for event in events:
+            data = rewriter.rewrite(event)
+            if rewriter.error is not None and not sent and self.engine.errored:
+                # vLLM ends a stream with an error event when the engine dies; before any token, the router
+                # can still retry the request elsewhere.
+                yield self._engine_unavailable()
+                return
+            sent = True
+            yield Chunk(data, count.prompt, count.completion)
 
     def _engine_unavailable(self) -> ErrorReply:
         return ErrorReply(503, f"The engine serving `{self.model.id}` on this replica has stopped.", "server_error",

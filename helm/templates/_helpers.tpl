@@ -47,8 +47,17 @@ wget --tries 1 -T 2 -q -O- http://localhost:8265/api/gcs_healthz | grep success
 wget --tries 1 -T 2 -q -O- http://localhost:8000/-/healthz | grep success
 {{- end -}}
 
-{{/* The environment of every Ray container. */}}
+{{/*
+The environment of every Ray container. HAProxy is Serve's HTTP front on every pod (router/launch.py HAPROXY_ENV,
+which a test compares): it forwards each request to a router replica's own HTTP server, where Serve's Python proxy
+would relay every streamed token as a Ray item of its own. Its stats (8404) and metrics (9101) pages listen inside
+the pod only; no Service exposes them.
+*/}}
 {{- define "rayroute.env" -}}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_HAPROXY_NBTHREAD
+  value: "1"
 {{- if or .Values.huggingface.existingSecret .Values.huggingface.token }}
 - name: HF_TOKEN
   valueFrom:
