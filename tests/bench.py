@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ from pathlib import Path
 import httpx
 import psutil
 import yaml
+
+from router.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are reviewing a city guide. Summarise, in plain prose, what a first-time visitor to Lyon should "
@@ -172,12 +173,6 @@ def run_block(server: Server, model: str, tokens: int, concurrency: int, request
     block.path_cpu_s = cpu_seconds(processes) - cpu
     block.machine_cpu_s = machine_busy() - machine
     return block
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:

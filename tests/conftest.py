@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import httpx
 import psutil
 import pytest
 import yaml
+
+from router.launch import free_port  # noqa: F401 - the tests' one free-port helper, re-exported
 
 # Ray turns token auth on for a new local cluster, but a client connecting later sends the token only in token
 # mode, which Ray reads once per process: set it before anything here imports Ray.
@@ -114,12 +115,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # other test sees the shared cluster as it was started.
     items.sort(key=lambda item: ("cluster" in getattr(item, "fixturenames", ()),
                                  item.get_closest_marker("disruptive") is not None))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_config(tmp_path: Path) -> Path:
