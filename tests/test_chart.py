@@ -32,7 +32,7 @@ from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import parse_args
 from deployments.kubernetes import INGRESS_RESOURCE, ChartValues, WorkerGroup, WorkerSettings, values_json_schema
 from router.auth import API_KEYS_FILE_ENV, load_api_keys
-from router.launch import HAPROXY_ENV
+from router.launch import SERVE_ENV
 from tests.helm_binary import HELM_SHA256, HELM_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,8 +352,8 @@ def test_pods_are_hardened_and_probed(scenario: Path) -> None:
             assert container["livenessProbe"] and container["readinessProbe"], name
             assert {"serve", "metrics"} <= {port["name"] for port in container["ports"]}, name
             env = {item["name"]: item for item in container.get("env", [])}
-            # Serve's HTTP front on every pod is HAProxy, set as `make serve` sets it.
-            assert {k: env[k]["value"] for k in HAPROXY_ENV} == HAPROXY_ENV, name
+            # Serve runs on every pod as `make serve` runs it: HAProxy front, throughput mode.
+            assert {k: env[k]["value"] for k in SERVE_ENV} == SERVE_ENV, name
             if values["modelCache"]["enabled"] and name != "head":
                 assert env["HF_HOME"]["value"] == values["modelCache"]["mountPath"]
                 assert values["modelCache"]["mountPath"] in {m["mountPath"] for m in container["volumeMounts"]}

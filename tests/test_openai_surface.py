@@ -351,6 +351,16 @@ def test_embeddings(client: openai.OpenAI) -> None:
     assert cosine(single, cat) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_embedding_reply_larger_than_grpc_default_arrives(cluster: Cluster) -> None:
+    """An engine's reply reaches the router as one message over Serve's gRPC channel, whose default limit is 4 MiB;
+    a reply is as large as the client asked for (here about 5 MiB of JSON) and must arrive whole."""
+    inputs = [f"item number {i}" for i in range(700)]
+    response = post(cluster, "/v1/embeddings", {"model": EMBEDDING_MODEL, "input": inputs})
+    assert response.status_code == 200, response.text[:500]
+    assert len(response.content) > 4 * 1024 * 1024
+    assert sorted(d["index"] for d in response.json()["data"]) == list(range(700))
+
+
 def test_embeddings_base64(cluster: Cluster) -> None:
     import base64
     import struct

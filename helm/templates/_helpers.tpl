@@ -48,15 +48,28 @@ wget --tries 1 -T 2 -q -O- http://localhost:8000/-/healthz | grep success
 {{- end -}}
 
 {{/*
-The environment of every Ray container. HAProxy is Serve's HTTP front on every pod (router/launch.py HAPROXY_ENV,
-which a test compares): it forwards each request to a router replica's own HTTP server, where Serve's Python proxy
-would relay every streamed token as a Ray item of its own. Its stats (8404) and metrics (9101) pages listen inside
-the pod only; no Service exposes them.
+The environment of every Ray container: Ray Serve's high-throughput mode, as router/launch.py SERVE_ENV sets it
+locally (a test compares them). HAProxy is Serve's HTTP front on every pod: it forwards each request to a router
+replica's own HTTP server, where Serve's Python proxy would relay every streamed token as a Ray item of its own. Its
+stats (8404) and metrics (9101) pages listen inside the pod only; no Service exposes them. Throughput mode sends
+router → engine calls over Serve's direct gRPC channel (its 4 MiB message limit raised to gRPC's maximum: replies
+are as large as clients ask for); user code keeps its own thread and Serve's logs stay on
+stderr, unbuffered (launch.py says why).
 */}}
 {{- define "rayroute.env" -}}
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
 - name: RAY_SERVE_HAPROXY_NBTHREAD
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH
+  value: "2147483647"
+- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
+  value: "1"
+- name: RAY_SERVE_LOG_TO_STDERR
+  value: "1"
+- name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE
   value: "1"
 {{- if or .Values.huggingface.existingSecret .Values.huggingface.token }}
 - name: HF_TOKEN
