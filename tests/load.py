@@ -62,7 +62,6 @@ from typing import Any
 # mode, which Ray reads once per process: set it before anything here imports Ray (as tests/conftest.py does).
 os.environ["RAY_AUTH_MODE"] = "token"
 
-ROOT = Path(__file__).resolve().parent.parent
 APP_NAME = "rayroute"
 MODEL_ID = "fake-model"
 API_KEY = "sk-load-0123456789abcdef"
@@ -317,7 +316,7 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
 
     from deployments.config import ServeArgs
     from router.app import engine_deployment, router_deployment
-    from router.launch import WORKER_SETUP_HOOK, free_port, ray_process_env
+    from router.launch import free_port, ray_process_env, ray_runtime_env
     from tests.fake_engine import FakeEngine
 
     # The router reads its keys from the environment its replica inherits; with keys on, auth is part of the path.
@@ -329,8 +328,7 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
         try:
             # "local": a new cluster even when RAY_ADDRESS or a running one would otherwise be picked up.
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)},
-                                  "worker_process_setup_hook": WORKER_SETUP_HOOK})
+                     runtime_env=ray_runtime_env())
             break
         except Exception as exc:
             # Ray gives its new raylet a fixed 30 s to register, which a machine busy with other work can miss.

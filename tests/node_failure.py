@@ -20,13 +20,11 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported; see tests/conftest.py
 
 import httpx  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
 LOAD_THREADS = 6
 ASK = [{"role": "user", "content": "Tell me about lighthouses."}]
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     from router.app import build_app
-    from router.launch import WORKER_SETUP_HOOK, free_port, ray_process_env
+    from router.launch import free_port, ray_process_env, ray_runtime_env
 
     port = options.port or free_port()
     # Serve as `make serve` and the chart run it (HAProxy front, throughput mode): how a node's loss reaches a
@@ -54,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     report: dict = {"port": port}
     try:
-        ray.init(address=cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}, "worker_process_setup_hook": WORKER_SETUP_HOOK})
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env=ray_runtime_env())
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
