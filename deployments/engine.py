@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING
@@ -47,6 +47,7 @@ from deployments.replies import (
     from_vllm_error,
     validation_error,
 )
+from deployments.stream_channel import CHANNEL_HOST_ENV, ChannelClosed, StreamChannel, write_event
 
 logger = logging.getLogger("rayroute.engine")
 
@@ -110,6 +111,8 @@ class TokenCount:
 
     prompt: int = 0
     completion: int = 0
+    # vLLM's generators feeding this stream, so it can close them (closing one aborts its engine request).
+    sources: list[AsyncIterator[Any]] = field(default_factory=list)
 
     def add(self, output: Any) -> None:
         if not self.prompt:
@@ -127,7 +130,10 @@ def _counted(generate: Callable[..., AsyncIterator[Any]]) -> Callable[..., Async
 
     async def generate_and_count(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         count = _token_count.get()
-        async for output in generate(*args, **kwargs):
+        outputs = generate(*args, **kwargs)
+        if count is not None:
+            count.sources.append(outputs)
+        async for output in outputs:
             if count is not None:
                 count.add(output)
             yield output
@@ -169,6 +175,14 @@ ENDPOINTS = {
 }
 
 
+def _node_address() -> str:
+    """Where this replica's stream channel listens: its node's address, as Ray's own worker ports do, unless the
+    cluster is one machine (see :data:`deployments.stream_channel.CHANNEL_HOST_ENV`)."""
+    import ray
+
+    return os.environ.get(CHANNEL_HOST_ENV) or ray.util.get_node_ip_address()
+
+
 class VLLMEngine:
     """One replica: a vLLM ``AsyncLLM`` plus vLLM's OpenAI serving objects for it."""
 
@@ -178,6 +192,8 @@ class VLLMEngine:
         self.engine, self._serving = await self._start_vllm(model)
         # vLLM's serving layer calls generate on this object; counting there is free of any parsing.
         self.engine.generate = _counted(self.engine.generate)
+        self.channel = StreamChannel()
+        await self.channel.start(_node_address())
         logger.info("engine for %s ready (source %s)", model.id, model.resolved_source)
 
     async def _start_vllm(self, model: ModelConfig) -> tuple[Any, dict[str, Any]]:
@@ -294,24 +310,41 @@ class VLLMEngine:
 
     async def _stream(self, events: AsyncIterator[str], count: TokenCount, fix_tool_calls: bool,
                       ) -> AsyncIterator[EngineItem]:
-        """vLLM's SSE events as chunks, each sent as soon as vLLM makes it, with the stream's token counts.
+        """vLLM's SSE events, each sent as soon as vLLM makes it: the first as a chunk on this Serve call, the rest
+        on the stream's channel (:mod:`deployments.stream_channel`), then a last chunk with the token counts.
 
         No timer and no buffer: vLLM's serving layer makes an event only when this generator asks for the next one.
-        When this replica's loop falls behind the engine, the tokens made meanwhile wait in vLLM's per-request
-        output collector, which merges them, and become one event carrying all of their text, logprobs and
-        tool-call deltas, built by vLLM itself; usage counts every token whatever shares an event.
+        When this replica's loop or the connection falls behind the engine, the tokens made meanwhile wait in vLLM's
+        per-request output collector, which merges them, and become one event carrying all of their text, logprobs
+        and tool-call deltas, built by vLLM itself; usage counts every token whatever shares an event.
         """
         rewriter = StreamRewriter(fix_tool_calls)
-        sent = False
-        async for event in events:
-            data = rewriter.rewrite(event)
-            if rewriter.error is not None and not sent and self.engine.errored:
+        link = None
+        try:
+            first = await anext(events, None)
+            if first is None:
+                return
+            data = rewriter.rewrite(first)
+            if rewriter.error is not None and self.engine.errored:
                 # vLLM ends a stream with an error event when the engine dies; before any token, the router
                 # can still retry the request elsewhere.
                 yield self._engine_unavailable()
                 return
-            sent = True
-            yield Chunk(data, count.prompt, count.completion)
+            link = self.channel.offer()
+            yield Chunk(data, count.prompt, count.completion, channel=link.url)
+            response = await link.writer()
+            async for event in events:
+                await write_event(response, rewriter.rewrite(event), count.prompt, count.completion)
+        except ChannelClosed as exc:
+            logger.info("stream ended early: %s", exc)  # the router (its client) left; the engine aborts below
+        finally:
+            if link is not None:
+                link.close()
+            # Closing vLLM's generators aborts the engine request if it is still running.
+            await events.aclose()
+            for source in count.sources:
+                await source.aclose()
+        yield Chunk("", count.prompt, count.completion)
 
     def _engine_unavailable(self) -> ErrorReply:
         return ErrorReply(503, f"The engine serving `{self.model.id}` on this replica has stopped.", "server_error",

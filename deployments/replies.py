@@ -1,7 +1,8 @@
 """What an engine replica sends back to the router, and the adjustments made to vLLM's replies on the way.
 
 An engine call is a stream of items: first :class:`Admitted` (a replica took the request), then an
-:class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk` (SSE events), then, for a stream, more chunks.
+:class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk` (SSE events), then, for a stream, more chunks (a
+stream's events after the first travel on its channel, outside Serve; its last chunk carries the final counts).
 Every reply carries the request's token usage so far, so the router can count exactly the tokens clients
 received, also for a stream whose client left before its end.
 
@@ -65,11 +66,16 @@ class FullReply:
 @dataclass(frozen=True)
 class Chunk:
     """SSE text for the client: one event (``data: ...\n\n``), or several when they were made faster than the
-    path carried them; and the request's token usage so far, including every token in ``data``."""
+    path carried them; and the request's token usage so far, including every token in ``data``.
+
+    A stream's first chunk names its ``channel``: the URL where the rest of its events follow as bytes (see
+    :mod:`deployments.stream_channel`); the Serve call then ends with a chunk without data, carrying the counts of
+    every token the stream made."""
 
     data: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    channel: str | None = None
 
 
 EngineItem = Admitted | ErrorReply | FullReply | Chunk

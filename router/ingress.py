@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.config import ModelConfig, ServeArgs
 from deployments.replies import Chunk, ErrorReply, FullReply
 from router.auth import ApiKey, ApiKeyAuth, load_api_keys
+from router.channel_client import Channel, ChannelClient
 from router.dispatch import call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
 from router.limits import Admission
@@ -36,6 +37,8 @@ from router.telemetry import GatewayMetrics, RequestRecord, enable_access_log
 
 # Proxies (nginx, cloud load balancers) buffer responses unless told not to; a buffered stream is a broken one.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+T = TypeVar("T")
 
 logger = logging.getLogger("rayroute.router")
 
@@ -59,6 +62,7 @@ class OpenAIRouter:
                 self.models[name] = model
         self.limits = limits
         self.metrics = GatewayMetrics()
+        self.channels = ChannelClient()
         enable_access_log()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -119,42 +123,59 @@ class OpenAIRouter:
                                       record.prompt_tokens + record.completion_tokens)
 
     async def _relay(self, first: Chunk, rest: DeploymentResponseGenerator, record: RequestRecord,
-                     deadline: float, key: ApiKey | None) -> AsyncIterator[str]:
-        """Pass SSE events through as they arrive, keeping count of tokens. If the client leaves, Starlette
-        cancels this generator; cancelling the Serve call carries that to the engine replica, where vLLM aborts
-        the request. A stream that cannot go on (its replica died, or it ran out of time) ends with an error
-        event and ``[DONE]``: its status line is long gone, and a client must not be left waiting."""
+                     deadline: float, key: ApiKey | None) -> AsyncIterator[str | bytes]:
+        """Pass SSE events through as they arrive, keeping count of tokens: the first came on the Serve call, the
+        rest come on the stream's channel (:mod:`router.channel_client`), then the Serve call ends.
+
+        If the client leaves, Starlette stops this generator: dropping the channel makes the engine replica abort
+        the vLLM request at its next write, and cancelling the Serve call aborts it at once. A stream that cannot go
+        on (its replica died, or it ran out of time) ends with an error event and ``[DONE]``: its status line is
+        long gone, and a client must not be left waiting."""
+        channel: Channel | None = None
         try:
             yield first.data
             last = time.perf_counter()
+            if first.channel is not None:
+                channel = await self._within(deadline, self.channels.open(first.channel))
+                while text := await self._within(deadline, channel.read()):
+                    now = time.perf_counter()
+                    self.metrics.token_gap(record, now - last)
+                    last = now
+                    record.prompt_tokens, record.completion_tokens = channel.prompt_tokens, channel.completion_tokens
+                    yield text
             while True:
                 try:
-                    async with asyncio.timeout(deadline - last):
-                        chunk = await rest.__anext__()
+                    chunk = await self._within(deadline, rest.__anext__())
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    record.status = 504
-                    yield ErrorReply(504, f"The stream did not finish within {deadline - record.arrived_at:g}s.",
-                                     "timeout_error", None, "request_timeout").sse()
-                    break
-                except Exception:
-                    logger.exception("stream for %s broke off", record.served_model)
-                    record.status = 502
-                    yield ErrorReply(502, "The engine serving this stream failed. The output so far is incomplete.",
-                                     "server_error", None, "engine_error").sse()
-                    break
-                now = time.perf_counter()
-                self.metrics.token_gap(record, now - last)
-                last = now
                 record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-                yield chunk.data
+                if chunk.data:  # a stream without a channel (a test's scripted engine) sends its events here
+                    now = time.perf_counter()
+                    self.metrics.token_gap(record, now - last)
+                    last = now
+                    yield chunk.data
+        except TimeoutError:
+            record.status = 504
+            yield ErrorReply(504, f"The stream did not finish within {deadline - record.arrived_at:g}s.",
+                             "timeout_error", None, "request_timeout").sse()
         except (GeneratorExit, asyncio.CancelledError):
             record.client_disconnected = True
             raise
+        except Exception:
+            logger.exception("stream for %s broke off", record.served_model)
+            record.status = 502
+            yield ErrorReply(502, "The engine serving this stream failed. The output so far is incomplete.",
+                             "server_error", None, "engine_error").sse()
         finally:
+            if channel is not None:
+                channel.close()
             cancel(rest)
             self._charge(key, record)
+
+    @staticmethod
+    async def _within(deadline: float, step: Awaitable[T]) -> T:
+        async with asyncio.timeout(deadline - time.perf_counter()):
+            return await step
 
     async def readiness(self) -> JSONResponse:
         """Every model that should have a replica has one running."""

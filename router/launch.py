@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 from deployments.config import ConfigError, ServeArgs, load_serve_config
+from deployments.stream_channel import CHANNEL_HOST_ENV
 
 METRICS_EXPORT_PORT = 8080
 
@@ -58,8 +59,9 @@ HAPROXY_HOST_ENV = "RAYROUTE_HAPROXY_HOST"
 
 def ray_process_env(host: str) -> dict[str, str]:
     """What a local cluster's Ray processes start with: HAProxy as Serve's HTTP front, its two pages on the serving
-    host (see :func:`bind_haproxy_pages`) and on free ports, so two clusters on one machine do not collide."""
-    return {**SERVE_ENV, HAPROXY_HOST_ENV: host,
+    host (see :func:`bind_haproxy_pages`) and on free ports, so two clusters on one machine do not collide; engine
+    replicas' stream channels on the loopback interface, since routers and engines share the machine."""
+    return {**SERVE_ENV, HAPROXY_HOST_ENV: host, CHANNEL_HOST_ENV: "127.0.0.1",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host))}
 

@@ -37,6 +37,10 @@ def enable_access_log() -> None:
 # Latency buckets (seconds): from a cached short answer to a long generation on a busy CPU engine.
 _LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 _TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+# One Ray histogram observation costs about as much CPU as relaying the chunk it times (py-spy: a sixth of the
+# router's CPU at 100 streams when every gap was observed). A stream's gaps are observed one in this many (its
+# first always): the quantiles stay right, only the histogram's count is that much smaller than the chunks'.
+GAP_SAMPLE_EVERY = 8
 _ROUTER_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
 _MODEL = ("model", "served_model")
 
@@ -55,7 +59,8 @@ class GatewayMetrics:
             "rayroute_time_to_first_token_seconds", "From the request reaching the router to its first token "
             "(or whole answer) leaving it.", boundaries=_LATENCY_BUCKETS, tag_keys=_MODEL)
         self.inter_token_latency = Histogram(
-            "rayroute_inter_token_latency_seconds", "Gap between consecutive streamed chunks.",
+            "rayroute_inter_token_latency_seconds", "Gap between consecutive streamed chunks (one gap in "
+            f"{GAP_SAMPLE_EVERY} of each stream, its first always).",
             boundaries=_TOKEN_GAP_BUCKETS, tag_keys=_MODEL)
         self.request_duration = Histogram(
             "rayroute_request_duration_seconds", "From the request reaching the router to its last byte.",
@@ -80,7 +85,9 @@ class GatewayMetrics:
             self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=record.tags)
 
     def token_gap(self, record: RequestRecord, seconds: float) -> None:
-        self.inter_token_latency.observe(seconds, tags=record.tags)
+        record.gaps += 1
+        if record.gaps % GAP_SAMPLE_EVERY == 1 % GAP_SAMPLE_EVERY:
+            self.inter_token_latency.observe(seconds, tags=record.tags)
 
     def finished(self, record: RequestRecord) -> None:
         """Once per API request, whatever its end: answered, rejected, failed, or abandoned by its client.
@@ -123,6 +130,7 @@ class RequestRecord:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    gaps: int = 0  # chunk gaps seen (see GAP_SAMPLE_EVERY)
     client_disconnected: bool = False
     key_name: str | None = None  # the API key's configured name; never the key
     attempts: int = 0  # engine calls made (more than one when a failed replica's request was retried)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -160,6 +161,26 @@ def test_config(tmp_path: Path) -> Path:
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def access_log_lines() -> Iterator[list[str]]:
+    """The router's access-log lines (JSON) written in this process during the test."""
+    from router.telemetry import access_log
+
+    handler = _Collect()
+    access_log.addHandler(handler)
+    yield handler.lines
+    access_log.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,9 @@ The relay has no timer: an event leaves as soon as vLLM makes it, and when the r
 engine, vLLM's per-request output collector merges what was made meanwhile into one output, from which vLLM's
 serving layer builds one event (see ``VLLMEngine._stream``). These tests prove that merge, and the replica code
 around it (token counting, the tool-call finish fix), lose nothing: one greedy request is read twice by the
-replica's own ``_serve`` on a real engine, once promptly and once by a reader that pauses after every event, and
-both readings reassemble to the same text, logprobs, tool calls, finish reason and usage. That one stream is not
+replica's own ``_serve`` on a real engine and its stream channel, once promptly and once through a channel whose
+every write takes 0.25 s longer (a congested connection: the replica falls behind the engine), and both readings
+reassemble to the same text, logprobs, tool calls, finish reason and usage. That one stream is not
 held back waiting for company is ``test_e2e.test_stream_is_not_buffered``.
 
 The engine runs in a Ray task on the shared test cluster (the replica class needs a Ray worker), serving the tiny
@@ -47,34 +48,70 @@ def read_twice(model: dict[str, Any], bodies: dict[str, dict], pause_s: float) -
 
 
 async def _read_twice(model: dict[str, Any], bodies: dict[str, dict], pause_s: float) -> dict[str, tuple]:
-    import asyncio
-
     from deployments.config import ModelConfig
     from deployments.engine import VLLMEngine
 
     engine = VLLMEngine.__new__(VLLMEngine)
     await engine.__init__(ModelConfig.model_validate(model))  # as Serve builds a replica with an async __init__
     try:
-        readings = {}
-        for name, body in bodies.items():
-            prompt = [item async for item in engine._serve("chat", body)]
-            lagging = []
-            async for item in engine._serve("chat", body):
-                lagging.append(item)
-                await asyncio.sleep(pause_s)  # meanwhile vLLM's collector merges the outputs that arrive
-            readings[name] = (prompt, lagging)
-        return readings
+        return {name: (await _read(engine, body, 0.0), await _read(engine, body, pause_s))
+                for name, body in bodies.items()}
     finally:
         engine.engine.shutdown()
 
 
-def reassemble(items: list) -> dict[str, Any]:
-    """What a client rebuilds from a stream, and how many content events carried it."""
-    from deployments.replies import Chunk
+async def _read(engine: Any, body: dict, write_pause_s: float) -> tuple[str, tuple[int, int]]:
+    """One request through the replica's ``_serve`` as a router reads it: the first event on the call, the rest on
+    the stream's channel, the counts last. With ``write_pause_s``, every write to the channel takes that much
+    longer (a congested connection), so the replica falls behind the engine and vLLM's collector merges."""
+    import asyncio
 
+    import deployments.engine as engine_module
+    from deployments.replies import Chunk
+    from router.channel_client import ChannelClient
+
+    write = engine_module.write_event
+
+    async def slow_write(*args: Any) -> None:
+        await write(*args)
+        await asyncio.sleep(write_pause_s)
+
+    items: list = []
+    offered: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def serve() -> None:  # Serve runs a replica's generator on its own, whoever reads the channel
+        async for item in engine._serve("chat", body):
+            items.append(item)
+            if isinstance(item, Chunk) and item.channel and not offered.done():
+                offered.set_result(item.channel)
+        if not offered.done():
+            offered.set_result(None)
+
+    engine_module.write_event = slow_write if write_pause_s else write
+    try:
+        serving = asyncio.create_task(serve())
+        texts = []
+        url = await offered
+        client = ChannelClient()
+        channel = await client.open(url)
+        while text := await channel.read():
+            texts.append(text.decode())
+        await client.close()
+        await serving
+    finally:
+        engine_module.write_event = write
     chunks = [item for item in items if isinstance(item, Chunk)]
+    # What the router counts: the channel's counts, which the call's last item repeats.
+    counted = channel.prompt_tokens, channel.completion_tokens
+    assert (chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == counted
+    return chunks[0].data + "".join(texts), counted
+
+
+def reassemble(reading: tuple[str, tuple[int, int]]) -> dict[str, Any]:
+    """What a client rebuilds from a stream, and how many content events carried it."""
+    sse, counted = reading
     text, logprobs, finish, usage, calls, events = "", [], None, None, {}, 0
-    for line in "".join(chunk.data for chunk in chunks).split("\n\n"):
+    for line in sse.split("\n\n"):
         if not line.startswith("data: {"):
             continue
         event = json.loads(line.removeprefix("data: "))
@@ -92,7 +129,7 @@ def reassemble(items: list) -> dict[str, Any]:
                 slot["arguments"] += (call.get("function") or {}).get("arguments") or ""
             finish = choice.get("finish_reason") or finish
     return {"text": text, "logprobs": logprobs, "finish": finish, "usage": usage, "calls": calls, "events": events,
-            "counted": (chunks[-1].prompt_tokens, chunks[-1].completion_tokens)}
+            "counted": counted}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ routing by name, the body-size limit, and streaming pass-through.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -19,7 +18,6 @@ from fastapi.testclient import TestClient
 from deployments.replies import Admitted, Chunk, ErrorReply, FullReply, validation_error
 from router.auth import load_api_keys
 from router.ingress import OpenAIRouter, build_http_app
-from router.telemetry import access_log
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 KEY = "sk-unit"
@@ -309,22 +307,6 @@ def test_nested_part_errors_are_named_after_their_parameter() -> None:
 
 
 # --- request ids and the access log ------------------------------------------------------------------------------
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def access_log_lines():
-    handler = Collect()
-    access_log.addHandler(handler)
-    yield handler.lines
-    access_log.removeHandler(handler)
 
 
 def test_request_id_is_kept_or_made(client: TestClient) -> None:
