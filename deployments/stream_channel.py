@@ -64,6 +64,7 @@ class Link:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 return await asyncio.shield(self.connected)
         except TimeoutError:
+            self.close()  # unclaimed, it must not pile up (a router that died between the first event and now)
             raise ChannelClosed(f"no router connected to {self.url} within {CONNECT_TIMEOUT_S:g}s") from None
 
     def close(self) -> None:
@@ -98,13 +99,12 @@ class StreamChannel:
             await self._runner.cleanup()
 
     def offer(self) -> Link:
-        """A new stream's link; it stays claimable for :data:`CONNECT_TIMEOUT_S`."""
+        """A new stream's link; it stays claimable until it is closed, which :meth:`Link.writer` does when no router
+        has come within :data:`CONNECT_TIMEOUT_S`."""
         token = secrets.token_urlsafe(16)
         loop = asyncio.get_running_loop()
         link = Link(f"{self._base_url}{STREAM_PATH}{token}", loop.create_future(), loop.create_future())
         self._links[token] = link
-        # Unclaimed links must not pile up (a router that died between the first event and connecting).
-        loop.call_later(CONNECT_TIMEOUT_S, self._links.pop, token, None)
         link.done.add_done_callback(lambda _: self._links.pop(token, None))
         return link
 
