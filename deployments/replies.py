@@ -2,7 +2,7 @@
 
 An engine call is a stream of items: first :class:`Admitted` (a replica took the request), then an
 :class:`ErrorReply`, a :class:`FullReply`, or a :class:`Chunk` (SSE events), then, for a stream, more chunks (a
-stream's events after the first travel on its channel, outside Serve; its last chunk carries the final counts).
+stream's events after the first travel on its channel, outside Serve, each framed with the counts so far).
 Every reply carries the request's token usage so far, so the router can count exactly the tokens clients
 received, also for a stream whose client left before its end.
 

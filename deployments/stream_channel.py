@@ -15,7 +15,7 @@ the first take this way::
             channel.connected(link) ◄─────────────── (the connection, kept alive for the next stream)
             writes each further event (a frame: ───► relays the events as they are read,
               the text and the counts so far)        keeping the counts
-            yield Chunk("", final counts)  ────────► (the call's end)
+            returns                       ────────► (the call's end)
 
 The URL holds a random token (128 bits) that is good for one connection, within :data:`CONNECT_TIMEOUT_S`; the
 server listens on a free port of the replica's node address, like Ray's own worker ports (on a one-machine
@@ -29,6 +29,7 @@ import asyncio
 import logging
 import secrets
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,7 @@ class StreamChannel:
 
     def __init__(self) -> None:
         self._links: dict[str, Link] = {}
+        self._tokens = _tokens()
         self._runner: Any = None
         self._base_url = ""
 
@@ -101,7 +103,7 @@ class StreamChannel:
     def offer(self) -> Link:
         """A new stream's link; it stays claimable until it is closed, which :meth:`Link.writer` does when no router
         has come within :data:`CONNECT_TIMEOUT_S`."""
-        token = secrets.token_urlsafe(16)
+        token = next(self._tokens)
         loop = asyncio.get_running_loop()
         link = Link(f"{self._base_url}{STREAM_PATH}{token}", loop.create_future(), loop.create_future())
         self._links[token] = link
@@ -125,6 +127,15 @@ class StreamChannel:
             raise
         await response.write_eof()
         return response
+
+
+def _tokens() -> Iterator[str]:
+    """Unguessable stream tokens (128 bits each), drawn from the OS in blocks: one ``getrandom`` per stream cost
+    more than the rest of opening its link."""
+    while True:
+        block = secrets.token_bytes(16 * 256)
+        for start in range(0, len(block), 16):
+            yield block[start:start + 16].hex()
 
 
 async def write_event(response: Any, data: str, prompt_tokens: int, completion_tokens: int) -> None:

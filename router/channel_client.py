@@ -54,15 +54,21 @@ class Channel:
     def __init__(self, response: aiohttp.ClientResponse):
         self._response = response
         self._pending = b""  # a frame not yet whole
+        self._expired = False
         self.prompt_tokens = self.completion_tokens = 0
 
     async def read(self) -> bytes:
-        """The SSE text of the events that have arrived (at least one), or ``b""`` at the stream's clean end."""
+        """The SSE text of the events that have arrived (at least one), or ``b""`` at the stream's clean end;
+        raises :class:`TimeoutError` once :meth:`expire` was called."""
         while True:
             try:
                 piece = await self._response.content.readany()
             except (aiohttp.ClientError, OSError) as exc:
+                if self._expired:
+                    raise TimeoutError from exc
                 raise ChannelError(str(exc)) from exc
+            if self._expired:
+                raise TimeoutError
             if not piece:
                 if self._pending:
                     raise ChannelError("the channel ended inside an event")
@@ -83,6 +89,14 @@ class Channel:
             position = end
         self._pending = data[position:]
         return texts[0] if len(texts) == 1 else b"".join(texts)
+
+    def expire(self) -> None:
+        """The stream ran out of time: a read waiting now, or the next one, raises :class:`TimeoutError`.
+
+        One timer per stream (the router schedules this at the stream's deadline) rather than a timeout around
+        every read, which cost the router as much as the read itself."""
+        self._expired = True
+        self._response.close()
 
     def close(self) -> None:
         """Drop the connection (before the end, this is what makes the replica abort the request)."""

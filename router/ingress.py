@@ -14,6 +14,7 @@ middleware and limits come from this deployment's config rather than from a modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -61,7 +62,9 @@ class OpenAIRouter:
                 self.handles[name] = engines[model.id].options(stream=True)
                 self.models[name] = model
         self.limits = limits
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics((name, model.id) for model in self.config.models for name in model.names)
+        with contextlib.suppress(RuntimeError):  # else with the first request (a test's router, built off-loop)
+            self.metrics.publish_gauges()
         self.channels = ChannelClient()
         enable_access_log()
 
@@ -125,24 +128,31 @@ class OpenAIRouter:
     async def _relay(self, first: Chunk, rest: DeploymentResponseGenerator, record: RequestRecord,
                      deadline: float, key: ApiKey | None) -> AsyncIterator[str | bytes]:
         """Pass SSE events through as they arrive, keeping count of tokens: the first came on the Serve call, the
-        rest come on the stream's channel (:mod:`router.channel_client`), then the Serve call ends.
+        rest come on the stream's channel (:mod:`router.channel_client`).
 
         If the client leaves, Starlette stops this generator: dropping the channel makes the engine replica abort
         the vLLM request at its next write, and cancelling the Serve call aborts it at once. A stream that cannot go
         on (its replica died, or it ran out of time) ends with an error event and ``[DONE]``: its status line is
         long gone, and a client must not be left waiting."""
         channel: Channel | None = None
+        expiry: asyncio.TimerHandle | None = None
+        ended = False
         try:
             yield first.data
             last = time.perf_counter()
             if first.channel is not None:
                 channel = await self._within(deadline, self.channels.open(first.channel))
-                while text := await self._within(deadline, channel.read()):
+                expiry = asyncio.get_running_loop().call_later(deadline - time.perf_counter(), channel.expire)
+                while text := await channel.read():
                     now = time.perf_counter()
                     self.metrics.token_gap(record, now - last)
                     last = now
                     record.prompt_tokens, record.completion_tokens = channel.prompt_tokens, channel.completion_tokens
                     yield text
+                # The whole stream is relayed. Its Serve call ends by itself and brings nothing: it is neither
+                # waited for nor cancelled (either would cost a Ray round of its own).
+                ended = True
+                return
             while True:
                 try:
                     chunk = await self._within(deadline, rest.__anext__())
@@ -167,9 +177,12 @@ class OpenAIRouter:
             yield ErrorReply(502, "The engine serving this stream failed. The output so far is incomplete.",
                              "server_error", None, "engine_error").sse()
         finally:
+            if expiry is not None:
+                expiry.cancel()
             if channel is not None:
                 channel.close()
-            cancel(rest)
+            if not ended:
+                cancel(rest)
             self._charge(key, record)
 
     @staticmethod

@@ -13,10 +13,12 @@ The access log never holds a prompt, an output or a key: ids, model, status, tok
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -41,6 +43,8 @@ _TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 # router's CPU at 100 streams when every gap was observed). A stream's gaps are observed one in this many (its
 # first always): the quantiles stay right, only the histogram's count is that much smaller than the chunks'.
 GAP_SAMPLE_EVERY = 8
+# How often the router publishes its gauges: well within any scrape interval, and a few calls a second in all.
+GAUGE_PUBLISH_S = 1.0
 _ROUTER_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
 _MODEL = ("model", "served_model")
 
@@ -48,7 +52,8 @@ _MODEL = ("model", "served_model")
 class GatewayMetrics:
     """The router's metrics; one instance per router replica."""
 
-    def __init__(self) -> None:
+    def __init__(self, models: Iterable[tuple[str, str]] = ()) -> None:
+        """``models``: the (model, served_model) label pairs the gauges show from the start, at 0."""
         self.requests = Counter("rayroute_requests", "Requests answered, by model, endpoint and HTTP status.",
                                 tag_keys=(*_MODEL, "endpoint", "status_code"))
         self.prompt_tokens = Counter("rayroute_prompt_tokens", "Prompt tokens of answered requests.",
@@ -71,16 +76,32 @@ class GatewayMetrics:
         self.in_flight = Gauge("rayroute_requests_in_flight", "Requests being answered now.", tag_keys=_MODEL)
         self.waiting = Gauge("rayroute_requests_waiting", "Requests sent to an engine that has not answered yet "
                              "(queued or prefilling).", tag_keys=_MODEL)
-        # Gauges are set, not incremented: the router keeps the counts.
-        self._in_flight: dict[tuple[str, str], int] = {}
-        self._waiting: dict[tuple[str, str], int] = {}
+        # The router keeps the gauges' counts and publishes them every GAUGE_PUBLISH_S (see publish_gauges), every
+        # configured model from the start: Ray exports a gauge only while it is being set, so a gauge set when
+        # requests start and end would be "No data" on the dashboard whenever a model is idle.
+        self._in_flight: dict[tuple[str, str], int] = dict.fromkeys(models, 0)
+        self._waiting: dict[tuple[str, str], int] = dict.fromkeys(models, 0)
+        self._publisher: asyncio.Task | None = None
+
+    def publish_gauges(self) -> None:
+        """Start publishing the gauges, if not yet; on the event loop that serves the requests."""
+        if self._publisher is None:
+            self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
+
+    async def _publish_forever(self) -> None:
+        while True:
+            for counts, gauge in ((self._in_flight, self.in_flight), (self._waiting, self.waiting)):
+                for (model, served_model), count in counts.items():
+                    gauge.set(count, tags={"model": model, "served_model": served_model})
+            await asyncio.sleep(GAUGE_PUBLISH_S)
 
     def started(self, record: RequestRecord) -> None:
-        self._move(self._in_flight, self.in_flight, record, +1)
-        self._move(self._waiting, self.waiting, record, +1)
+        self.publish_gauges()
+        self._move(self._in_flight, record, +1)
+        self._move(self._waiting, record, +1)
 
     def first_reply(self, record: RequestRecord) -> None:
-        self._move(self._waiting, self.waiting, record, -1)
+        self._move(self._waiting, record, -1)
         if record.first_reply_at is not None:
             self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=record.tags)
 
@@ -98,8 +119,8 @@ class GatewayMetrics:
         tags = record.tags
         if record.dispatched_at is not None:
             if record.first_reply_at is None:
-                self._move(self._waiting, self.waiting, record, -1)
-            self._move(self._in_flight, self.in_flight, record, -1)
+                self._move(self._waiting, record, -1)
+            self._move(self._in_flight, record, -1)
             self.router_overhead.observe(record.dispatched_at - record.arrived_at, tags=tags)
         self.requests.inc(1, tags={**tags, "endpoint": record.endpoint, "status_code": str(record.status)})
         if record.prompt_tokens:
@@ -109,10 +130,9 @@ class GatewayMetrics:
         self.request_duration.observe(record.duration, tags={**tags, "endpoint": record.endpoint})
 
     @staticmethod
-    def _move(counts: dict, gauge: Gauge, record: RequestRecord, delta: int) -> None:
+    def _move(counts: dict[tuple[str, str], int], record: RequestRecord, delta: int) -> None:
         key = (record.model, record.served_model)
         counts[key] = counts.get(key, 0) + delta
-        gauge.set(counts[key], tags=record.tags)
 
 
 @dataclass

@@ -155,8 +155,10 @@ def replica_channel() -> Iterator[tuple[StreamChannel, asyncio.AbstractEventLoop
     loop.call_soon_threadsafe(loop.stop)
 
 
-def serve_on_channel(replica_channel, texts: list[str], cut_after: int | None = None) -> str:
-    """Offer a stream that writes ``texts`` once opened (or breaks the connection after ``cut_after`` of them)."""
+def serve_on_channel(replica_channel, texts: list[str], cut_after: int | None = None,
+                     stall_after: int | None = None) -> str:
+    """Offer a stream that writes ``texts`` once opened (or breaks the connection after ``cut_after`` of them, or
+    stops writing for 3 s after ``stall_after``)."""
     channel, loop = replica_channel
 
     async def offer() -> str:
@@ -169,7 +171,12 @@ def serve_on_channel(replica_channel, texts: list[str], cut_after: int | None = 
                     response._req.transport.abort()  # the replica's process died: no end of the chunked body
                     link.close()
                     return
-                await write_event(response, event(text), 3, i + 2)
+                if i == stall_after:
+                    await asyncio.sleep(3)
+                try:
+                    await write_event(response, event(text), 3, i + 2)
+                except ChannelClosed:  # the router gave up on the stream meanwhile
+                    break
             link.close()
 
         asyncio.ensure_future(write_all())
@@ -180,7 +187,7 @@ def serve_on_channel(replica_channel, texts: list[str], cut_after: int | None = 
 
 def test_events_after_the_first_come_from_the_channel(replica_channel, monkeypatch, access_log_lines) -> None:
     url = serve_on_channel(replica_channel, ["b", "c"])
-    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url), Chunk("", 3, 3)])
+    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
     client = make_client(engine, monkeypatch)
     response = chat(client, stream=True)
     assert response.status_code == 200
@@ -191,7 +198,7 @@ def test_events_after_the_first_come_from_the_channel(replica_channel, monkeypat
 
 def test_a_channel_that_cannot_be_opened_ends_the_stream_with_an_error_event(monkeypatch) -> None:
     url = f"http://127.0.0.1:{free_port()}/streams/gone"  # nothing listens there
-    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url), Chunk("", 3, 3)])
+    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
     client = make_client(engine, monkeypatch)
     events = sse_events(chat(client, stream=True).text)
     assert json.loads(events[0]) == {"t": "a"}
@@ -201,9 +208,19 @@ def test_a_channel_that_cannot_be_opened_ends_the_stream_with_an_error_event(mon
 
 def test_a_channel_cut_mid_stream_ends_with_an_error_event(replica_channel, monkeypatch) -> None:
     url = serve_on_channel(replica_channel, ["b", "c", "d"], cut_after=1)
-    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url), Chunk("", 3, 4)])
+    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
     client = make_client(engine, monkeypatch)
     events = sse_events(chat(client, stream=True).text)
     assert [json.loads(e)["t"] for e in events[:2]] == ["a", "b"]
     assert json.loads(events[2])["error"]["code"] == "engine_error"
+    assert events[3:] == ["[DONE]"]
+
+
+def test_a_channel_that_stalls_past_the_deadline_ends_with_a_timeout_event(replica_channel, monkeypatch) -> None:
+    url = serve_on_channel(replica_channel, ["b", "c"], stall_after=1)
+    engine = ScriptedEngine([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
+    client = make_client(engine, monkeypatch, timeouts={"total_s": 1.0})
+    events = sse_events(chat(client, stream=True).text)
+    assert [json.loads(e)["t"] for e in events[:2]] == ["a", "b"]
+    assert json.loads(events[2])["error"]["code"] == "request_timeout"
     assert events[3:] == ["[DONE]"]
