@@ -206,6 +206,20 @@ def test_request_and_engine_metrics_are_exported(cluster: Cluster, prometheus: P
     assert not prometheus.query('ray_rayroute_requests_total{model="no-such-model"}')
 
 
+def test_router_gauges_are_data_while_idle(cluster: Cluster, prometheus: Prometheus) -> None:
+    """A model nobody calls shows 0 requests in flight and waiting, not "No data": the router publishes its gauges
+    every second for every configured name (an alias too), whether requests come or not."""
+    for gauge in ("ray_rayroute_requests_in_flight", "ray_rayroute_requests_waiting"):
+        expr = f'{gauge}{{model="{METRICS_ALIAS}",served_model="{DEFAULT_MODEL}"}}'  # idle once earlier tests end
+        deadline = time.monotonic() + 60
+        while not (prometheus.query(expr) and prometheus.value(expr) == 0) and time.monotonic() < deadline:
+            time.sleep(1)
+        # Still there several scrapes later (every 2 s): a series a request had left would be stale by then.
+        time.sleep(6)
+        result = prometheus.query(expr)
+        assert result and float(result[0]["value"][1]) == 0, (expr, result)
+
+
 def dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
@@ -230,8 +244,9 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
     missing = {}
     deadline = time.monotonic() + 90
     # Ray exports a gauge only while it is being set: vLLM's (running, waiting, KV cache) while an engine steps,
-    # the router's (in flight, waiting) as requests start and answer. Keep streams coming meanwhile, and ask each
-    # query over the module's whole time range, as a dashboard panel does.
+    # so a vLLM gauge panel shows "No data" for the times no engine was stepping (the router's gauges are published
+    # every second, idle or not). Keep streams coming meanwhile, and ask each query over the module's whole time
+    # range, as a dashboard panel does.
     done = threading.Event()
     outcomes: list[str] = []  # what the busy streams got, for the failure message
 
