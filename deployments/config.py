@@ -25,6 +25,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.replies import field_path
+
 # Model ids are what clients type, so allow the usual hub spellings ("Qwen/Qwen2.5-7B-Instruct", "gemma3:27b")
 # but no whitespace or control characters, which would not survive a URL path or a log line intact.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
@@ -188,7 +190,7 @@ class ModelConfig(_Strict):
         return str(local) if local is not None else self.source
 
 
-class Ingress(_Strict):
+class Routers(_Strict):
     """The router deployment: every request passes through one of its replicas."""
 
     replicas: int = Field(1, ge=1, description="Router replicas; per-key limits hold across all of them.")
@@ -196,7 +198,7 @@ class Ingress(_Strict):
     ray_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each router replica (and the key-limits replica) needs. The Helm chart "
-        "gives the head node `rayroute_ingress` and asks for it here: a GPU node holding a router could never "
+        "gives the head node `rayroute_router` and asks for it here: a GPU node holding a router could never "
         "scale down.")
 
     @field_validator("ray_resources")
@@ -214,7 +216,7 @@ class ServeArgs(_Strict):
     """The ``args`` of the rayroute application in a Serve config file."""
 
     models: list[ModelConfig] = Field(min_length=1)
-    ingress: Ingress = Field(default_factory=Ingress)
+    routers: Routers = Field(default_factory=Routers)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413.")
 
     @model_validator(mode="after")
@@ -291,7 +293,7 @@ def vllm_argument_names() -> set[str]:
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
-        where = _location(err["loc"], raw)
+        where = field_path(err["loc"], raw, label=_model_id)  # models[0 smollm2].resources.num_gpus
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown field"
@@ -299,19 +301,5 @@ def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _location(loc: tuple[Any, ...], raw: dict[str, Any]) -> str:
-    """``("models", 0, "resources", "num_gpus")`` → ``models[0 smollm2].resources.num_gpus``."""
-    parts: list[str] = []
-    node: Any = raw
-    for key in loc:
-        if isinstance(key, int):
-            label = str(key)
-            item = node[key] if isinstance(node, list) and key < len(node) else None
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                label = f"{key} {item['id']}"
-            parts[-1:] = [f"{parts[-1] if parts else ''}[{label}]"]
-            node = item
-        else:
-            parts.append(str(key))
-            node = node.get(key) if isinstance(node, dict) else None
-    return ".".join(parts)
+def _model_id(item: Any) -> str | None:
+    return item["id"] if isinstance(item, dict) and isinstance(item.get("id"), str) else None

@@ -35,6 +35,7 @@ from typing import Any
 
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING
 from deployments.config import ModelConfig
+from deployments.constants import STALL_TIMEOUT_S
 from deployments.replies import (
     ENGINE_UNAVAILABLE,
     Admitted,
@@ -51,9 +52,6 @@ from deployments.stream_channel import CHANNEL_HOST_ENV, ChannelClosed, StreamCh
 
 logger = logging.getLogger("rayroute.engine")
 
-# An engine that holds requests but has made no token for this long is stuck; its replica reports unhealthy.
-# Generous, because one prefill of a long prompt on a big model is one long step.
-STALL_TIMEOUT_S = 120.0
 
 
 class EngineProgress:
@@ -184,7 +182,8 @@ def _node_address() -> str:
 
 
 class VLLMEngine:
-    """One replica: a vLLM ``AsyncLLM`` plus vLLM's OpenAI serving objects for it."""
+    """One replica: a vLLM ``AsyncLLM`` plus vLLM's OpenAI serving objects for it. Implements
+    :class:`deployments.interface.EngineReplica`, what the router calls."""
 
     async def __init__(self, model: ModelConfig) -> None:
         self.model = model

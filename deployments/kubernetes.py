@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.api_keys import ApiKey
 from deployments.config import ServeArgs
-from router.auth import ApiKey
 
-# The Ray resource only the head node has; the routers ask for it (``serve.ingress.ray_resources``).
-INGRESS_RESOURCE = "rayroute_ingress"
+# The Ray resource only the head node has; the routers ask for it (``serve.routers.ray_resources``).
+ROUTER_RESOURCE = "rayroute_router"
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _Object = dict[str, Any]
@@ -147,7 +147,7 @@ NGINX_STREAMING_ANNOTATIONS = {
 
 
 class IngressResource(_Values):
-    """A Kubernetes Ingress in front of the Service (not `serve.ingress`, the routers)."""
+    """A Kubernetes Ingress in front of the Service (not `serve.routers`)."""
 
     enabled: bool = False
     className: str = ""

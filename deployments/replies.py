@@ -14,6 +14,7 @@ with tool calls finishing with ``"tool_calls"`` (vLLM 0.32 says ``"stop"`` when 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import SimpleNamespace
@@ -138,7 +139,7 @@ def validation_error(errors: list[dict[str, Any]], body: Any, root: str | None =
     """
     specific = [e for e in errors if not e["type"].endswith("_type")]
     first = (specific or errors)[0]
-    param = _param_path(first["loc"], body)
+    param = field_path(first["loc"], body)
     message = first["msg"].removeprefix("Value error, ")
     if root and not param:
         # Drop union members' class names (``ChatCompletionContentPartTextParam``): they mean nothing to a client.
@@ -151,13 +152,20 @@ def validation_error(errors: list[dict[str, Any]], body: Any, root: str | None =
     return ErrorReply(400, f"{param}: {message}" if param else message, "invalid_request_error", param or None, code)
 
 
-def _param_path(loc: tuple[Any, ...], body: Any) -> str:
-    """Follow ``loc`` through ``body``, keeping the steps that exist in it (keys, list indexes) and skipping the
-    union-member and validator tags pydantic inserts. A missing field, last in ``loc``, is named all the same."""
-    path, node = "", body
+def field_path(loc: tuple[Any, ...], data: Any, label: Callable[[Any], str | None] | None = None) -> str:
+    """Where a pydantic error is, as the sender of ``data`` would name it: ``messages[0].role``.
+
+    Follows ``loc`` through ``data``, keeping the steps that exist in it (keys, list indexes) and skipping the
+    union-member and validator tags pydantic inserts; a missing field, last in ``loc``, is named all the same.
+    ``label`` may add a name to a list item's index (the config names models: ``models[0 smollm2]``). Used for both
+    a request's ``param`` and a config file's error locations.
+    """
+    path, node = "", data
     for depth, part in enumerate(loc):
         if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            path, node = f"{path}[{part}]", node[part]
+            node = node[part]
+            named = label(node) if label else None
+            path = f"{path}[{part} {named}]" if named else f"{path}[{part}]"
         elif isinstance(node, dict) and isinstance(part, str) and (
             part in node or (depth == len(loc) - 1 and (path or depth == 0))
         ):

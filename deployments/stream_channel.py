@@ -17,10 +17,11 @@ the first take this way::
               the text and the counts so far)        keeping the counts
             returns                       ────────► (the call's end)
 
-The URL holds a random token (128 bits) that is good for one connection, within :data:`CONNECT_TIMEOUT_S`; the
-server listens on a free port of the replica's node address, like Ray's own worker ports (on a one-machine
-cluster, which ``make serve`` starts, on 127.0.0.1). When the router drops the connection
-(its client left), the next write fails and the replica stops vLLM's generator, which aborts the request.
+The URL holds a random token (128 bits) that is good for one connection, within
+:data:`~deployments.constants.CHANNEL_OFFER_TIMEOUT_S`; the server listens on a free port of the replica's node
+address, like Ray's own worker ports (on a one-machine cluster, which ``make serve`` starts, on 127.0.0.1). When the
+router drops the connection (its client left), the next write fails and the replica stops vLLM's generator, which
+aborts the request.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.constants import CHANNEL_OFFER_TIMEOUT_S
+
 logger = logging.getLogger("rayroute.engine")
 
-# How long an offered stream waits for its router to connect; a router that does not come within this has gone.
-CONNECT_TIMEOUT_S = 30.0
 # The path of a stream's URL; the token follows it.
 STREAM_PATH = "/streams/"
 # Each write is a frame: this header (the SSE text's length in bytes, then the stream's prompt and completion tokens
@@ -62,11 +63,11 @@ class Link:
     async def writer(self) -> Any:
         """The connection's response (aiohttp ``StreamResponse``), once the router has opened it."""
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            async with asyncio.timeout(CHANNEL_OFFER_TIMEOUT_S):
                 return await asyncio.shield(self.connected)
         except TimeoutError:
             self.close()  # unclaimed, it must not pile up (a router that died between the first event and now)
-            raise ChannelClosed(f"no router connected to {self.url} within {CONNECT_TIMEOUT_S:g}s") from None
+            raise ChannelClosed(f"no router connected to {self.url} within {CHANNEL_OFFER_TIMEOUT_S:g}s") from None
 
     def close(self) -> None:
         """The stream is over (or abandoned): end the router's response."""
@@ -102,7 +103,7 @@ class StreamChannel:
 
     def offer(self) -> Link:
         """A new stream's link; it stays claimable until it is closed, which :meth:`Link.writer` does when no router
-        has come within :data:`CONNECT_TIMEOUT_S`."""
+        has come within :data:`CHANNEL_OFFER_TIMEOUT_S`."""
         token = next(self._tokens)
         loop = asyncio.get_running_loop()
         link = Link(f"{self._base_url}{STREAM_PATH}{token}", loop.create_future(), loop.create_future())

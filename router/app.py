@@ -14,6 +14,12 @@ from ray.serve.schema import LoggingConfig
 
 from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import ModelConfig, ServeArgs, check_engine_args, parse_args
+from deployments.constants import (
+    HEALTH_CHECK_PERIOD_S,
+    HEALTH_CHECK_TIMEOUT_S,
+    KEY_LIMITS_MAX_ONGOING,
+    PLACEMENT_STRATEGY,
+)
 from deployments.engine import VLLMEngine
 from router.ingress import Router
 from router.limits import KeyLimits
@@ -30,17 +36,17 @@ def build_app(args: dict[str, Any]) -> Application:
     engines = {model.id: engine_deployment(model).bind(model) for model in config.models}
     # One replica, so every router replica sees the same buckets; it holds a few floats per key.
     limits = serve.deployment(KeyLimits).options(
-        name="key-limits", num_replicas=1, max_ongoing_requests=4096, logging_config=SERVE_LOGGING,
-        ray_actor_options={"num_cpus": 0, "resources": dict(config.ingress.ray_resources)}).bind()
+        name="key-limits", num_replicas=1, max_ongoing_requests=KEY_LIMITS_MAX_ONGOING, logging_config=SERVE_LOGGING,
+        ray_actor_options={"num_cpus": 0, "resources": dict(config.routers.ray_resources)}).bind()
     return router_deployment(config).bind(config.model_dump(mode="json"), engines, limits)
 
 
 def router_deployment(config: ServeArgs) -> serve.Deployment:
     return Router.options(
-        num_replicas=config.ingress.replicas,
-        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        num_replicas=config.routers.replicas,
+        max_ongoing_requests=config.routers.max_ongoing_requests,
         logging_config=SERVE_LOGGING,
-        ray_actor_options={"resources": dict(config.ingress.ray_resources)},
+        ray_actor_options={"resources": dict(config.routers.ray_resources)},
         # A router replica stops (redeploy) only once its streams have ended, as long as any model's would.
         graceful_shutdown_timeout_s=max(model.drain_timeout_s for model in config.models),
     )
@@ -61,10 +67,9 @@ def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> se
             "runtime_env": {"env_vars": {**model.resources.engine_env(), **model.env}},
         },
         placement_group_bundles=model.resources.placement_group_bundles(),
-        placement_group_strategy="STRICT_PACK",
-        # A health check is an engine ping plus a stall check; three failures in a row and Serve replaces it.
-        health_check_period_s=5,
-        health_check_timeout_s=30,
+        placement_group_strategy=PLACEMENT_STRATEGY,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).
         graceful_shutdown_timeout_s=model.drain_timeout_s,
     )

@@ -2,8 +2,8 @@
 
 Keys come from the environment (on Kubernetes, a Secret), never from the Serve config, which Ray shows in its
 dashboard and the chart renders into a ConfigMap-visible resource. ``RAYROUTE_API_KEYS`` holds either plain keys,
-comma-separated (each may do everything), or a JSON list of :class:`ApiKey` objects; ``RAYROUTE_API_KEYS_FILE``
-names a YAML or JSON file holding such a list (a mounted Secret):
+comma-separated (each may do everything), or a JSON list of keys (:class:`deployments.api_keys.ApiKey`);
+``RAYROUTE_API_KEYS_FILE`` names a YAML or JSON file holding such a list (a mounted Secret):
 
     - name: team-search                 # shown in logs and metrics instead of the key
       key: sk-...
@@ -23,31 +23,14 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError
+from pydantic import SecretStr, TypeAdapter, ValidationError
 
+from deployments.api_keys import ApiKey
 from deployments.replies import ErrorReply
 
 API_KEYS_ENV = "RAYROUTE_API_KEYS"
 API_KEYS_FILE_ENV = "RAYROUTE_API_KEYS_FILE"
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-class ApiKey(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, max_length=64)
-    key: SecretStr = Field(min_length=8)
-    models: list[str] | None = Field(None, description="Model names (ids or aliases) this key may use.")
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-
-    @property
-    def limited(self) -> bool:
-        return bool(self.requests_per_minute or self.tokens_per_minute)
-
-    def may_use(self, requested: str, model_id: str) -> bool:
-        """Allowed when the name sent, or the model it routes to, is listed."""
-        return self.models is None or requested in self.models or model_id in self.models
 
 
 class ApiKeyConfigError(ValueError):

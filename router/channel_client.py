@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import aiohttp
 
+from deployments.constants import CHANNEL_CONNECT_TIMEOUT_S
 from deployments.stream_channel import FRAME
-
-# Opening a channel is one request to a replica that is waiting for it; a replica that does not answer is gone.
-CONNECT_TIMEOUT_S = 10.0
 
 
 class ChannelError(Exception):
@@ -31,7 +29,7 @@ class ChannelClient:
         if self._session is None:  # here, on the loop that will use it
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),  # bounded by the streams themselves
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CHANNEL_CONNECT_TIMEOUT_S),
                 auto_decompress=False)
         try:
             response = await self._session.get(url)

@@ -24,19 +24,16 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.config import ModelConfig
+from deployments.constants import RETRY_PAUSE_MAX_S, RETRY_PAUSE_S, UNAVAILABLE_RETRY_AFTER_S
+from deployments.interface import Endpoint
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, EngineItem, ErrorReply
 from router.errors import OpenAIError
 from router.telemetry import RequestRecord
 
-# Between attempts at a request whose replica failed: long enough for Serve to notice, short next to a timeout.
-RETRY_PAUSE_S, RETRY_PAUSE_MAX_S = 0.25, 2.0
-# What a 503 (no replica within the queue timeout) tells clients to wait: about the time a replica takes to start.
-UNAVAILABLE_RETRY_AFTER_S = 10.0
-
 logger = logging.getLogger("rayroute.router")
 
 
-async def call_engine(handle: DeploymentHandle, endpoint: str, model: ModelConfig, payload: dict[str, Any],
+async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: ModelConfig, payload: dict[str, Any],
                       record: RequestRecord, streaming: bool) -> tuple[EngineItem, DeploymentResponseGenerator]:
     """The engine's first answer (an error, a whole reply, or a stream's first chunk) and the stream it came on;
     raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed twice."""

@@ -25,9 +25,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from deployments.api_keys import ApiKey
 from deployments.config import ModelConfig, ServeArgs
+from deployments.interface import Endpoint
 from deployments.replies import Chunk, ErrorReply, FullReply
-from router.auth import ApiKey, ApiKeyAuth, load_api_keys
+from router.auth import ApiKeyAuth, load_api_keys
 from router.channel_client import Channel, ChannelClient
 from router.dispatch import call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
@@ -71,7 +73,7 @@ class OpenAIRouter:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self)
 
-    async def forward(self, endpoint: str, body: ChatCompletionBody | CompletionBody | EmbeddingBody,
+    async def forward(self, endpoint: Endpoint, body: ChatCompletionBody | CompletionBody | EmbeddingBody,
                       request: Request) -> Response:
         """Send a checked request to its model's engine and answer with what comes back."""
         model = self.models.get(body.model)

@@ -138,7 +138,7 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
 
     context = ray.init(
         num_cpus=logical_cpus(config),
-        resources=ingress_resources(config),
+        resources=router_resources(config),
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         runtime_env=ray_runtime_env(),
@@ -194,17 +194,17 @@ def logical_cpus(config: ServeArgs) -> int:
 
     vLLM's CPU engine uses its threads however Ray counts them; the count only has to let every replica place.
     """
-    needed = config.ingress.replicas + sum(
+    needed = config.routers.replicas + sum(
         sum(b.get("CPU", 0) for b in m.resources.placement_group_bundles()) * max(m.autoscaling.max_replicas, 1)
         for m in config.models
     )
     return max(os.cpu_count() or 1, math.ceil(needed))
 
 
-def ingress_resources(config: ServeArgs) -> dict[str, float]:
-    """The custom resources the routers and the key-limits replica ask for (``ingress.ray_resources``): on
+def router_resources(config: ServeArgs) -> dict[str, float]:
+    """The custom resources the routers and the key-limits replica ask for (``routers.ray_resources``): on
     Kubernetes only the head has them; here the one node is the head."""
-    return {name: amount * (config.ingress.replicas + 1) for name, amount in config.ingress.ray_resources.items()}
+    return {name: amount * (config.routers.replicas + 1) for name, amount in config.routers.ray_resources.items()}
 
 
 def check_local_sources(config: ServeArgs) -> None:

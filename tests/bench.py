@@ -39,7 +39,7 @@ import httpx
 import psutil
 import yaml
 
-from router.launch import free_port
+from tests.harness import cpu_seconds, free_port, machine_busy, percentile, start_launcher, wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are reviewing a city guide. Summarise, in plain prose, what a first-time visitor to Lyon should "
@@ -67,13 +67,6 @@ class Block:
     machine_cpu_s: float
     ttfts: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, list[float], int,
@@ -150,20 +143,6 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in processes:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-def machine_busy() -> float:
-    times = psutil.cpu_times()
-    return times.user + times.nice + times.system + times.irq + times.softirq
-
-
 def run_block(server: Server, model: str, tokens: int, concurrency: int, requests: int) -> Block:
     processes = server.path_processes()
     cpu, machine = cpu_seconds(processes), machine_busy()
@@ -175,31 +154,14 @@ def run_block(server: Server, model: str, tokens: int, concurrency: int, request
     return block
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        time.sleep(2)
-    raise SystemExit(f"{url} not ready after {timeout}s")
-
-
 def start_rayroute(document: dict, model: dict, workdir: Path, log: Path) -> Server:
     app = document["applications"][0]
     document = {**document, "applications": [{**app, "args": {**app["args"], "models": [model]}}]}
     config = workdir / f"bench-{model['id']}.yaml"
     config.write_text(yaml.safe_dump(document))
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAYROUTE_API_KEYS", "RAYROUTE_API_KEYS_FILE")}
-    process = subprocess.Popen([sys.executable, "-m", "router.launch", str(config), "--port", str(port),
-                                "--metrics-port", str(free_port())], cwd=ROOT, env=env, stdout=log.open("w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(base + "/ready", process)
-    return Server("rayroute", process, base)
+    cluster = start_launcher(config, log, env)
+    return Server("rayroute", cluster.process, cluster.base_url)
 
 
 def start_bare_vllm(model: dict, log: Path) -> Server:
@@ -222,7 +184,7 @@ def start_bare_vllm(model: dict, log: Path) -> Server:
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base + "/health", process)
+    wait_until_ready(base + "/health", process, log)
     return Server("vllm", process, base)
 
 

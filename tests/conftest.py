@@ -1,113 +1,23 @@
-"""One real local cluster for the whole test session, started exactly as `make serve` starts it.
+"""Fixtures and hooks only; what tests share besides them is in :mod:`tests.harness`.
 
-The cluster serves the default model twice (the second copy under an id with `/` and `:`) so routing by model name
-is observable: each engine answers under its own id. It requires an API key, so auth is on for every test.
-Everything below is marked `e2e` by the fixture's users; `pytest -m 'not e2e'` never starts it.
+``cluster`` is one real local cluster for the whole test session, started exactly as ``make serve`` starts it, on
+:func:`tests.harness.e2e_config`. Its users are marked ``e2e``; ``pytest -m 'not e2e'`` never starts it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
-import psutil
 import pytest
-import yaml
 
-from router.launch import free_port  # noqa: F401 - the tests' one free-port helper, re-exported
-
-# Ray turns token auth on for a new local cluster, but a client connecting later sends the token only in token
-# mode, which Ray reads once per process: set it before anything here imports Ray.
-os.environ["RAY_AUTH_MODE"] = "token"
-
-ROOT = Path(__file__).resolve().parent.parent
-API_KEY = "sk-test-" + "0123456789abcdef"
-LIMITED_KEY = "sk-limited-" + "0123456789"  # may use the default chat and embedding models, 4 requests a minute
-TOKENS_KEY = "sk-tokens-" + "0123456789"  # 60 tokens a minute
-API_KEYS = [
-    {"name": "tests", "key": API_KEY},
-    {"name": "other", "key": "sk-other-key"},
-    {"name": "limited", "key": LIMITED_KEY, "models": ["smollm2-135m-instruct", "all-minilm-l6-v2"],
-     "requests_per_minute": 4},
-    {"name": "tokens", "key": TOKENS_KEY, "tokens_per_minute": 60},
-]
-DEFAULT_MODEL = "smollm2-135m-instruct"
-SECOND_MODEL = "acme/smollm2-135m:copy"  # also the backpressure subject: one request at a time, one queued
-ELASTIC_MODEL = "smollm2-elastic"  # autoscaled 1-2 on engine load, with short delays; failures happen to it
-COLD_MODEL = "smollm2-cold"  # scales to zero
-UNPLACEABLE_MODEL = "needs-a-gpu"  # min_replicas 0 and a GPU this machine lacks: no replica ever starts
-QUEUE_TIMEOUT_UNPLACEABLE_S = 3
-TOTAL_TIMEOUT_SECOND_S = 40  # SECOND_MODEL's requests end after this long
-INGRESS_REPLICAS = 2
-ALIAS = "gpt-4o-mini"
-METRICS_ALIAS = "metrics-probe"  # a name only the metrics tests use, so their counters see no other traffic
-EMBEDDING_MODEL = "all-minilm-l6-v2"
-MAX_REQUEST_BYTES = 1024 * 1024
-STARTUP_TIMEOUT_S = float(os.environ.get("RAYROUTE_TEST_STARTUP_TIMEOUT", "600"))
+from tests.harness import API_KEYS, RAY_AUTH_ENV, Cluster, HarnessError, e2e_config, launched
 
 
-def clients_python() -> Path:
-    """The Python of the clients' environment (LangChain, LlamaIndex, schemathesis), which `make test` builds."""
-    python = Path(os.environ.get("RAYROUTE_CLIENTS_VENV", ROOT / ".venv-clients")) / "bin" / "python"
-    if not python.exists():
-        pytest.fail(f"no clients environment at {python.parent.parent}: run `make clients` (part of `make test`)")
-    return python
-
-
-@dataclass
-class Cluster:
-    base_url: str
-    metrics_port: int
-    process: subprocess.Popen
-    log: Path
-    config: Path
-
-    def client(self, api_key: str | None = API_KEY):
-        import openai
-
-        return openai.OpenAI(base_url=self.base_url + "/v1", api_key=api_key or "none", max_retries=0, timeout=120)
-
-    def connect(self) -> None:
-        """Join this cluster's Ray as a driver (once per test process), as `serve deploy` or an operator would."""
-        import ray
-
-        if not ray.is_initialized():
-            # This cluster's address, from the launcher's banner: "auto" could find another cluster on the machine.
-            address = re.search(r"Ray cluster: (\S+)", self.log.read_text()).group(1)
-            ray.init(address=address, namespace="serve", log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-
-    def engine_info(self, model_id: str) -> dict:
-        """Ask an engine replica directly, through Ray, what it is running."""
-        from ray import serve
-
-        from deployments.config import engine_deployment_name
-
-        self.connect()
-        handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
-        return handle.engine_info.remote().result(timeout_s=30)
-
-    def replicas(self, model_id: str) -> dict[str, int]:
-        """The model's replicas by state (RUNNING, STARTING, STOPPING, ...), as Serve reports them."""
-        from ray import serve
-
-        from deployments.config import engine_deployment_name
-
-        self.connect()
-        app = serve.status().applications["rayroute"]
-        deployment = app.deployments.get(engine_deployment_name(model_id))
-        return dict(deployment.replica_states) if deployment else {}
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.update(RAY_AUTH_ENV)  # before any test module imports Ray (see RAY_AUTH_ENV)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -116,51 +26,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # other test sees the shared cluster as it was started.
     items.sort(key=lambda item: ("cluster" in getattr(item, "fixturenames", ()),
                                  item.get_closest_marker("disruptive") is not None))
-
-
-def test_config(tmp_path: Path) -> Path:
-    """configs/local.yaml plus the models the tests need, all through the same schema and defaults:
-
-    - a second copy of the chat model (marked multimodal, so images pass the router), which takes one request at a
-      time and queues one more, so a third is refused (backpressure);
-    - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds), a copy that scales to zero, and a
-      model whose replicas cannot be placed;
-    - two router replicas, so per-key limits are shown to hold across them.
-    """
-    document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
-    args = document["applications"][0]["args"]
-    args["max_request_bytes"] = MAX_REQUEST_BYTES
-    # The routers ask for the Ray resource the Helm chart gives only the head node; the launcher gives it to its one.
-    args["ingress"] = {"replicas": INGRESS_REPLICAS, "ray_resources": {"rayroute_ingress": 1}}
-    models = args["models"]
-    first = models[0]
-    first["aliases"] = [ALIAS, METRICS_ALIAS]
-    # One compute thread for the copies: with several busy engines on two cores, more would only fight over them.
-    one_cpu = {**first["resources"], "cpus": 1}
-    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True, "resources": one_cpu,
-                   "max_ongoing_requests": 1, "max_queued_requests": 1,
-                   "timeouts": {"total_s": TOTAL_TIMEOUT_SECOND_S}})
-    models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu, "drain_timeout_s": 120,
-                   "autoscaling": {"policy": "engine_load", "min_replicas": 1, "max_replicas": 2,
-                                   "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 20,
-                                   "look_back_period_s": 10}})
-    # No engine makes a first token within a millisecond: every stream to it ends in 408 (whole answers do not
-    # have a first-token timeout).
-    models.append({**first, "id": COLD_MODEL, "aliases": [], "resources": one_cpu,
-                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 30},
-                   "timeouts": {"first_token_s": 0.001}})
-    models.append({**first, "id": UNPLACEABLE_MODEL, "aliases": [], "resources": {"accelerator": "gpu"},
-                   # Once asked for, its replica stays wanted: Ray's policy does not scale down a deployment with
-                   # no running replica, so the application never counts as running again (see the redeploy test).
-                   "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
-                   "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
-    for model in models:
-        model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
-        if model is not first:  # the copies' engines hold 256 MiB of KV cache, not 1 GiB: seven fit in memory
-            model["engine_args"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
-    path = tmp_path / "e2e.yaml"
-    path.write_text(yaml.safe_dump(document))
-    return path
 
 
 class _Collect(logging.Handler):
@@ -186,91 +51,15 @@ def access_log_lines() -> Iterator[list[str]]:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
-    config = test_config(tmp)
+    config = e2e_config(tmp)
     # Ray exports metrics every 10 s by default; each second keeps the metrics tests short.
     # Replicas and handles report autoscaling metrics every 10 s by default; each second keeps the scaling tests
     # short.
     env = {**os.environ, "RAYROUTE_API_KEYS": json.dumps(API_KEYS), "RAY_DEDUP_LOGS": "0",
            "RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
-    with launched(config, tmp / "serve.log", env) as cluster:
-        yield cluster
-
-
-@contextlib.contextmanager
-def launched(config: Path, log: Path, env: dict[str, str]) -> Iterator[Cluster]:
-    """``make serve``'s launcher on ``config``, on free ports of 127.0.0.1, once it is ready; on exit, stopped with
-    Ctrl-C and checked to leave no process behind."""
-    port, metrics_port = free_port(), free_port()
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "router.launch", str(config), "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", str(metrics_port)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log, config)
     try:
-        wait_ready(cluster)
-        yield cluster
-    finally:
-        stop_and_check(process, log)
-
-
-def wait_ready(cluster: Cluster) -> None:
-    """The models answer and the launcher has printed its banner (which :meth:`Cluster.connect` reads; /ready can
-    answer a moment before the launcher's deploy call returns)."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if cluster.process.poll() is not None:
-            pytest.fail(f"the cluster exited with {cluster.process.returncode}:\n{tail(cluster.log)}")
-        try:
-            if (httpx.get(cluster.base_url + "/ready", timeout=5).status_code == 200
-                    and "Ray cluster: " in cluster.log.read_text(errors="replace")):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"the cluster was not ready after {STARTUP_TIMEOUT_S:.0f}s:\n{tail(cluster.log)}")
-
-
-def stop_and_check(process: subprocess.Popen, log: Path) -> None:
-    """Ctrl-C must stop every process the launcher started (Ray's raylet, GCS, workers, vLLM engine cores)."""
-    import ray
-
-    if ray.is_initialized():  # the tests' own connection, opened by Cluster.engine_info
-        ray.shutdown()
-    try:
-        started = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        started = []
-    # The Ray processes are daemonized away from the launcher's tree, but stay in its session.
-    session = [p for p in psutil.process_iter() if _session_of(p) == process.pid]
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"the launcher did not stop within 120s of Ctrl-C:\n{tail(log)}")
-    _, alive = psutil.wait_procs(set(started) | set(session), timeout=60)
-    if alive:
-        names = [f"{p.pid}:{_name(p)}" for p in alive]
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"processes left running after Ctrl-C: {names}")
-
-
-def _session_of(proc: psutil.Process) -> int | None:
-    try:
-        return os.getsid(proc.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())[:80]
-    except psutil.Error:
-        return "?"
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with launched(config, tmp / "serve.log", env) as started:
+            yield started
+    except HarnessError as exc:
+        pytest.fail(str(exc))

@@ -58,9 +58,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Ray turns token auth on for a new local cluster, but a client connecting later sends the token only in token
-# mode, which Ray reads once per process: set it before anything here imports Ray (as tests/conftest.py does).
-os.environ["RAY_AUTH_MODE"] = "token"
+from tests.harness import RAY_AUTH_ENV, cpu_seconds, free_port, machine_busy, percentile
+
+os.environ.update(RAY_AUTH_ENV)  # before anything here imports Ray
 
 APP_NAME = "rayroute"
 MODEL_ID = "fake-model"
@@ -219,9 +219,9 @@ class Sampler:
         self.processes = processes
         self.peak_rss = dict.fromkeys(processes, 0)
         self.peak_fds = dict.fromkeys(processes, 0)
-        self.cpu_start = {role: _cpu(p) for role, p in processes.items()}
+        self.cpu_start = {role: cpu_seconds([p]) for role, p in processes.items()}
         self.cpu_s: dict[str, float] = {}
-        self.machine_start = _machine_busy()
+        self.machine_start = machine_busy()
         self.machine_busy_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -234,8 +234,8 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self._sample()
-        self.cpu_s = {role: _cpu(p) - self.cpu_start[role] for role, p in self.processes.items()}
-        self.machine_busy_s = _machine_busy() - self.machine_start
+        self.cpu_s = {role: cpu_seconds([p]) - self.cpu_start[role] for role, p in self.processes.items()}
+        self.machine_busy_s = machine_busy() - self.machine_start
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -249,19 +249,6 @@ class Sampler:
             with contextlib.suppress(psutil.Error):
                 self.peak_rss[role] = max(self.peak_rss[role], process.memory_info().rss)
                 self.peak_fds[role] = max(self.peak_fds[role], process.num_fds())
-
-
-def _cpu(process: Any) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
-def _machine_busy() -> float:
-    """CPU seconds the whole machine has been busy: beside ours, this shows any other work that shared the cores."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return times.user + times.nice + times.system + times.irq + times.softirq
 
 
 def rss(processes: dict[str, Any]) -> dict[str, int]:
@@ -316,7 +303,7 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
 
     from deployments.config import ServeArgs
     from router.app import engine_deployment, router_deployment
-    from router.launch import free_port, ray_process_env, ray_runtime_env
+    from router.launch import ray_process_env, ray_runtime_env
     from tests.fake_engine import FakeEngine
 
     # The router reads its keys from the environment its replica inherits; with keys on, auth is part of the path.
@@ -430,13 +417,6 @@ def peak_overlap(spans: list[tuple[float, float]]) -> int:
         current += step
         peak = max(peak, current)
     return peak
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def run_level(pool: ProcessPoolExecutor, base_url: str, markers: dict[str, str], name: str, concurrency: int,

@@ -21,9 +21,11 @@ import sys
 import threading
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported; see tests/conftest.py
+import httpx
 
-import httpx  # noqa: E402
+from tests.harness import RAY_AUTH_ENV, free_port
+
+os.environ.update(RAY_AUTH_ENV)  # before Ray is imported
 
 MODEL = "smollm2-135m-instruct"
 LOAD_THREADS = 6
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     from router.app import build_app
-    from router.launch import free_port, ray_process_env, ray_runtime_env
+    from router.launch import ray_process_env, ray_runtime_env
 
     port = options.port or free_port()
     # Serve as `make serve` and the chart run it (HAProxy front, throughput mode): how a node's loss reaches a

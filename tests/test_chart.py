@@ -30,7 +30,7 @@ import yaml
 
 from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import parse_args
-from deployments.kubernetes import INGRESS_RESOURCE, ChartValues, WorkerGroup, WorkerSettings, values_json_schema
+from deployments.kubernetes import ROUTER_RESOURCE, ChartValues, WorkerGroup, WorkerSettings, values_json_schema
 from router.auth import API_KEYS_FILE_ENV, load_api_keys
 from router.launch import SERVE_ENV
 from tests.helm_binary import HELM_SHA256, HELM_VERSION
@@ -291,9 +291,9 @@ def test_serve_config_is_what_values_say_and_deploys(scenario: Path) -> None:
 
     # One source of truth: the models in values reach the Serve config untouched; only the routers' pin is added.
     expected = copy.deepcopy(merged_values(scenario)["serve"])
-    expected.setdefault("ingress", {})["ray_resources"] = {INGRESS_RESOURCE: 1}
+    expected.setdefault("routers", {})["ray_resources"] = {ROUTER_RESOURCE: 1}
     assert app["args"] == expected
-    assert args.ingress.ray_resources == {INGRESS_RESOURCE: 1}
+    assert args.routers.ray_resources == {ROUTER_RESOURCE: 1}
     for model in args.models:
         AutoscalingConfig(**serve_autoscaling_config(model.autoscaling))
     build_app(app["args"])  # also checks every engine argument name against vLLM's own
@@ -316,13 +316,13 @@ def test_every_gpu_model_fits_a_worker_group(scenario: Path) -> None:
     args = parse_args(serve_config(docs)["applications"][0]["args"])
     head_resources = json.loads(json.loads(spec["headGroupSpec"]["rayStartParams"]["resources"]))
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
-    assert all(head_resources.get(name, 0) >= amount for name, amount in args.ingress.ray_resources.items())
+    assert all(head_resources.get(name, 0) >= amount for name, amount in args.routers.ray_resources.items())
     groups = []
     for group in spec.get("workerGroupSpecs", []):
         (container,) = group["template"]["spec"]["containers"]
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
         declared = json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
-        assert INGRESS_RESOURCE not in declared
+        assert ROUTER_RESOURCE not in declared
         groups.append((gpus, declared))
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert spec["enableInTreeAutoscaling"] is True
@@ -574,8 +574,8 @@ BAD_VALUES = {
         {"workerGroups": []},
         "serve.models[0] (qwen2.5-1.5b-instruct) needs 1 GPU(s) on one pod"),
     "more routers than head CPUs": (
-        {"serve": {"ingress": {"replicas": 5}}, "head": {"resources": {"limits": {"cpu": "4000m"}}}},
-        "serve.ingress.replicas: 5 routers need 5 CPUs on the head, but head.resources gives it 4000m"),
+        {"serve": {"routers": {"replicas": 5}}, "head": {"resources": {"limits": {"cpu": "4000m"}}}},
+        "serve.routers.replicas: 5 routers need 5 CPUs on the head, but head.resources gives it 4000m"),
     "group min above max": (
         {"workerGroups": [{"name": "gpu", "minReplicas": 3, "maxReplicas": 2}]},
         "workerGroups gpu: minReplicas (3) exceeds maxReplicas (2)"),
@@ -614,12 +614,12 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
     itself is missing: the routers' pin to the head's Ray resource, the proxy and the keys all run for real."""
     import httpx
 
-    from tests.conftest import launched
+    from tests.harness import launched
 
     local = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0]["args"]["models"][0]
     model = {**local, "engine_args": {**local["engine_args"], "kv_cache_memory_bytes": 256 * 1024 * 1024}}
     key = "sk-chart-" + "0123456789abcdef"
-    override = {"serve": {"models": [model], "ingress": {"replicas": 1}}, "workerGroups": [],
+    override = {"serve": {"models": [model], "routers": {"replicas": 1}}, "workerGroups": [],
                 "apiKeys": {"keys": [{"name": "chart-test", "key": key}]}}
     result = template(CHART / "ci" / "open-endpoint-values.yaml", extra=override, tmp=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Cluster
+from tests.harness import ROOT, Cluster
 
 pytestmark = pytest.mark.e2e
 

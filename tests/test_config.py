@@ -58,7 +58,7 @@ def test_scaling_limits_and_timeouts_defaults() -> None:
     assert (model.autoscaling.policy, model.autoscaling.target_ongoing_requests) == ("requests", 16)
     assert (model.max_ongoing_requests, model.max_queued_requests, model.drain_timeout_s) == (64, 256, 300)
     assert (model.timeouts.queue_s, model.timeouts.first_token_s, model.timeouts.total_s) == (300, 120, 900)
-    assert (config.ingress.replicas, config.ingress.max_ongoing_requests) == (1, 4096)
+    assert (config.routers.replicas, config.routers.max_ongoing_requests) == (1, 4096)
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -72,8 +72,8 @@ def test_bad_scaling_settings_are_named(fields: dict, message: str) -> None:
     assert message in error_of(with_model(**fields))
 
 
-def test_ingress_replicas_must_be_positive() -> None:
-    assert "ingress.replicas: Input should be greater than or equal to 1" in error_of({**GOOD, "ingress": {
+def test_router_replicas_must_be_positive() -> None:
+    assert "routers.replicas: Input should be greater than or equal to 1" in error_of({**GOOD, "routers": {
         "replicas": 0}})
 
 
@@ -101,7 +101,7 @@ def test_no_models() -> None:
 
 @pytest.mark.parametrize("bad_id", ["has space", "", "-leading", "new\nline"])
 def test_model_id_shape(bad_id: str) -> None:
-    assert "not a valid model name" in error_of(with_model(id=bad_id)) or "id" in error_of(with_model(id=bad_id))
+    assert f"].id: {bad_id!r} is not a valid model name" in error_of(with_model(id=bad_id))
 
 
 @pytest.mark.parametrize("good_id", ["Qwen/Qwen2.5-7B-Instruct", "gemma3:27b", "a", "org/m@v1+x"])
@@ -213,10 +213,10 @@ def test_launcher_names_a_missing_model_folder(tmp_path: Path) -> None:
 
 def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:
     from router.app import router_deployment
-    from router.launch import ingress_resources
+    from router.launch import router_resources
 
-    args = parse_args({**GOOD, "ingress": {"replicas": 2, "ray_resources": {"rayroute_ingress": 1}}})
-    assert router_deployment(args).ray_actor_options["resources"] == {"rayroute_ingress": 1}
-    assert ingress_resources(args) == {"rayroute_ingress": 3}  # two routers and the key-limits replica
-    assert "`GPU` is not a custom resource" in error_of({**GOOD, "ingress": {"ray_resources": {"GPU": 1}}})
-    assert "must be a positive amount" in error_of({**GOOD, "ingress": {"ray_resources": {"x": 0}}})
+    args = parse_args({**GOOD, "routers": {"replicas": 2, "ray_resources": {"rayroute_router": 1}}})
+    assert router_deployment(args).ray_actor_options["resources"] == {"rayroute_router": 1}
+    assert router_resources(args) == {"rayroute_router": 3}  # two routers and the key-limits replica
+    assert "`GPU` is not a custom resource" in error_of({**GOOD, "routers": {"ray_resources": {"GPU": 1}}})
+    assert "must be a positive amount" in error_of({**GOOD, "routers": {"ray_resources": {"x": 0}}})

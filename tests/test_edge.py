@@ -48,7 +48,7 @@ class FakeStream:
         self.cancelled = True
 
 
-class FakeEngine:
+class FakeHandle:
     """Stands in for a model's DeploymentHandle; records what it was sent."""
 
     def __init__(self, model_id: str, answer: Callable[[str, dict], list[Any]]):
@@ -56,7 +56,7 @@ class FakeEngine:
         self.answer = answer
         self.calls: list[tuple[str, dict]] = []
 
-    def options(self, **_: Any) -> FakeEngine:
+    def options(self, **_: Any) -> FakeHandle:
         return self
 
     def __getattr__(self, endpoint: str) -> SimpleNamespace:
@@ -80,12 +80,12 @@ def echo_answer(model_id: str) -> Callable[[str, dict], list[Any]]:
 
 
 @pytest.fixture
-def engines() -> dict[str, FakeEngine]:
-    return {mid: FakeEngine(mid, echo_answer(mid)) for mid in ("chat-a", "org/chat-b:v1")}
+def engines() -> dict[str, FakeHandle]:
+    return {mid: FakeHandle(mid, echo_answer(mid)) for mid in ("chat-a", "org/chat-b:v1")}
 
 
 @pytest.fixture
-def client(engines: dict[str, FakeEngine], monkeypatch: pytest.MonkeyPatch) -> TestClient:
+def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
     monkeypatch.setenv("RAYROUTE_API_KEYS", f"sk-other,{KEY}")
     return TestClient(build_http_app(OpenAIRouter(CONFIG, engines)), raise_server_exceptions=False)
 

@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.harness import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster, free_port
+from tests.harness import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import (
+from tests.harness import (
     ALIAS,
     API_KEY,
     DEFAULT_MODEL,
@@ -182,6 +182,12 @@ def test_optional_tool_choice(client: openai.OpenAI, tool_choice: str) -> None:
     choice = reply.choices[0]
     if tool_choice == "none":
         assert not choice.message.tool_calls
+    else:
+        # Whether this small model calls the tool is its choice; that it was offered one is not: the tool's
+        # definition is in the prompt the chat template made.
+        plain = client.chat.completions.create(model=DEFAULT_MODEL, messages=WEATHER_QUESTION, temperature=0,
+                                               max_tokens=1)
+        assert reply.usage.prompt_tokens > plain.usage.prompt_tokens + 20
     if choice.message.tool_calls:
         check_calls(choice.message.tool_calls)
         assert choice.finish_reason == "tool_calls"

@@ -20,7 +20,8 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING, EngineLoadPolicy, serve_autoscaling_config
 from deployments.config import Autoscaling
-from deployments.engine import STALL_TIMEOUT_S, EngineProgress
+from deployments.constants import STALL_TIMEOUT_S
+from deployments.engine import EngineProgress
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, ErrorReply, FullReply
 from router.ingress import OpenAIRouter, build_http_app
 from router.limits import KeyLimits, duration
@@ -67,14 +68,14 @@ class ScriptedStream:
             raise self.failed
 
 
-class ScriptedEngine:
+class ScriptedHandle:
     """A model's handle whose n-th call plays the n-th script (the last one repeats)."""
 
     def __init__(self, *scripts: list[Any]):
         self.scripts = list(scripts)
         self.streams: list[ScriptedStream] = []
 
-    def options(self, **_: Any) -> ScriptedEngine:
+    def options(self, **_: Any) -> ScriptedHandle:
         return self
 
     def __getattr__(self, endpoint: str) -> SimpleNamespace:
@@ -102,7 +103,7 @@ class LocalLimits:
         return SimpleNamespace(remote=remote)
 
 
-def make_client(engine: ScriptedEngine, monkeypatch: pytest.MonkeyPatch, **model: Any) -> TestClient:
+def make_client(engine: ScriptedHandle, monkeypatch: pytest.MonkeyPatch, **model: Any) -> TestClient:
     monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(KEYS))
     router = OpenAIRouter(config(**model), {"chat-a": engine}, LocalLimits())
     return TestClient(build_http_app(router), raise_server_exceptions=False)
@@ -128,7 +129,7 @@ def sse_events(text: str) -> list[Any]:
 # --- backpressure and timeouts -----------------------------------------------------------------------------------
 
 def test_full_queue_is_429_with_retry_after(monkeypatch) -> None:
-    client = make_client(ScriptedEngine([BackPressureError(num_queued_requests=5, max_queued_requests=5)]),
+    client = make_client(ScriptedHandle([BackPressureError(num_queued_requests=5, max_queued_requests=5)]),
                          monkeypatch)
     response = chat(client)
     assert response.status_code == 429
@@ -138,7 +139,7 @@ def test_full_queue_is_429_with_retry_after(monkeypatch) -> None:
 
 
 def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(monkeypatch) -> None:
-    engine = ScriptedEngine([Hang()])
+    engine = ScriptedHandle([Hang()])
     client = make_client(engine, monkeypatch, timeouts={"queue_s": 0.2})
     response = chat(client)
     assert response.status_code == 503
@@ -148,7 +149,7 @@ def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(monkeypatch
 
 
 def test_no_first_token_in_time_is_408(monkeypatch) -> None:
-    engine = ScriptedEngine([Admitted(), Hang()])
+    engine = ScriptedHandle([Admitted(), Hang()])
     client = make_client(engine, monkeypatch, timeouts={"first_token_s": 0.2})
     response = chat(client, stream=True)
     assert response.status_code == 408
@@ -158,7 +159,7 @@ def test_no_first_token_in_time_is_408(monkeypatch) -> None:
 
 
 def test_first_token_timeout_does_not_apply_to_whole_answers(monkeypatch) -> None:
-    engine = ScriptedEngine([Admitted(), Hang()])
+    engine = ScriptedHandle([Admitted(), Hang()])
     client = make_client(engine, monkeypatch, timeouts={"first_token_s": 0.1, "total_s": 0.4})
     response = chat(client)
     assert response.status_code == 504
@@ -166,7 +167,7 @@ def test_first_token_timeout_does_not_apply_to_whole_answers(monkeypatch) -> Non
 
 
 def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> None:
-    engine = ScriptedEngine([*stream_of("a"), Hang()])
+    engine = ScriptedHandle([*stream_of("a"), Hang()])
     client = make_client(engine, monkeypatch, timeouts={"total_s": 0.5})
     response = chat(client, stream=True)
     assert response.status_code == 200
@@ -179,7 +180,7 @@ def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> Non
 # --- failover ----------------------------------------------------------------------------------------------------
 
 def test_replica_that_died_before_admitting_is_retried(monkeypatch) -> None:
-    engine = ScriptedEngine([ActorDiedError()], [ErrorReply(503, "gone", "server_error", None, ENGINE_UNAVAILABLE)],
+    engine = ScriptedHandle([ActorDiedError()], [ErrorReply(503, "gone", "server_error", None, ENGINE_UNAVAILABLE)],
                             ok('{"answer": 1}'))
     response = chat(make_client(engine, monkeypatch))
     assert response.status_code == 200 and response.json() == {"answer": 1}
@@ -187,7 +188,7 @@ def test_replica_that_died_before_admitting_is_retried(monkeypatch) -> None:
 
 
 def test_failure_after_admission_is_retried_once_only(monkeypatch) -> None:
-    engine = ScriptedEngine([Admitted(), ActorDiedError()])
+    engine = ScriptedHandle([Admitted(), ActorDiedError()])
     response = chat(make_client(engine, monkeypatch))
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "engine_error"
@@ -195,14 +196,14 @@ def test_failure_after_admission_is_retried_once_only(monkeypatch) -> None:
 
 
 def test_retries_stop_at_the_queue_timeout(monkeypatch) -> None:
-    engine = ScriptedEngine([ActorDiedError()])
+    engine = ScriptedHandle([ActorDiedError()])
     response = chat(make_client(engine, monkeypatch, timeouts={"queue_s": 1}))
     assert response.status_code == 503
     assert 2 <= len(engine.streams) <= 5
 
 
 def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) -> None:
-    engine = ScriptedEngine([*stream_of("a", "b"), ActorDiedError()])
+    engine = ScriptedHandle([*stream_of("a", "b"), ActorDiedError()])
     response = chat(make_client(engine, monkeypatch), stream=True)
     assert response.status_code == 200
     events = sse_events(response.text)
@@ -217,7 +218,7 @@ def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) 
 # --- per-key access and limits -----------------------------------------------------------------------------------
 
 def test_key_limited_to_some_models_gets_403_for_others(monkeypatch) -> None:
-    client = make_client(ScriptedEngine(ok()), monkeypatch)
+    client = make_client(ScriptedHandle(ok()), monkeypatch)
     response = chat(client, key="sk-free-0000")
     assert response.status_code == 403
     assert response.json()["error"] == {"message": "This API key may not use the model `chat-a`.",
@@ -228,7 +229,7 @@ def test_key_limited_to_some_models_gets_403_for_others(monkeypatch) -> None:
 
 
 def test_requests_per_minute_limit(monkeypatch) -> None:
-    client = make_client(ScriptedEngine(ok()), monkeypatch)
+    client = make_client(ScriptedHandle(ok()), monkeypatch)
     answers = [client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
                            headers={"Authorization": "Bearer sk-free-0000"}) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 429]
@@ -246,7 +247,7 @@ def test_requests_per_minute_limit(monkeypatch) -> None:
 
 
 def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
-    client = make_client(ScriptedEngine(ok(prompt=6, completion=6)), monkeypatch)
+    client = make_client(ScriptedHandle(ok(prompt=6, completion=6)), monkeypatch)
     first = chat(client, key="sk-tokens-00")
     assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "10"
     second = chat(client, key="sk-tokens-00")  # 12 used of 10: refused until it refills
@@ -256,7 +257,7 @@ def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
 
 
 def test_streamed_tokens_are_charged(monkeypatch) -> None:
-    client = make_client(ScriptedEngine([*stream_of(*"abcdefgh"), Chunk("data: [DONE]\n\n", 3, 8)]), monkeypatch)
+    client = make_client(ScriptedHandle([*stream_of(*"abcdefgh"), Chunk("data: [DONE]\n\n", 3, 8)]), monkeypatch)
     assert chat(client, key="sk-tokens-00", stream=True).status_code == 200
     assert chat(client, key="sk-tokens-00", stream=True).status_code == 429  # 3 + 8 > 10
 

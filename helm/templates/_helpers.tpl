@@ -117,11 +117,11 @@ would stay pending forever. The defaults below are the config schema's.
 {{- end -}}
 {{- /* Each router replica takes one CPU (Ray Serve's default) on the head, the only node that may hold it. */ -}}
 {{- $headCPU := toString (dig "limits" "cpu" (dig "requests" "cpu" "" .Values.head.resources) .Values.head.resources) -}}
-{{- $routers := dig "ingress" "replicas" 1 .Values.serve -}}
+{{- $routers := dig "routers" "replicas" 1 .Values.serve -}}
 {{- if $headCPU -}}
 {{- $cores := ternary (divf (trimSuffix "m" $headCPU | float64) 1000) (float64 $headCPU) (hasSuffix "m" $headCPU) -}}
 {{- if lt $cores (float64 $routers) -}}
-{{- fail (printf "serve.ingress.replicas: %v routers need %v CPUs on the head, but head.resources gives it %s" $routers $routers $headCPU) -}}
+{{- fail (printf "serve.routers.replicas: %v routers need %v CPUs on the head, but head.resources gives it %s" $routers $routers $headCPU) -}}
 {{- end -}}
 {{- end -}}
 {{- if not (or (include "rayroute.authEnabled" .) .Values.apiKeys.allowUnauthenticated) -}}
@@ -135,9 +135,9 @@ that the routers are pinned to the head (see rayservice.yaml's head rayStartPara
 */}}
 {{- define "rayroute.serveConfig" -}}
 {{- $args := deepCopy .Values.serve -}}
-{{- $ingress := default dict $args.ingress -}}
-{{- $_ := set $ingress "ray_resources" (merge (dict "rayroute_ingress" 1) (default dict $ingress.ray_resources)) -}}
-{{- $_ = set $args "ingress" $ingress -}}
+{{- $routers := default dict $args.routers -}}
+{{- $_ := set $routers "ray_resources" (merge (dict "rayroute_router" 1) (default dict $routers.ray_resources)) -}}
+{{- $_ = set $args "routers" $routers -}}
 {{- $app := dict "name" "rayroute" "route_prefix" "/" "import_path" "router.app:build_app" "args" $args -}}
 {{- with .Values.python.packages -}}
 {{- $_ = set $app "runtime_env" (dict "pip" .) -}}
