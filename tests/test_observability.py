@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster, free_port
 
@@ -281,7 +282,8 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
         for worker in workers:
             worker.join(timeout=60)
     if missing:
-        exported = {line.split("{")[0] for line in scrape(cluster).splitlines() if not line.startswith("#")}
+        exported = {sample.name for family in text_string_to_metric_families(scrape(cluster))
+                    for sample in family.samples}
         absent = sorted(name for name in {"ray_rayroute_requests_in_flight", "ray_rayroute_requests_waiting",
                                           "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc"}
                         if name not in exported)
