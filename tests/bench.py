@@ -39,7 +39,15 @@ import httpx
 import psutil
 import yaml
 
-from tests.harness import cpu_seconds, free_port, machine_busy, percentile, start_launcher, wait_until_ready
+from tests.harness import (
+    cpu_seconds,
+    free_port,
+    machine_busy,
+    model_entry,
+    percentile,
+    start_launcher,
+    wait_until_ready,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are reviewing a city guide. Summarise, in plain prose, what a first-time visitor to Lyon should "
@@ -273,15 +281,6 @@ def report(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "bench.png", dpi=110)
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
-
-
-def model_entry(document: dict, folder: str) -> dict:
-    """The config's first model with its engine settings, served from ``folder`` under that folder's name."""
-    from deployments.local_models import ensure_model
-
-    first = document["applications"][0]["args"]["models"][0]
-    return {**first, "id": folder, "aliases": [], "source": str(ensure_model(folder)),
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,16 +9,20 @@ cluster itself (the load script's two-CPU node with a model-free engine; the nod
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import psutil
@@ -160,6 +164,130 @@ def e2e_config(tmp_path: Path) -> Path:
     path.write_text(yaml.safe_dump(document))
     return path
 
+
+# --- the router without Ray: stand-ins for Serve handles, for unit tests --------------------------------------
+
+class Hang:
+    """A step that never completes (a replica that never answers)."""
+
+
+class FakeStream:
+    """A Serve streaming call's response: yields its steps; a :class:`Hang` waits forever, an exception is raised."""
+
+    def __init__(self, steps: list[Any]):
+        self.steps = list(steps)
+        self.cancelled = False
+        self.failed: BaseException | None = None
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self.steps:
+            raise StopAsyncIteration
+        step = self.steps.pop(0)
+        if isinstance(step, Hang):
+            await asyncio.sleep(3600)
+        if isinstance(step, BaseException):
+            self.failed = step
+            raise step
+        return step
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.failed is not None:  # as Ray's handle does: cancelling a failed call raises its error again
+            raise self.failed
+
+
+class FakeHandle:
+    """Stands in for a model's ``DeploymentHandle``: ``handle.options(stream=True).<endpoint>.remote(body)`` returns
+    a :class:`FakeStream` of what ``answer(endpoint, body)`` gives; every call and stream is kept."""
+
+    def __init__(self, answer: Callable[[str, dict], list[Any]]):
+        self.answer = answer
+        self.calls: list[tuple[str, dict]] = []
+        self.streams: list[FakeStream] = []
+
+    @classmethod
+    def scripted(cls, *scripts: list[Any]) -> FakeHandle:
+        """The n-th call plays the n-th script (the last one repeats)."""
+        handle = cls(lambda endpoint, body: list(scripts[min(len(handle.calls), len(scripts)) - 1]))
+        return handle
+
+    def options(self, **_: Any) -> FakeHandle:
+        return self
+
+    def __getattr__(self, endpoint: str) -> SimpleNamespace:
+        def remote(body: dict) -> FakeStream:
+            self.calls.append((endpoint, body))
+            self.streams.append(FakeStream(self.answer(endpoint, body)))
+            return self.streams[-1]
+
+        return SimpleNamespace(remote=remote)
+
+
+class LocalLimits:
+    """:class:`router.limits.KeyLimits` behind the same ``.method.remote()`` calls a Serve handle takes."""
+
+    def __init__(self) -> None:
+        from router.limits import KeyLimits
+
+        self.limits = KeyLimits()
+
+    def __getattr__(self, method: str) -> SimpleNamespace:
+        async def result(*args: Any) -> Any:
+            return getattr(self.limits, method)(*args)
+
+        def remote(*args: Any) -> Any:
+            return result(*args) if method == "admit" else getattr(self.limits, method)(*args)
+
+        return SimpleNamespace(remote=remote)
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+ROUTER_KEYS = [
+    {"name": "free", "key": "sk-free-0000", "models": ["gpt-4o-mini"], "requests_per_minute": 2},
+    {"name": "tokens", "key": "sk-tokens-00", "tokens_per_minute": 10},
+    {"name": "admin", "key": "sk-admin-000"},
+]
+
+
+def router_config(**model: Any) -> dict[str, Any]:
+    """One model, ``chat-a`` (alias ``gpt-4o-mini``), with ``model``'s settings."""
+    return {"models": [{"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"], **model}]}
+
+
+def router_client(handle: FakeHandle, monkeypatch: Any, **model: Any) -> Any:
+    """A TestClient on a real router whose one model (:func:`router_config`) is ``handle``, with :data:`ROUTER_KEYS`
+    and per-key limits kept in this process."""
+    from fastapi.testclient import TestClient
+
+    from router.ingress import OpenAIRouter, build_http_app
+
+    monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(ROUTER_KEYS))
+    router = OpenAIRouter(router_config(**model), {"chat-a": handle}, LocalLimits())
+    return TestClient(build_http_app(router), raise_server_exceptions=False)
+
+
+def chat(client: Any, key: str = "sk-admin-000", **body: Any) -> Any:
+    return client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES, **body},
+                       headers={"Authorization": f"Bearer {key}"})
+
+
+def sse_events(text: str) -> list[Any]:
+    return [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+
+
+def model_entry(document: dict, folder: str) -> dict:
+    """The config's first model with its engine settings, served from ``folder`` under that folder's name."""
+    from deployments.local_models import ensure_model
+
+    first = document["applications"][0]["args"]["models"][0]
+    return {**first, "id": folder, "aliases": [], "source": str(ensure_model(folder)),
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+
+
+# --- reports ----------------------------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
     """The nearest-rank ``q`` quantile (0..1); NaN for no values."""

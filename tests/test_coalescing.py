@@ -136,7 +136,7 @@ def reassemble(reading: tuple[str, tuple[int, int]]) -> dict[str, Any]:
 def readings(cluster: Cluster) -> dict[str, tuple[dict, dict]]:
     import ray
 
-    from tests.bench import model_entry
+    from tests.harness import model_entry
 
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     model = model_entry(document, "smollm2-tiny")

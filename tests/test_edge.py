@@ -8,8 +8,7 @@ routing by name, the body-size limit, and streaming pass-through.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from fastapi.testclient import TestClient
 from deployments.replies import Admitted, Chunk, ErrorReply, FullReply, validation_error
 from router.auth import load_api_keys
 from router.ingress import OpenAIRouter, build_http_app
+from tests.harness import FakeHandle
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 KEY = "sk-unit"
@@ -29,42 +29,6 @@ CONFIG = {
     ],
     "max_request_bytes": 4096,
 }
-
-
-class FakeStream:
-    def __init__(self, items: list[Any]):
-        self.items = list(items)
-        self.cancelled = False
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self
-
-    async def __anext__(self) -> Any:
-        if not self.items:
-            raise StopAsyncIteration
-        return self.items.pop(0)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class FakeHandle:
-    """Stands in for a model's DeploymentHandle; records what it was sent."""
-
-    def __init__(self, model_id: str, answer: Callable[[str, dict], list[Any]]):
-        self.model_id = model_id
-        self.answer = answer
-        self.calls: list[tuple[str, dict]] = []
-
-    def options(self, **_: Any) -> FakeHandle:
-        return self
-
-    def __getattr__(self, endpoint: str) -> SimpleNamespace:
-        def remote(body: dict) -> FakeStream:
-            self.calls.append((endpoint, body))
-            return FakeStream(self.answer(endpoint, body))
-
-        return SimpleNamespace(remote=remote)
 
 
 def echo_answer(model_id: str) -> Callable[[str, dict], list[Any]]:
@@ -81,7 +45,7 @@ def echo_answer(model_id: str) -> Callable[[str, dict], list[Any]]:
 
 @pytest.fixture
 def engines() -> dict[str, FakeHandle]:
-    return {mid: FakeHandle(mid, echo_answer(mid)) for mid in ("chat-a", "org/chat-b:v1")}
+    return {mid: FakeHandle(echo_answer(mid)) for mid in ("chat-a", "org/chat-b:v1")}
 
 
 @pytest.fixture

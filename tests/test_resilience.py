@@ -7,14 +7,11 @@ from a replica whose engine died). The end-to-end tests show the same behaviour 
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
@@ -23,95 +20,8 @@ from deployments.config import Autoscaling
 from deployments.constants import STALL_TIMEOUT_S
 from deployments.engine import EngineProgress
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, ErrorReply, FullReply
-from router.ingress import OpenAIRouter, build_http_app
 from router.limits import KeyLimits, duration
-
-MESSAGES = [{"role": "user", "content": "hi"}]
-KEYS = [
-    {"name": "free", "key": "sk-free-0000", "models": ["gpt-4o-mini"], "requests_per_minute": 2},
-    {"name": "tokens", "key": "sk-tokens-00", "tokens_per_minute": 10},
-    {"name": "admin", "key": "sk-admin-000"},
-]
-
-
-def config(**model: Any) -> dict[str, Any]:
-    return {"models": [{"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"], **model}]}
-
-
-class Hang:
-    """A step that never completes (a replica that never answers)."""
-
-
-class ScriptedStream:
-    def __init__(self, steps: list[Any]):
-        self.steps = list(steps)
-        self.cancelled = False
-        self.failed: BaseException | None = None
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self
-
-    async def __anext__(self) -> Any:
-        if not self.steps:
-            raise StopAsyncIteration
-        step = self.steps.pop(0)
-        if isinstance(step, Hang):
-            await asyncio.sleep(3600)
-        if isinstance(step, BaseException):
-            self.failed = step
-            raise step
-        return step
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.failed is not None:  # as Ray's handle does: cancelling a failed call raises its error again
-            raise self.failed
-
-
-class ScriptedHandle:
-    """A model's handle whose n-th call plays the n-th script (the last one repeats)."""
-
-    def __init__(self, *scripts: list[Any]):
-        self.scripts = list(scripts)
-        self.streams: list[ScriptedStream] = []
-
-    def options(self, **_: Any) -> ScriptedHandle:
-        return self
-
-    def __getattr__(self, endpoint: str) -> SimpleNamespace:
-        def remote(body: dict) -> ScriptedStream:
-            script = self.scripts[min(len(self.streams), len(self.scripts) - 1)]
-            self.streams.append(ScriptedStream(script))
-            return self.streams[-1]
-
-        return SimpleNamespace(remote=remote)
-
-
-class LocalLimits:
-    """KeyLimits behind the same ``.method.remote()`` calls a Serve handle takes."""
-
-    def __init__(self) -> None:
-        self.limits = KeyLimits()
-
-    def __getattr__(self, method: str) -> SimpleNamespace:
-        async def result(*args: Any) -> Any:
-            return getattr(self.limits, method)(*args)
-
-        def remote(*args: Any) -> Any:
-            return result(*args) if method == "admit" else getattr(self.limits, method)(*args)
-
-        return SimpleNamespace(remote=remote)
-
-
-def make_client(engine: ScriptedHandle, monkeypatch: pytest.MonkeyPatch, **model: Any) -> TestClient:
-    monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(KEYS))
-    router = OpenAIRouter(config(**model), {"chat-a": engine}, LocalLimits())
-    return TestClient(build_http_app(router), raise_server_exceptions=False)
-
-
-def chat(client: TestClient, key: str = "sk-admin-000", **body: Any):
-    return client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES, **body},
-                       headers={"Authorization": f"Bearer {key}"})
+from tests.harness import MESSAGES, FakeHandle, Hang, chat, router_client, sse_events
 
 
 def ok(body: str = "{}", prompt: int = 3, completion: int = 2) -> list[Any]:
@@ -122,14 +32,10 @@ def stream_of(*texts: str) -> list[Any]:
     return [Admitted(), *(Chunk(f"data: {json.dumps({'t': t})}\n\n", 3, i + 1) for i, t in enumerate(texts))]
 
 
-def sse_events(text: str) -> list[Any]:
-    return [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
-
-
 # --- backpressure and timeouts -----------------------------------------------------------------------------------
 
 def test_full_queue_is_429_with_retry_after(monkeypatch) -> None:
-    client = make_client(ScriptedHandle([BackPressureError(num_queued_requests=5, max_queued_requests=5)]),
+    client = router_client(FakeHandle.scripted([BackPressureError(num_queued_requests=5, max_queued_requests=5)]),
                          monkeypatch)
     response = chat(client)
     assert response.status_code == 429
@@ -139,8 +45,8 @@ def test_full_queue_is_429_with_retry_after(monkeypatch) -> None:
 
 
 def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(monkeypatch) -> None:
-    engine = ScriptedHandle([Hang()])
-    client = make_client(engine, monkeypatch, timeouts={"queue_s": 0.2})
+    engine = FakeHandle.scripted([Hang()])
+    client = router_client(engine, monkeypatch, timeouts={"queue_s": 0.2})
     response = chat(client)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "model_unavailable"
@@ -149,8 +55,8 @@ def test_no_replica_within_the_queue_timeout_is_503_with_retry_after(monkeypatch
 
 
 def test_no_first_token_in_time_is_408(monkeypatch) -> None:
-    engine = ScriptedHandle([Admitted(), Hang()])
-    client = make_client(engine, monkeypatch, timeouts={"first_token_s": 0.2})
+    engine = FakeHandle.scripted([Admitted(), Hang()])
+    client = router_client(engine, monkeypatch, timeouts={"first_token_s": 0.2})
     response = chat(client, stream=True)
     assert response.status_code == 408
     assert response.json()["error"] == {"message": "The model `chat-a` produced no token within 0.2s.",
@@ -159,16 +65,16 @@ def test_no_first_token_in_time_is_408(monkeypatch) -> None:
 
 
 def test_first_token_timeout_does_not_apply_to_whole_answers(monkeypatch) -> None:
-    engine = ScriptedHandle([Admitted(), Hang()])
-    client = make_client(engine, monkeypatch, timeouts={"first_token_s": 0.1, "total_s": 0.4})
+    engine = FakeHandle.scripted([Admitted(), Hang()])
+    client = router_client(engine, monkeypatch, timeouts={"first_token_s": 0.1, "total_s": 0.4})
     response = chat(client)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "request_timeout"
 
 
 def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> None:
-    engine = ScriptedHandle([*stream_of("a"), Hang()])
-    client = make_client(engine, monkeypatch, timeouts={"total_s": 0.5})
+    engine = FakeHandle.scripted([*stream_of("a"), Hang()])
+    client = router_client(engine, monkeypatch, timeouts={"total_s": 0.5})
     response = chat(client, stream=True)
     assert response.status_code == 200
     events = sse_events(response.text)
@@ -180,31 +86,32 @@ def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> Non
 # --- failover ----------------------------------------------------------------------------------------------------
 
 def test_replica_that_died_before_admitting_is_retried(monkeypatch) -> None:
-    engine = ScriptedHandle([ActorDiedError()], [ErrorReply(503, "gone", "server_error", None, ENGINE_UNAVAILABLE)],
-                            ok('{"answer": 1}'))
-    response = chat(make_client(engine, monkeypatch))
+    engine = FakeHandle.scripted([ActorDiedError()],
+                                 [ErrorReply(503, "gone", "server_error", None, ENGINE_UNAVAILABLE)],
+                                 ok('{"answer": 1}'))
+    response = chat(router_client(engine, monkeypatch))
     assert response.status_code == 200 and response.json() == {"answer": 1}
     assert len(engine.streams) == 3
 
 
 def test_failure_after_admission_is_retried_once_only(monkeypatch) -> None:
-    engine = ScriptedHandle([Admitted(), ActorDiedError()])
-    response = chat(make_client(engine, monkeypatch))
+    engine = FakeHandle.scripted([Admitted(), ActorDiedError()])
+    response = chat(router_client(engine, monkeypatch))
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "engine_error"
     assert len(engine.streams) == 2  # the request itself may be what kills engines
 
 
 def test_retries_stop_at_the_queue_timeout(monkeypatch) -> None:
-    engine = ScriptedHandle([ActorDiedError()])
-    response = chat(make_client(engine, monkeypatch, timeouts={"queue_s": 1}))
+    engine = FakeHandle.scripted([ActorDiedError()])
+    response = chat(router_client(engine, monkeypatch, timeouts={"queue_s": 1}))
     assert response.status_code == 503
     assert 2 <= len(engine.streams) <= 5
 
 
 def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) -> None:
-    engine = ScriptedHandle([*stream_of("a", "b"), ActorDiedError()])
-    response = chat(make_client(engine, monkeypatch), stream=True)
+    engine = FakeHandle.scripted([*stream_of("a", "b"), ActorDiedError()])
+    response = chat(router_client(engine, monkeypatch), stream=True)
     assert response.status_code == 200
     events = sse_events(response.text)
     assert [json.loads(e) for e in events[:2]] == [{"t": "a"}, {"t": "b"}]
@@ -218,7 +125,7 @@ def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) 
 # --- per-key access and limits -----------------------------------------------------------------------------------
 
 def test_key_limited_to_some_models_gets_403_for_others(monkeypatch) -> None:
-    client = make_client(ScriptedHandle(ok()), monkeypatch)
+    client = router_client(FakeHandle.scripted(ok()), monkeypatch)
     response = chat(client, key="sk-free-0000")
     assert response.status_code == 403
     assert response.json()["error"] == {"message": "This API key may not use the model `chat-a`.",
@@ -229,7 +136,7 @@ def test_key_limited_to_some_models_gets_403_for_others(monkeypatch) -> None:
 
 
 def test_requests_per_minute_limit(monkeypatch) -> None:
-    client = make_client(ScriptedHandle(ok()), monkeypatch)
+    client = router_client(FakeHandle.scripted(ok()), monkeypatch)
     answers = [client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
                            headers={"Authorization": "Bearer sk-free-0000"}) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 429]
@@ -247,7 +154,7 @@ def test_requests_per_minute_limit(monkeypatch) -> None:
 
 
 def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
-    client = make_client(ScriptedHandle(ok(prompt=6, completion=6)), monkeypatch)
+    client = router_client(FakeHandle.scripted(ok(prompt=6, completion=6)), monkeypatch)
     first = chat(client, key="sk-tokens-00")
     assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "10"
     second = chat(client, key="sk-tokens-00")  # 12 used of 10: refused until it refills
@@ -257,7 +164,7 @@ def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
 
 
 def test_streamed_tokens_are_charged(monkeypatch) -> None:
-    client = make_client(ScriptedHandle([*stream_of(*"abcdefgh"), Chunk("data: [DONE]\n\n", 3, 8)]), monkeypatch)
+    client = router_client(FakeHandle.scripted([*stream_of(*"abcdefgh"), Chunk("data: [DONE]\n\n", 3, 8)]), monkeypatch)
     assert chat(client, key="sk-tokens-00", stream=True).status_code == 200
     assert chat(client, key="sk-tokens-00", stream=True).status_code == 429  # 3 + 8 > 10
 

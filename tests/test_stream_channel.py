@@ -19,7 +19,7 @@ from deployments.replies import Admitted, Chunk
 from deployments.stream_channel import ChannelClosed, StreamChannel, write_event
 from router.channel_client import ChannelClient, ChannelError
 from router.launch import free_port
-from tests.test_resilience import ScriptedHandle, chat, make_client, sse_events
+from tests.harness import FakeHandle, chat, router_client, sse_events
 
 
 def event(text: str) -> str:
@@ -187,8 +187,8 @@ def serve_on_channel(replica_channel, texts: list[str], cut_after: int | None = 
 
 def test_events_after_the_first_come_from_the_channel(replica_channel, monkeypatch, access_log_lines) -> None:
     url = serve_on_channel(replica_channel, ["b", "c"])
-    engine = ScriptedHandle([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
-    client = make_client(engine, monkeypatch)
+    engine = FakeHandle.scripted([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
+    client = router_client(engine, monkeypatch)
     response = chat(client, stream=True)
     assert response.status_code == 200
     assert [json.loads(e)["t"] for e in sse_events(response.text)] == ["a", "b", "c"]
@@ -198,8 +198,8 @@ def test_events_after_the_first_come_from_the_channel(replica_channel, monkeypat
 
 def test_a_channel_that_cannot_be_opened_ends_the_stream_with_an_error_event(monkeypatch) -> None:
     url = f"http://127.0.0.1:{free_port()}/streams/gone"  # nothing listens there
-    engine = ScriptedHandle([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
-    client = make_client(engine, monkeypatch)
+    engine = FakeHandle.scripted([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
+    client = router_client(engine, monkeypatch)
     events = sse_events(chat(client, stream=True).text)
     assert json.loads(events[0]) == {"t": "a"}
     assert json.loads(events[1])["error"]["code"] == "engine_error"
@@ -208,8 +208,8 @@ def test_a_channel_that_cannot_be_opened_ends_the_stream_with_an_error_event(mon
 
 def test_a_channel_cut_mid_stream_ends_with_an_error_event(replica_channel, monkeypatch) -> None:
     url = serve_on_channel(replica_channel, ["b", "c", "d"], cut_after=1)
-    engine = ScriptedHandle([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
-    client = make_client(engine, monkeypatch)
+    engine = FakeHandle.scripted([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
+    client = router_client(engine, monkeypatch)
     events = sse_events(chat(client, stream=True).text)
     assert [json.loads(e)["t"] for e in events[:2]] == ["a", "b"]
     assert json.loads(events[2])["error"]["code"] == "engine_error"
@@ -218,8 +218,8 @@ def test_a_channel_cut_mid_stream_ends_with_an_error_event(replica_channel, monk
 
 def test_a_channel_that_stalls_past_the_deadline_ends_with_a_timeout_event(replica_channel, monkeypatch) -> None:
     url = serve_on_channel(replica_channel, ["b", "c"], stall_after=1)
-    engine = ScriptedHandle([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
-    client = make_client(engine, monkeypatch, timeouts={"total_s": 1.0})
+    engine = FakeHandle.scripted([Admitted(), Chunk(event("a"), 3, 1, channel=url)])
+    client = router_client(engine, monkeypatch, timeouts={"total_s": 1.0})
     events = sse_events(chat(client, stream=True).text)
     assert [json.loads(e)["t"] for e in events[:2]] == ["a", "b"]
     assert json.loads(events[2])["error"]["code"] == "request_timeout"
