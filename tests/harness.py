@@ -165,6 +165,55 @@ def e2e_config(tmp_path: Path) -> Path:
     return path
 
 
+# --- Ray in this process: for the scripts that shape the cluster themselves ------------------------------------
+
+def start_serve_in_process(address: str, port: int, serve_options: dict[str, Any] | None = None,
+                           **init_options: Any) -> None:
+    """Ray (``address``: "local" for a new one-node cluster, or a ``ray.cluster_utils.Cluster``'s) and Serve on
+    127.0.0.1:``port``, set up as ``make serve`` has them (HAProxy front, throughput mode); then ``serve.run`` the
+    application. Stop with :func:`stop_serve_in_process`."""
+    import ray
+    from ray import serve
+
+    from router.launch import ray_process_env, ray_runtime_env
+
+    os.environ.update(ray_process_env("127.0.0.1"))  # before Ray starts its processes
+    for attempt in range(3):
+        try:
+            ray.init(address=address, log_to_driver=False, runtime_env=ray_runtime_env(), **init_options)
+            break
+        except Exception as exc:
+            # Ray gives its new raylet a fixed 30 s to register, which a machine busy with other work can miss.
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            print(f"Ray did not start in time ({exc}); trying again", file=sys.stderr, flush=True)
+            stop_serve_in_process()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, **(serve_options or {}))
+
+
+def stop_serve_in_process(reap: bool = True) -> None:
+    """Serve, then Ray, then (``reap``) anything this process started that is still alive, as router/launch.py
+    does. A script with a ``ray.cluster_utils.Cluster`` passes ``reap=False`` and shuts its raylets down itself."""
+    import ray
+    from ray import serve
+
+    started = psutil.Process().children(recursive=True)
+    # Only with this process's own cluster up: serve.shutdown() without one would connect to whichever cluster it
+    # finds on the machine (another session's) and shut that down.
+    running = ray.is_initialized()
+    if running:
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
+    if not reap:
+        return
+    # After a failed start nothing will stop on its own.
+    _, alive = psutil.wait_procs(started, timeout=20 if running else 0)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 # --- the router without Ray: stand-ins for Serve handles, for unit tests --------------------------------------
 
 class Hang:

@@ -58,7 +58,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness import RAY_AUTH_ENV, cpu_seconds, free_port, machine_busy, percentile
+from tests.harness import (
+    RAY_AUTH_ENV,
+    cpu_seconds,
+    free_port,
+    machine_busy,
+    percentile,
+    start_serve_in_process,
+    stop_serve_in_process,
+)
 
 os.environ.update(RAY_AUTH_ENV)  # before anything here imports Ray
 
@@ -298,33 +306,18 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
     """A fresh local Ray and Serve with the router in front of the fake engine. Returns the HTTP base URL and, for
     the router, the proxy and the engine, what their processes' command lines hold."""
     import httpx
-    import ray
     from ray import serve
 
     from deployments.config import ServeArgs
     from router.app import engine_deployment, router_deployment
-    from router.launch import ray_process_env, ray_runtime_env
     from tests.fake_engine import FakeEngine
 
     # The router reads its keys from the environment its replica inherits; with keys on, auth is part of the path.
     os.environ["RAYROUTE_API_KEYS"] = API_KEY
     os.environ.pop("RAYROUTE_API_KEYS_FILE", None)  # it would take precedence over the key above
-    # Serve's HTTP front as `make serve` has it (HAProxy), set before Ray starts its processes.
-    os.environ.update(ray_process_env("127.0.0.1"))
-    for attempt in range(3):
-        try:
-            # "local": a new cluster even when RAY_ADDRESS or a running one would otherwise be picked up.
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     runtime_env=ray_runtime_env())
-            break
-        except Exception as exc:
-            # Ray gives its new raylet a fixed 30 s to register, which a machine busy with other work can miss.
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            print(f"Ray did not start in time ({exc}); trying again", file=sys.stderr, flush=True)
-            stop_cluster()
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # "local": a new cluster even when RAY_ADDRESS or a running one would otherwise be picked up.
+    start_serve_in_process("local", port, num_cpus=2, include_dashboard=False)
     config = ServeArgs.model_validate({"models": [{
         "id": MODEL_ID, "source": "fake/fake", "resources": {"accelerator": "cpu", "cpus": 1},
         "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_ONGOING}]})
@@ -348,27 +341,6 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
                 return base_url, markers
         time.sleep(0.5)
     raise RuntimeError(f"{base_url}/ready did not answer 200 within 120 s")
-
-
-def stop_cluster() -> None:
-    """Serve, then Ray, then anything this process started that is still alive (as router/launch.py does)."""
-    import psutil
-    import ray
-    from ray import serve
-
-    started = psutil.Process().children(recursive=True)
-    # Only with this process's own cluster up: serve.shutdown() without one would connect to whichever cluster it
-    # finds on the machine (another session's) and shut that down.
-    running = ray.is_initialized()
-    if running:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-    # After a failed start nothing will stop on its own.
-    _, alive = psutil.wait_procs(started, timeout=20 if running else 0)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
 
 
 # --- levels and the report ------------------------------------------------------------------------------------
@@ -553,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             levels.append(level)
     finally:
         pool.shutdown(cancel_futures=True)
-        stop_cluster()
+        stop_serve_in_process()
     report(levels, opts)
     if opts.json:
         opts.json.write_text(json.dumps({

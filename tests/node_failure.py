@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from tests.harness import RAY_AUTH_ENV, free_port
+from tests.harness import RAY_AUTH_ENV, free_port, start_serve_in_process, stop_serve_in_process
 
 os.environ.update(RAY_AUTH_ENV)  # before Ray is imported
 
@@ -38,24 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     options = parser.parse_args(argv)
 
-    import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
     from router.app import build_app
-    from router.launch import ray_process_env, ray_runtime_env
+    from router.launch import ray_process_env
 
     port = options.port or free_port()
     # Serve as `make serve` and the chart run it (HAProxy front, throughput mode): how a node's loss reaches a
-    # router depends on the transport between replicas.
+    # router depends on the transport between replicas. Set before the raylets start, which pass it on.
     os.environ.update(ray_process_env("127.0.0.1"))
     # Three nodes of one CPU each: the router and the two engine replicas (one CPU each) fill them, one per node.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     report: dict = {"port": port}
     try:
-        ray.init(address=cluster.address, log_to_driver=False, runtime_env=ray_runtime_env())
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        start_serve_in_process(cluster.address, port, serve_options={"proxy_location": "HeadOnly"})
         serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         engine_nodes = replica_nodes("engine-")
@@ -86,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                            timeout=120)
         report["after_status"] = after.status_code
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_serve_in_process(reap=False)
         cluster.shutdown()
     print(json.dumps(report))
     return 0

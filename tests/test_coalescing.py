@@ -62,7 +62,7 @@ async def _read_twice(model: dict[str, Any], bodies: dict[str, dict], pause_s: f
 
 async def _read(engine: Any, body: dict, write_pause_s: float) -> tuple[str, tuple[int, int]]:
     """One request through the replica's ``_serve`` as a router reads it: the first event on the call, the rest on
-    the stream's channel, the counts last. With ``write_pause_s``, every write to the channel takes that much
+    the stream's channel, each with the counts so far. With ``write_pause_s``, every write to the channel takes that much
     longer (a congested connection), so the replica falls behind the engine and vLLM's collector merges."""
     import asyncio
 
@@ -101,9 +101,9 @@ async def _read(engine: Any, body: dict, write_pause_s: float) -> tuple[str, tup
     finally:
         engine_module.write_event = write
     chunks = [item for item in items if isinstance(item, Chunk)]
-    # What the router counts: the channel's counts, which the call's last item repeats.
+    assert len(chunks) == 1  # the first event; everything after it came on the channel, and the call ended empty
+    # What the router counts: the channel's counts.
     counted = channel.prompt_tokens, channel.completion_tokens
-    assert (chunks[-1].prompt_tokens, chunks[-1].completion_tokens) == counted
     return chunks[0].data + "".join(texts), counted
 
 
