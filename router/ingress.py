@@ -151,14 +151,14 @@ class OpenAIRouter:
                     last = now
                     record.prompt_tokens, record.completion_tokens = channel.prompt_tokens, channel.completion_tokens
                     yield text
-                # The whole stream is relayed. Its Serve call ends by itself and brings nothing: it is neither
-                # waited for nor cancelled (either would cost a Ray round of its own).
-                ended = True
-                return
+                # The whole stream is relayed; its Serve call ends with nothing more on it (the loop below only sees
+                # its end). Its end must still be read: until then Serve counts the request as ongoing, which
+                # autoscaling and replica choice go by.
             while True:
                 try:
                     chunk = await self._within(deadline, rest.__anext__())
                 except StopAsyncIteration:
+                    ended = True  # nothing to cancel
                     break
                 record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                 if chunk.data:  # a stream without a channel (a test's scripted engine) sends its events here
