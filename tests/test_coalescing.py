@@ -62,8 +62,8 @@ async def _read_twice(model: dict[str, Any], bodies: dict[str, dict], pause_s: f
 
 async def _read(engine: Any, body: dict, write_pause_s: float) -> tuple[str, tuple[int, int]]:
     """One request through the replica's ``_serve`` as a router reads it: the first event on the call, the rest on
-    the stream's channel, each with the counts so far. With ``write_pause_s``, every write to the channel takes that much
-    longer (a congested connection), so the replica falls behind the engine and vLLM's collector merges."""
+    the stream's channel, each with the counts so far. With ``write_pause_s``, every write to the channel takes that
+    much longer (a congested connection), so the replica falls behind the engine and vLLM's collector merges."""
     import asyncio
 
     import deployments.engine as engine_module
