@@ -13,7 +13,9 @@ and this policy sizes the deployment so that every replica sits at its targets:
 Waiting requests force a step up even when the averages look fine, because they are the one signal that an
 engine has run out of room. The request count (requests at the replicas plus those queued at the routers) is a
 floor because queued requests are load no engine has seen yet, and because an engine too busy to report in time
-must not read as an idle one. Ray applies ``min_replicas``/``max_replicas``, the delays and scale-from-zero around
+must not read as an idle one. Two guards against flapping: while a scale-up is still starting and requests
+come, the target is held; and when Ray counts no request at all, the engines' look-back figures are ignored (they
+describe requests that have ended). Ray applies ``min_replicas``/``max_replicas``, the delays and scale-from-zero around
 this function, so scaling down stays as conservative as ``downscale_delay_s`` makes it.
 
 Selected per model in the config::
@@ -45,9 +47,19 @@ class EngineLoadPolicy:
         replicas = set(running) | set(waiting) | set(kv)
         if not replicas:  # nothing reported yet (replicas starting): keep what there is
             return ctx.target_num_replicas, ctx.policy_state
-        return self.desired_replicas(ctx.current_num_replicas, [
+        requests = ctx.total_num_requests
+        if not requests:
+            # Serve counts no request anywhere: what the engines reported over the look-back window is the past
+            # (those requests have ended), and reading it would scale up again right after a scale-down.
+            return 0, ctx.policy_state
+        desired = self.desired_replicas(ctx.current_num_replicas, [
             (running.get(r, 0.0), waiting.get(r, 0.0), kv.get(r, 0.0)) for r in replicas
-        ], ctx.total_num_requests), ctx.policy_state
+        ], requests)
+        if ctx.target_num_replicas > ctx.current_num_replicas:
+            # A scale-up is still starting (a vLLM replica takes a minute or more): while requests come, a dip in
+            # the running engines' figures (they slow down while the new one loads) must not stop it half-way.
+            desired = max(desired, ctx.target_num_replicas)
+        return desired, ctx.policy_state
 
     def desired_replicas(self, current: int, loads: list[tuple[float, float, float]],
                          requests: float = 0.0) -> int:

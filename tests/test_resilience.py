@@ -217,6 +217,22 @@ def test_engine_load_policy_reads_ray_context() -> None:
     assert policy(ctx) == (2, {"s": 1})
 
 
+def test_engine_load_policy_does_not_flap() -> None:
+    policy = EngineLoadPolicy(target_ongoing_requests=2, target_kv_cache_usage=0.8)
+    busy_then = {RUNNING: {"r1": 6.0}, WAITING: {"r1": 1.0}, KV_CACHE: {"r1": 0.1}}
+    # Just scaled down, nothing ongoing: the look-back window's load is the past, not a reason to scale up again.
+    ctx = SimpleNamespace(aggregated_metrics=busy_then, current_num_replicas=1, target_num_replicas=1,
+                          policy_state={}, total_num_requests=0.0)
+    assert policy(ctx) == (0, {})
+    # A second replica is starting while requests come: a dip in the running one's figures does not stop it.
+    ctx = SimpleNamespace(aggregated_metrics={RUNNING: {"r1": 1.0}, WAITING: {"r1": 0.0}, KV_CACHE: {"r1": 0.1}},
+                          current_num_replicas=1, target_num_replicas=2, policy_state={}, total_num_requests=1.0)
+    assert policy(ctx) == (2, {})
+    # Once it runs, the same figures size the deployment down as usual.
+    ctx.current_num_replicas = 2
+    assert policy(ctx) == (1, {})
+
+
 def test_autoscaling_config_is_what_ray_serve_accepts() -> None:
     from ray.serve.config import AutoscalingConfig
 
