@@ -53,7 +53,6 @@ from deployments.stream_channel import CHANNEL_HOST_ENV, ChannelClosed, StreamCh
 logger = logging.getLogger("rayroute.engine")
 
 
-
 class EngineProgress:
     """A vLLM stat logger (the per-engine kind ``AsyncLLM(stat_loggers=...)`` takes) that keeps the engine's last
     scheduler state, for autoscaling, and when it last made a token, for health."""

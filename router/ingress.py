@@ -138,7 +138,6 @@ class OpenAIRouter:
         long gone, and a client must not be left waiting."""
         channel: Channel | None = None
         expiry: asyncio.TimerHandle | None = None
-        ended = False
         try:
             yield first.data
             last = time.perf_counter()
@@ -158,7 +157,6 @@ class OpenAIRouter:
                 try:
                     chunk = await self._within(deadline, rest.__anext__())
                 except StopAsyncIteration:
-                    ended = True  # nothing to cancel
                     break
                 record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                 if chunk.data:  # a stream without a channel (a test's scripted engine) sends its events here
@@ -183,8 +181,7 @@ class OpenAIRouter:
                 expiry.cancel()
             if channel is not None:
                 channel.close()
-            if not ended:
-                cancel(rest)
+            cancel(rest)
             self._charge(key, record)
 
     @staticmethod
