@@ -18,6 +18,11 @@ STALL_TIMEOUT_S = 120.0
 # network, between the shards of one model.
 PLACEMENT_STRATEGY = "STRICT_PACK"
 
+# --- metrics (router/telemetry.py, deployments/engine.py) --------------------------------------------------------
+# How often gauges are published when nothing else sets them: Ray drops a gauge not set for two export intervals,
+# and a dropped series is "No data" on a dashboard, not 0. Well within any scrape interval, a few calls a second.
+GAUGE_PUBLISH_S = 1.0
+
 # --- the router's calls (router/dispatch.py) -----------------------------------------------------------------
 # Between attempts at a request whose replica failed: long enough for Serve to notice, short next to a timeout;
 # doubled after each failure, up to the maximum.

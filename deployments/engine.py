@@ -23,6 +23,7 @@ router sends it elsewhere (or waits for the replacement) instead of failing it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextvars
 import functools
 import json
@@ -35,7 +36,7 @@ from typing import Any
 
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING
 from deployments.config import ModelConfig
-from deployments.constants import STALL_TIMEOUT_S
+from deployments.constants import GAUGE_PUBLISH_S, STALL_TIMEOUT_S
 from deployments.replies import (
     ENGINE_UNAVAILABLE,
     Admitted,
@@ -187,7 +188,9 @@ class VLLMEngine:
     async def __init__(self, model: ModelConfig) -> None:
         self.model = model
         self.progress = EngineProgress()
+        self.vllm_metrics: Any = None  # vLLM's Ray metrics, set by _start_vllm
         self.engine, self._serving = await self._start_vllm(model)
+        self._idle_gauges = asyncio.get_running_loop().create_task(self._publish_idle_gauges())
         # vLLM's serving layer calls generate on this object; counting there is free of any parsing.
         self.engine.generate = _counted(self.engine.generate)
         self.channel = StreamChannel()
@@ -211,6 +214,15 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+        replica = self
+
+        class VllmMetrics(RayPrometheusStatLogger):
+            """vLLM's own metrics, kept by the replica for :meth:`_publish_idle_gauges`."""
+
+            def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+                super().__init__(vllm_config, engine_indexes)
+                replica.vllm_metrics = self
+
         frontend_names = set(FrontendArgs.__dataclass_fields__)
         frontend_kwargs = {k: v for k, v in model.engine_args.items() if k in frontend_names}
         engine_kwargs = {k: v for k, v in model.engine_args.items() if k not in frontend_names}
@@ -230,7 +242,7 @@ class VLLMEngine:
             disable_log_stats=engine_args.disable_log_stats,
             # vLLM's own metrics (vllm:num_requests_running, KV-cache use, TTFT, ...) as Ray metrics, so the
             # node's one metrics port exports them for every replica, tagged with its ReplicaId.
-            stat_loggers=[RayPrometheusStatLogger, lambda config, index: self.progress],
+            stat_loggers=[VllmMetrics, lambda config, index: self.progress],
         )
 
         state = State()
@@ -352,6 +364,20 @@ class VLLMEngine:
     def _engine_unavailable(self) -> ErrorReply:
         return ErrorReply(503, f"The engine serving `{self.model.id}` on this replica has stopped.", "server_error",
                           None, ENGINE_UNAVAILABLE)
+
+    async def _publish_idle_gauges(self) -> None:
+        """vLLM sets its gauges (requests running and waiting, KV-cache use) only when its engine steps, and Ray
+        drops a gauge that is not set again within two export intervals: an idle engine's panels would show "No
+        data" rather than 0. While no request is unfinished, this publishes what idle is: none running or waiting,
+        no KV cache held (vLLM counts cached prefixes that no request uses as free)."""
+        from vllm.v1.metrics.stats import SchedulerStats
+
+        idle = SchedulerStats()
+        while True:
+            await asyncio.sleep(GAUGE_PUBLISH_S)
+            if self.vllm_metrics is not None and self.engine.get_num_unfinished_requests() == 0:
+                for index in self.vllm_metrics.engine_indexes:
+                    self.vllm_metrics.record(idle, None, engine_idx=index)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every replica; the ``engine_load`` policy (:mod:`deployments.autoscaling`) reads it."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from deployments.constants import GAUGE_PUBLISH_S
+
 access_log = logging.getLogger("rayroute.access")
 
 
@@ -43,8 +45,6 @@ _TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 # router's CPU at 100 streams when every gap was observed). A stream's gaps are observed one in this many (its
 # first always): the quantiles stay right, only the histogram's count is that much smaller than the chunks'.
 GAP_SAMPLE_EVERY = 8
-# How often the router publishes its gauges: well within any scrape interval, and a few calls a second in all.
-GAUGE_PUBLISH_S = 1.0
 _ROUTER_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
 _MODEL = ("model", "served_model")
 

@@ -40,11 +40,13 @@ import psutil
 import yaml
 
 from tests.harness import (
+    StreamTiming,
     cpu_seconds,
     free_port,
     machine_busy,
     model_entry,
     percentile,
+    read_stream,
     start_launcher,
     wait_until_ready,
 )
@@ -79,24 +81,26 @@ class Block:
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> tuple[float, list[float], int,
                                                                                             int]:
-    """(TTFT, gaps between content events, completion tokens from usage, content events)."""
+    """(TTFT, gaps between content events, completion tokens from usage, content events), timed by
+    :func:`tests.harness.read_stream` as the load script's streams are; the events are parsed once it ended."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "stream": True,
             "stream_options": {"include_usage": True}, "max_tokens": tokens, "ignore_eos": True, "temperature": 0}
-    start = time.perf_counter()
-    arrivals = []
-    completion = 0
+    timing = StreamTiming(started=time.perf_counter(), events=[])
     async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                arrivals.append(time.perf_counter())
-            if chunk.get("usage"):
-                completion = chunk["usage"]["completion_tokens"]
+        await read_stream(response.aiter_raw(), timing)
+    arrivals = []
+    completion = 0
+    for arrived, event in zip(timing.arrivals, timing.events or [], strict=False):
+        if not event.startswith(b"data: {"):
+            continue
+        chunk = json.loads(event[6:])
+        if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+            arrivals.append(arrived)
+        if chunk.get("usage"):
+            completion = chunk["usage"]["completion_tokens"]
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    return (arrivals[0] if arrivals else time.perf_counter()) - start, gaps, completion, len(arrivals)
+    return (arrivals[0] if arrivals else time.perf_counter()) - timing.started, gaps, completion, len(arrivals)
 
 
 async def drive(base_url: str, model: str, tokens: int, concurrency: int, requests: int) -> tuple[Block, float]:

@@ -54,16 +54,18 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tests.harness import (
     RAY_AUTH_ENV,
+    StreamTiming,
     cpu_seconds,
     free_port,
     machine_busy,
     percentile,
+    read_stream,
     start_serve_in_process,
     stop_serve_in_process,
 )
@@ -84,29 +86,19 @@ MIB = 1024 * 1024
 # --- the load generator, in its own process ---------------------------------------------------------------------
 
 @dataclass
-class StreamResult:
-    ttft: float | None = None
-    gaps: list[float] = field(default_factory=list)
+class StreamResult(StreamTiming):
     error: str | None = None
     request_id: str = ""
-    # On the load generator's clock: request sent, first event received, response ended.
-    started: float = 0.0
-    first_at: float | None = None
-    ended: float = 0.0
 
 
 async def _one_stream(session: Any, url: str, body: bytes, headers: dict[str, str], tokens: int,
                       request_id: str) -> StreamResult:
-    """One streaming request. Per read it only counts event ends (``\\n\\n``) and keeps a short tail; the first
-    event is parsed once. Reads are whatever the socket delivered, so events that arrived together get gap 0. The
-    request id (``X-Request-Id``) finds it in the router's access log."""
+    """One streaming request, timed by :func:`tests.harness.read_stream`; reads are whatever the socket delivered,
+    so events that arrived together get gap 0. The request id (``X-Request-Id``) finds it in the router's access
+    log."""
     result = StreamResult(request_id=request_id)
     headers = {**headers, "X-Request-Id": request_id}
-    result.started = started = time.perf_counter()
-    last = started
-    events = 0
-    head = b""
-    tail = b""
+    result.started = time.perf_counter()
     try:
         async with session.post(url, data=body, headers=headers) as response:
             if response.status != 200:
@@ -115,21 +107,7 @@ async def _one_stream(session: Any, url: str, body: bytes, headers: dict[str, st
             if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
                 result.error = f"content type {response.headers.get('Content-Type')}"
                 return result
-            async for data in response.content.iter_any():
-                now = time.perf_counter()
-                ends = (tail[-1:] + data).count(b"\n\n")
-                if ends:
-                    if result.ttft is None:
-                        result.first_at = now
-                        result.ttft = now - started
-                    else:
-                        result.gaps.append(now - last)
-                    result.gaps.extend([0.0] * (ends - 1))
-                    last = now
-                    events += ends
-                if len(head) < 8192 and b"\n\n" not in head:
-                    head += data
-                tail = (tail + data)[-512:]
+            await read_stream(response.content.iter_any(), result)
     except TimeoutError as exc:
         stalled = type(exc).__name__ == "ServerTimeoutError"  # aiohttp's sock_read: no byte for that long
         result.error = f"no data for {STALL_S:g} s" if stalled else "stream timeout"
@@ -139,9 +117,7 @@ async def _one_stream(session: Any, url: str, body: bytes, headers: dict[str, st
         return result
     finally:
         result.ended = time.perf_counter()
-    # The last gap is the one to [DONE], sent right after the last token; it says nothing about the token cadence.
-    result.gaps = result.gaps[:-1]
-    result.error = _check_stream(head, tail, events, tokens)
+    result.error = _check_stream(result.head, result.tail, len(result.arrivals), tokens)
     return result
 
 
@@ -407,7 +383,7 @@ def run_level(pool: ProcessPoolExecutor, base_url: str, markers: dict[str, str],
     results = [StreamResult(**r) for r in outcome["results"]]
     errors = Counter(r.error for r in results if r.error)
     ttfts = [r.ttft for r in results if r.ttft is not None]
-    gaps = [g for r in results for g in r.gaps]
+    gaps = [g for r in results for g in r.gaps()]
     first_delay = opts.first_token_delay
     paired = [(r.ttft, router_ttfts[r.request_id]) for r in results
               if r.ttft is not None and r.request_id in router_ttfts]

@@ -8,6 +8,7 @@ bound. Latency is printed, never asserted: on a shared 2-core machine it measure
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.harness import StreamTiming, read_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMS = 1000
@@ -34,6 +37,28 @@ PROXY_PEAK_RSS_MIB = 100
 # A stream that makes no progress is a hang: it fails the script (its --stream-timeout) well before this one.
 STREAM_TIMEOUT_S = 180
 SCRIPT_TIMEOUT_S = 420
+
+
+def test_one_reader_times_events_as_their_reads_come(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream timer the load script and the benchmark share: an event counts when the read that ends it comes,
+    an end split across reads counts once, events in one read share a time, and the gap to [DONE] is left out."""
+    clock = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    monkeypatch.setattr("tests.harness.time.perf_counter", lambda: next(clock))
+
+    async def reads():
+        for data in (b'data: {"a":1}\n', b'\ndata: {"a":2}\n\ndata: {"a":3}\n\n', b"data: {", b'"a":4}\n\n',
+                     b"data: [DONE]\n\n"):
+            yield data
+
+    timing = StreamTiming(started=0.5, events=[])
+    asyncio.run(read_stream(reads(), timing))
+    assert timing.arrivals == [2.0, 2.0, 2.0, 4.0, 5.0]  # reads 1 and 3 end no event
+    assert timing.events == [b'data: {"a":1}', b'data: {"a":2}', b'data: {"a":3}', b'data: {"a":4}',
+                             b"data: [DONE]"]
+    assert timing.ttft == 1.5 and timing.first_at == 2.0
+    assert timing.gaps() == [0.0, 0.0, 2.0]
+    assert timing.head == b'data: {"a":1}\n\ndata: {"a":2}\n\ndata: {"a":3}\n\n'
+    assert timing.tail.endswith(b'data: {"a":4}\n\ndata: [DONE]\n\n')
 
 
 @pytest.mark.e2e

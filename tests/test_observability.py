@@ -188,7 +188,7 @@ def test_request_and_engine_metrics_are_exported(cluster: Cluster, prometheus: P
                json={"model": EMBEDDING_MODEL, "input": "cat"})
     httpx.post(cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=60,
                json={"model": "no-such-model", "messages": ASK})
-    # vLLM sets its gauges while it steps, and Ray exports a series only while it is being set: keep one busy.
+    # A running request, so vLLM's gauges have a busy engine's values to show.
     busy = {"model": DEFAULT_MODEL, "messages": ASK, "stream": True, "max_tokens": 400, "ignore_eos": True}
     with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
                       json=busy) as response:
@@ -207,18 +207,27 @@ def test_request_and_engine_metrics_are_exported(cluster: Cluster, prometheus: P
     assert not prometheus.query('ray_rayroute_requests_total{model="no-such-model"}')
 
 
-def test_router_gauges_are_data_while_idle(cluster: Cluster, prometheus: Prometheus) -> None:
-    """A model nobody calls shows 0 requests in flight and waiting, not "No data": the router publishes its gauges
-    every second for every configured name (an alias too), whether requests come or not."""
-    for gauge in ("ray_rayroute_requests_in_flight", "ray_rayroute_requests_waiting"):
-        expr = f'{gauge}{{model="{METRICS_ALIAS}",served_model="{DEFAULT_MODEL}"}}'  # idle once earlier tests end
-        deadline = time.monotonic() + 60
-        while not (prometheus.query(expr) and prometheus.value(expr) == 0) and time.monotonic() < deadline:
-            time.sleep(1)
-        # Still there several scrapes later (every 2 s): a series a request had left would be stale by then.
-        time.sleep(6)
+def test_gauges_are_data_while_idle(cluster: Cluster, prometheus: Prometheus) -> None:
+    """An idle model's gauge panels show 0, not "No data" (a user reads "No data" as "the metrics are broken"):
+    the router publishes its gauges every second for every configured name (an alias too), and each engine
+    replica publishes vLLM's (which vLLM sets only while its engine steps) while it holds no request."""
+    exprs = [f'{gauge}{{model="{METRICS_ALIAS}",served_model="{DEFAULT_MODEL}"}}'
+             for gauge in ("ray_rayroute_requests_in_flight", "ray_rayroute_requests_waiting")]
+    exprs += [f'{gauge}{{model_name="{DEFAULT_MODEL}"}}' for gauge in (
+        "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc")]
+
+    def idle(expr: str) -> bool:  # every replica's series is there, at 0
         result = prometheus.query(expr)
-        assert result and float(result[0]["value"][1]) == 0, (expr, result)
+        return bool(result) and all(float(series["value"][1]) == 0 for series in result)
+
+    for expr in exprs:  # idle once earlier tests end
+        deadline = time.monotonic() + 60
+        while not idle(expr) and time.monotonic() < deadline:
+            time.sleep(1)
+    # Still there several scrapes later (every 2 s): a series nothing sets again is stale by then.
+    time.sleep(6)
+    for expr in exprs:
+        assert idle(expr), (expr, prometheus.query(expr))
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -244,10 +253,8 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
     assert len(queries) >= 12
     missing = {}
     deadline = time.monotonic() + 90
-    # Ray exports a gauge only while it is being set: vLLM's (running, waiting, KV cache) while an engine steps,
-    # so a vLLM gauge panel shows "No data" for the times no engine was stepping (the router's gauges are published
-    # every second, idle or not). Keep streams coming meanwhile, and ask each query over the module's whole time
-    # range, as a dashboard panel does.
+    # Streams keep coming meanwhile (for the rate and latency panels: a rate over a window with no request is
+    # empty), and each query is asked over the module's whole time range, as a dashboard panel does.
     done = threading.Event()
     outcomes: list[str] = []  # what the busy streams got, for the failure message
 
