@@ -147,6 +147,10 @@ class ModelConfig(_Strict):
                                    "lets its requests finish.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
     multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
+        "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "
+        "before any byte went to the client. A fallback's own fallbacks are not tried.")
 
     @field_validator("id")
     @classmethod
@@ -233,6 +237,13 @@ class ServeArgs(_Strict):
                 raise ValueError(f"model ids {deployments[model.deployment_name]!r} and {model.id!r} differ only in"
                                  " characters a deployment name cannot hold; rename one")
             deployments[model.deployment_name] = model.id
+        for model in self.models:
+            for fallback in model.fallbacks:
+                if fallback not in seen:
+                    raise ValueError(f"model {model.id!r} falls back to {fallback!r}, which is not a configured model "
+                                     "name")
+                if seen[fallback] == model.id:
+                    raise ValueError(f"model {model.id!r} falls back to {fallback!r}, one of its own names")
         return self
 
 

@@ -148,6 +148,8 @@ class _Endpoint:
     call: Callable[[Any, Any], Any]  # (serving object, request) → awaitable result
     prompt_param: str  # the parameter that holds the prompt, named when it is too long
     what: str  # what the endpoint makes, for "model X does not support ..."
+    # A stream's events as SSE text: chat and text completions stream text already; Responses streams objects.
+    sse: Callable[[AsyncIterator[Any]], AsyncIterator[str]] = lambda events: events
 
     @functools.cached_property
     def request_adapter(self) -> Any:
@@ -170,7 +172,29 @@ ENDPOINTS = {
     "embeddings": _Endpoint("vllm.entrypoints.pooling.embed.protocol:EmbeddingRequest",
                             "serving_embedding", lambda serving, request: serving(request), "input",
                             "embeddings"),
+    "responses": _Endpoint("vllm.entrypoints.openai.responses.protocol:ResponsesRequest",
+                           "openai_serving_responses", lambda serving, request: serving.create_responses(request),
+                           "input", "responses", lambda events: _typed_events(events)),
 }
+
+
+async def _typed_events(events: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """Responses API events as vLLM's own route sends them: each names its type (``event: response.created``)."""
+    try:
+        async for event in events:
+            yield f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+    finally:
+        await events.aclose()  # closing vLLM's generator aborts the engine request if it is still running
+
+
+def _usage(response: Any) -> tuple[int, int]:
+    """A finished response's (prompt, completion) tokens; the Responses API calls them input and output."""
+    usage = response.usage
+    if usage is None:
+        return 0, 0
+    if hasattr(usage, "input_tokens"):
+        return usage.input_tokens, usage.output_tokens or 0
+    return usage.prompt_tokens, usage.completion_tokens or 0
 
 
 def _node_address() -> str:
@@ -270,6 +294,10 @@ class VLLMEngine:
         async for item in self._serve("embeddings", body):
             yield item
 
+    async def responses(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
+        async for item in self._serve("responses", body):
+            yield item
+
     async def _serve(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
         from pydantic import BaseModel, ValidationError
         from starlette.responses import Response
@@ -297,7 +325,7 @@ class VLLMEngine:
             result = await spec.call(serving, request)
         except ValidationError as exc:  # before ValueError, which it subclasses
             # Raised after the request validated, it is about a message part vLLM checks while rendering.
-            yield validation_error(exc.errors(), body, root=None if request is None else "messages")
+            yield validation_error(exc.errors(), body, root=None if request is None else spec.prompt_param)
             return
         except EngineDeadError:
             yield self._engine_unavailable()
@@ -315,11 +343,10 @@ class VLLMEngine:
             yield FullReply(body_text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
         elif isinstance(result, BaseModel):
             fix_tool_call_finish(result)
-            usage = result.usage
-            yield FullReply(result.model_dump_json(), usage.prompt_tokens, usage.completion_tokens or 0)
+            yield FullReply(result.model_dump_json(), *_usage(result))
         else:
             tools = endpoint == "chat" and bool(body.get("tools"))
-            async for chunk in self._stream(result, count, fix_tool_calls=tools):
+            async for chunk in self._stream(spec.sse(result), count, fix_tool_calls=tools):
                 yield chunk
 
     async def _stream(self, events: AsyncIterator[str], count: TokenCount, fix_tool_calls: bool,

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, get_args
 from deployments.replies import EngineItem
 
 # The OpenAI endpoints, as the names of the engine methods that answer them.
-Endpoint = Literal["chat", "completions", "embeddings"]
+Endpoint = Literal["chat", "completions", "embeddings", "responses"]
 ENDPOINT_NAMES: tuple[str, ...] = get_args(Endpoint)
 
 
@@ -33,6 +33,10 @@ class EngineReplica(Protocol):
 
     def embeddings(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
         """Embeddings (``/v1/embeddings``): one whole reply."""
+        ...
+
+    def responses(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
+        """A response of OpenAI's Responses API (``/v1/responses``); a stream is its typed events."""
         ...
 
     async def engine_info(self) -> dict[str, Any]:

@@ -32,14 +32,21 @@ from router.telemetry import RequestRecord
 
 logger = logging.getLogger("rayroute.router")
 
+# The answers that mean a model could not take a request at all (full, no replica, a prompt it cannot hold), so a
+# model's fallback may answer instead; any other error would be the same from another model.
+FALLBACK_CODES = frozenset({"model_at_capacity", "model_unavailable", "context_length_exceeded"})
+
 
 async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: ModelConfig, payload: dict[str, Any],
-                      record: RequestRecord, streaming: bool) -> tuple[EngineItem, DeploymentResponseGenerator]:
+                      record: RequestRecord, streaming: bool, since: float | None = None,
+                      ) -> tuple[EngineItem, DeploymentResponseGenerator]:
     """The engine's first answer (an error, a whole reply, or a stream's first chunk) and the stream it came on;
-    raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed twice."""
+    raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed twice. The model's timeouts
+    run from ``since`` (the request's arrival, unless a fallback is being asked)."""
     timeouts = model.timeouts
-    queue_deadline = record.arrived_at + timeouts.queue_s
-    total_deadline = record.arrived_at + timeouts.total_s
+    since = record.arrived_at if since is None else since
+    queue_deadline = since + timeouts.queue_s
+    total_deadline = since + timeouts.total_s
     failed_after_admission = 0
     pause = RETRY_PAUSE_S
     while True:

@@ -28,18 +28,29 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.api_keys import ApiKey
 from deployments.config import ModelConfig, ServeArgs
 from deployments.interface import Endpoint
-from deployments.replies import Chunk, ErrorReply, FullReply
+from deployments.replies import Chunk, EngineItem, ErrorReply, FullReply
 from router.auth import ApiKeyAuth, load_api_keys
 from router.channel_client import Channel, ChannelClient
-from router.dispatch import call_engine, cancel
+from router.dispatch import FALLBACK_CODES, call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
 from router.limits import Admission
 from router.middleware import API_KEY_KEY, RECORD_KEY, install_middleware
-from router.protocol import ChatCompletionBody, CompletionBody, EmbeddingBody, reject_media
+from router.protocol import (
+    NOT_STORED,
+    ChatCompletionBody,
+    CompletionBody,
+    EmbeddingBody,
+    RequestBody,
+    ResponsesBody,
+    reject_media,
+    reject_stateful,
+)
 from router.telemetry import GatewayMetrics, RequestRecord, enable_access_log
 
 # Proxies (nginx, cloud load balancers) buffer responses unless told not to; a buffered stream is a broken one.
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# On an answer from a fallback: the name the client asked for, and why that model did not answer.
+FALLBACK_FROM_HEADER, FALLBACK_REASON_HEADER = "X-Rayroute-Fallback-From", "X-Rayroute-Fallback-Reason"
 
 T = TypeVar("T")
 
@@ -73,8 +84,7 @@ class OpenAIRouter:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_http_app(self)
 
-    async def forward(self, endpoint: Endpoint, body: ChatCompletionBody | CompletionBody | EmbeddingBody,
-                      request: Request) -> Response:
+    async def forward(self, endpoint: Endpoint, body: RequestBody, request: Request) -> Response:
         """Send a checked request to its model's engine and answer with what comes back."""
         model = self.models.get(body.model)
         if model is None:
@@ -92,11 +102,12 @@ class OpenAIRouter:
         self.metrics.started(record)
         streaming = bool(getattr(body, "stream", False))
         try:
-            first, stream = await call_engine(self.handles[body.model], endpoint, model,
-                                              body.model_dump(exclude_unset=True), record, streaming)
+            first, stream, model, since = await self._call(endpoint, model, body, record, key, streaming)
         except OpenAIError as exc:
             exc.headers.update(headers)
             raise
+        if record.fallback_from is not None:
+            headers.update({FALLBACK_FROM_HEADER: record.fallback_from, FALLBACK_REASON_HEADER: record.fallback_reason})
         record.first_reply_at = time.perf_counter()
         self.metrics.first_reply(record)
         if isinstance(first, ErrorReply):
@@ -105,9 +116,49 @@ class OpenAIRouter:
         if isinstance(first, FullReply):
             self._charge(key, record)
             return Response(first.body, media_type="application/json", headers=headers)
-        deadline = record.arrived_at + model.timeouts.total_s
+        deadline = since + model.timeouts.total_s
         return StreamingResponse(self._relay(first, stream, record, deadline, key), media_type="text/event-stream",
                                  headers={**_SSE_HEADERS, **headers})
+
+    async def _call(self, endpoint: Endpoint, model: ModelConfig, body: RequestBody, record: RequestRecord,
+                    key: ApiKey | None, streaming: bool) -> tuple[EngineItem, Any, ModelConfig, float]:
+        """The engine's first answer, the stream it came on, the model that gave it and when that model was asked:
+        the requested model's, or, when that one cannot take the request at all, its first fallback's that can.
+        Nothing has gone to the client yet, so trying another model changes nothing it could have seen."""
+        fallbacks = [name for name in model.fallbacks if self._may_take(name, key, body)]
+        payload = body.model_dump(exclude_unset=True)
+        since = record.arrived_at
+        while True:
+            try:
+                first, stream = await call_engine(self.handles[payload["model"]], endpoint, model, payload, record,
+                                                  streaming, since)
+            except OpenAIError as exc:
+                if not fallbacks or exc.reply.code not in FALLBACK_CODES:
+                    raise
+                reason = exc.reply.code
+            else:
+                if not (fallbacks and isinstance(first, ErrorReply) and first.code in FALLBACK_CODES):
+                    return first, stream, model, since
+                cancel(stream)
+                reason = first.code
+            name = fallbacks.pop(0)
+            model = self.models[name]
+            payload = {**payload, "model": name}  # answered under the fallback's name: the client sees who answered
+            self.metrics.fell_back(record, name, model.id, reason)
+            since = time.perf_counter()  # the fallback gets its own timeouts
+
+    def _may_take(self, name: str, key: ApiKey | None, body: RequestBody) -> bool:
+        """Whether a fallback may answer this request: the key may use it (no reaching a model through another),
+        and it takes the request's media, if any."""
+        model = self.models[name]
+        if key is not None and not key.may_use(name, model.id):
+            return False
+        if isinstance(body, ChatCompletionBody) and not model.multimodal:
+            try:
+                reject_media(body)
+            except OpenAIError:
+                return False
+        return True
 
     async def _admit(self, key: ApiKey | None) -> dict[str, str]:
         """A limited key's turn: its rate-limit headers, or a 429 when it has used its minute's allowance."""
@@ -234,6 +285,18 @@ def build_http_app(router: OpenAIRouter) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody, request: Request) -> Response:
         return await router.forward("embeddings", body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesBody, request: Request) -> Response:
+        reject_stateful(body)
+        return await router.forward("responses", body, request)
+
+    # The Responses API's stored-response routes: nothing is stored (see router.protocol.NOT_STORED).
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    @app.api_route("/v1/responses/{response_id}/{action}", methods=["GET", "POST"])
+    async def stored_response(response_id: str, action: str = "") -> Response:
+        raise OpenAIError(400, f"Stored responses cannot be read or cancelled: {NOT_STORED}", param=None,
+                          code="unsupported_endpoint")
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

@@ -76,6 +76,44 @@ class EmbeddingBody(_Body):
     user: str | None = None
 
 
+class ResponsesBody(_Body):
+    """``/v1/responses``: OpenAI's newer interface (the Agents SDK, coding agents speak it); vLLM answers it."""
+
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    stream: bool | None = False
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    tools: list[dict[str, Any]] | None = None
+    store: bool | None = None
+    background: bool | None = None
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    user: str | None = None
+
+
+RequestBody = ChatCompletionBody | CompletionBody | EmbeddingBody | ResponsesBody
+
+# Nothing is stored: a response lives in the replica that made it, and the next request may go to another replica
+# (or the replica may be gone), so the parts of the Responses API that read a stored response are refused up
+# front. ``store`` itself is accepted and answered as ``false``, as vLLM does: it is on by default in every client.
+NOT_STORED = ("rayroute does not store responses: send the whole conversation in `input` (and `store: false`), or "
+              "use /v1/chat/completions.")
+
+
+def reject_stateful(body: ResponsesBody) -> None:
+    """A clear 400 for what needs stored responses (a previous response, a conversation, background runs)."""
+    for param in ("previous_response_id", "conversation"):
+        if getattr(body, param) is not None:
+            raise OpenAIError(400, f"`{param}` is not supported: {NOT_STORED}", param=param,
+                              code="unsupported_parameter")
+    if body.background:
+        raise OpenAIError(400, f"Background responses are not supported: {NOT_STORED}", param="background",
+                          code="unsupported_parameter")
+
+
 def reject_media(body: ChatCompletionBody) -> None:
     """A text-only model gets a clear 400 for an image (or audio, video, file) part instead of a template error."""
     for i, message in enumerate(body.messages):

@@ -73,6 +73,9 @@ class GatewayMetrics:
         self.router_overhead = Histogram(
             "rayroute_router_overhead_seconds", "Time the router spends on a request before handing it to the "
             "engine (authentication, parsing, checks, routing).", boundaries=_ROUTER_BUCKETS, tag_keys=_MODEL)
+        self.fallbacks = Counter("rayroute_fallbacks", "Requests a model's fallback answered instead: by the model "
+                                 "asked for, the fallback, and why (the error code the model gave).",
+                                 tag_keys=(*_MODEL, "fallback", "reason"))
         self.in_flight = Gauge("rayroute_requests_in_flight", "Requests being answered now.", tag_keys=_MODEL)
         self.waiting = Gauge("rayroute_requests_waiting", "Requests sent to an engine that has not answered yet "
                              "(queued or prefilling).", tag_keys=_MODEL)
@@ -104,6 +107,19 @@ class GatewayMetrics:
         self._move(self._waiting, record, -1)
         if record.first_reply_at is not None:
             self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=record.tags)
+
+    def fell_back(self, record: RequestRecord, model: str, served_model: str, reason: str) -> None:
+        """The request goes to a fallback: it is counted, and from now on it is that model's (its gauges, tokens
+        and access-log line)."""
+        self.fallbacks.inc(1, tags={**record.tags, "fallback": model, "reason": reason})
+        self._move(self._in_flight, record, -1)
+        self._move(self._waiting, record, -1)
+        if record.fallback_from is None:
+            record.fallback_from = record.model
+        record.fallback_reason = reason
+        record.model, record.served_model = model, served_model
+        self._move(self._in_flight, record, +1)
+        self._move(self._waiting, record, +1)
 
     def token_gap(self, record: RequestRecord, seconds: float) -> None:
         record.gaps += 1
@@ -154,6 +170,8 @@ class RequestRecord:
     client_disconnected: bool = False
     key_name: str | None = None  # the API key's configured name; never the key
     attempts: int = 0  # engine calls made (more than one when a failed replica's request was retried)
+    fallback_from: str | None = None  # the model asked for, when a fallback answered (model is the fallback)
+    fallback_reason: str | None = None  # the error code that sent it to the fallback
 
     @property
     def tags(self) -> dict[str, str]:
@@ -172,5 +190,6 @@ class RequestRecord:
             "served_model": self.served_model, "status": self.status, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "ttft_ms": ms(self.arrived_at, self.first_reply_at),
             "duration_ms": ms(self.arrived_at, self.finished_at), "client_disconnected": self.client_disconnected,
-            "key": self.key_name, "attempts": self.attempts,
+            "key": self.key_name, "attempts": self.attempts, "fallback_from": self.fallback_from,
+            "fallback_reason": self.fallback_reason,
         })

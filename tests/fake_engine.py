@@ -45,7 +45,7 @@ class FakeEngine(VLLMEngine):
         engine = _FakeAsyncLLM(self)
         return engine, {"chat": _FakeServing(engine, "chat.completion"),
                         "completions": _FakeServing(engine, "text_completion"),
-                        "embeddings": _FakeEmbedding(self.prompt_tokens)}
+                        "embeddings": _FakeEmbedding(self.prompt_tokens), "responses": None}
 
 
 class _FakeAsyncLLM:

@@ -125,8 +125,8 @@ def e2e_config(tmp_path: Path) -> Path:
 
     - a second copy of the chat model (marked multimodal, so images pass the router), which takes one request at a
       time and queues one more, so a third is refused (backpressure);
-    - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds), a copy that scales to zero, and a
-      model whose replicas cannot be placed;
+    - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds; a shorter context, with the default
+      model as its fallback), a copy that scales to zero, and a model whose replicas cannot be placed;
     - two router replicas, so per-key limits are shown to hold across them.
     """
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
@@ -142,7 +142,9 @@ def e2e_config(tmp_path: Path) -> Path:
     models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True, "resources": one_cpu,
                    "max_ongoing_requests": 1, "max_queued_requests": 1,
                    "timeouts": {"total_s": TOTAL_TIMEOUT_SECOND_S}})
+    # It also holds only 1,024 tokens and falls back to the default model (4,096) for longer prompts.
     models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu, "drain_timeout_s": 120,
+                   "engine_args": {**first["engine_args"], "max_model_len": 1024}, "fallbacks": [DEFAULT_MODEL],
                    "autoscaling": {"policy": "engine_load", "min_replicas": 1, "max_replicas": 2,
                                    "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 20,
                                    "look_back_period_s": 10}})
@@ -301,20 +303,23 @@ ROUTER_KEYS = [
 ]
 
 
-def router_config(**model: Any) -> dict[str, Any]:
-    """One model, ``chat-a`` (alias ``gpt-4o-mini``), with ``model``'s settings."""
-    return {"models": [{"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"], **model}]}
+def router_config(others: tuple[str, ...] = (), **model: Any) -> dict[str, Any]:
+    """One model, ``chat-a`` (alias ``gpt-4o-mini``), with ``model``'s settings; and plain ones named ``others``."""
+    return {"models": [{"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"], **model},
+                       *({"id": name, "source": f"org/{name}"} for name in others)]}
 
 
-def router_client(handle: FakeHandle, monkeypatch: Any, **model: Any) -> Any:
-    """A TestClient on a real router whose one model (:func:`router_config`) is ``handle``, with :data:`ROUTER_KEYS`
-    and per-key limits kept in this process."""
+def router_client(handle: FakeHandle, monkeypatch: Any, others: dict[str, FakeHandle] | None = None,
+                  **model: Any) -> Any:
+    """A TestClient on a real router whose model ``chat-a`` (:func:`router_config`) is ``handle`` and whose
+    ``others`` models are theirs, with :data:`ROUTER_KEYS` and per-key limits kept in this process."""
     from fastapi.testclient import TestClient
 
     from router.ingress import OpenAIRouter, build_http_app
 
     monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(ROUTER_KEYS))
-    router = OpenAIRouter(router_config(**model), {"chat-a": handle}, LocalLimits())
+    others = others or {}
+    router = OpenAIRouter(router_config(tuple(others), **model), {"chat-a": handle, **others}, LocalLimits())
     return TestClient(build_http_app(router), raise_server_exceptions=False)
 
 

@@ -93,6 +93,39 @@ def test_routes_by_model_name(cluster: Cluster) -> None:
     assert second.choices[0].message.content == first.choices[0].message.content
 
 
+def test_a_prompt_too_long_for_a_model_goes_to_its_fallback(cluster: Cluster) -> None:
+    """The elastic model holds 1,024 tokens and falls back to the default model (4,096): a longer prompt is
+    answered by the fallback, under its name, whole and streamed, the headers say so, and a metric counts it."""
+    body = {"model": ELASTIC_MODEL, "messages": [{"role": "user", "content": "hello " * 1500}], "max_tokens": 2}
+    whole = httpx.post(cluster.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=120)
+    assert whole.status_code == 200, whole.text
+    assert whole.json()["model"] == DEFAULT_MODEL and whole.json()["usage"]["prompt_tokens"] > 1024
+    assert whole.headers["x-rayroute-fallback-from"] == ELASTIC_MODEL
+    assert whole.headers["x-rayroute-fallback-reason"] == "context_length_exceeded"
+    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", json={**body, "stream": True},
+                      headers=AUTH, timeout=120) as response:
+        assert response.headers["x-rayroute-fallback-from"] == ELASTIC_MODEL
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks and {chunk["model"] for chunk in chunks} == {DEFAULT_MODEL}
+    # A prompt that fits is the elastic model's own.
+    short = httpx.post(cluster.base_url + "/v1/chat/completions", headers=AUTH, timeout=120,
+                       json={**body, "messages": PARIS})
+    assert short.json()["model"] == ELASTIC_MODEL and "x-rayroute-fallback-from" not in short.headers
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {"model": ELASTIC_MODEL, "fallback": DEFAULT_MODEL, "reason": "context_length_exceeded"}
+
+    def fallbacks_counted() -> float:
+        text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "ray_rayroute_fallbacks_total" and wanted.items() <= sample.labels.items())
+
+    deadline = time.monotonic() + 30
+    while fallbacks_counted() < 2:
+        assert time.monotonic() < deadline, "the two fallbacks were not counted"
+        time.sleep(1)
+
+
 def test_models_list_and_card(cluster: Cluster) -> None:
     client = cluster.client()
     assert {m.id for m in client.models.list()} == {DEFAULT_MODEL, SECOND_MODEL, ALIAS, METRICS_ALIAS,

@@ -77,6 +77,7 @@ def test_routes_by_model_name_and_alias(client: TestClient, name: str, served_by
 @pytest.mark.parametrize(("path", "body", "endpoint"), [
     ("/v1/completions", {"model": "chat-a", "prompt": "Once"}, "completions"),
     ("/v1/embeddings", {"model": "chat-a", "input": ["a", "b"]}, "embeddings"),
+    ("/v1/responses", {"model": "chat-a", "input": "hi", "store": True, "tools": []}, "responses"),
 ])
 def test_other_endpoints_reach_their_engine_method(client: TestClient, engines, path, body, endpoint) -> None:
     assert post(client, path, body).json()["endpoint"] == endpoint
@@ -176,10 +177,39 @@ def test_chat_body_errors_name_the_parameter(client: TestClient, engines, body: 
     ("/v1/completions", {"model": "chat-a", "prompt": "x", "logprobs": 9}, "logprobs"),
     ("/v1/embeddings", {"model": "chat-a", "input": 3.5}, "input"),
     ("/v1/embeddings", {"model": "chat-a", "input": "x", "encoding_format": "hex"}, "encoding_format"),
+    ("/v1/responses", {"model": "chat-a"}, "input"),
+    ("/v1/responses", {"model": "chat-a", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ("/v1/responses", {"model": "chat-a", "input": "x", "temperature": 3}, "temperature"),
 ])
 def test_other_body_errors(client: TestClient, path: str, body: dict, param: str) -> None:
     response = post(client, path, body)
     assert response.status_code == 400 and error_of(response)["param"] == param
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"previous_response_id": "resp_123"}, "previous_response_id"),
+    ({"conversation": "conv_123"}, "conversation"),
+    ({"background": True}, "background"),
+])
+def test_responses_that_need_a_stored_response_are_400(client: TestClient, engines, extra: dict, param: str) -> None:
+    """Nothing is stored (a response lives on the replica that made it): a clear 400 before any engine is asked,
+    never vLLM's 404 for an id it has not seen or a 500."""
+    response = post(client, "/v1/responses", {"model": "chat-a", "input": "hi", **extra})
+    assert response.status_code == 400
+    error = error_of(response)
+    assert error["param"] == param and error["code"] == "unsupported_parameter"
+    assert "does not store responses" in error["message"]
+    assert not engines["chat-a"].calls
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("GET", "/v1/responses/resp_123"), ("DELETE", "/v1/responses/resp_123"),
+    ("POST", "/v1/responses/resp_123/cancel"), ("GET", "/v1/responses/resp_123/input_items"),
+])
+def test_stored_response_routes_are_400(client: TestClient, method: str, path: str) -> None:
+    response = client.request(method, path, headers=AUTH)
+    assert response.status_code == 400 and error_of(response)["code"] == "unsupported_endpoint"
+    assert client.request(method, path).status_code == 401  # behind the key like every /v1 route
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b"\xff\xfe", b"null", b'"text"', b"{} {}"])
@@ -250,7 +280,7 @@ def test_framework_errors_use_the_envelope(client: TestClient) -> None:
 
 def test_openapi_document_describes_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"} <= set(paths)
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models"} <= set(paths)
     assert "requestBody" in paths["/v1/chat/completions"]["post"]
 
 

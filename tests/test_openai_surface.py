@@ -386,6 +386,50 @@ def test_wrong_kind_of_model_is_400(cluster: Cluster, path: str, body: dict) -> 
     assert response.json()["error"]["code"] == "model_not_supported"
 
 
+# --- 6b. the Responses API ---------------------------------------------------------------------------------------
+
+def test_responses_whole_and_streamed(client: openai.OpenAI) -> None:
+    """``client.responses.create`` as the Agents SDK calls it: the same greedy answer whole and as typed events."""
+    ask = {"model": DEFAULT_MODEL, "input": "Tell me about the city of Lyon.", "max_output_tokens": 16,
+           "temperature": 0, "instructions": "Answer in one sentence."}
+    reply = client.responses.create(**ask)
+    assert reply.object == "response" and reply.model == DEFAULT_MODEL and reply.output_text
+    assert reply.usage.input_tokens > 10 and 0 < reply.usage.output_tokens <= 16
+    events = list(client.responses.create(**ask, stream=True))
+    types = [event.type for event in events]
+    assert types[0] == "response.created" and types[-1] in ("response.completed", "response.incomplete"), types
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert types.count("response.output_text.delta") > 3  # streamed, not one event at the end
+    assert deltas == events[-1].response.output_text == reply.output_text
+    assert events[-1].response.usage.output_tokens == reply.usage.output_tokens
+
+
+def test_responses_under_an_alias_and_with_instructions(client: openai.OpenAI) -> None:
+    reply = client.responses.create(model=ALIAS, input="Say hello.", max_output_tokens=4)
+    assert reply.model == ALIAS
+    plain = client.responses.create(model=DEFAULT_MODEL, input="Say hello.", max_output_tokens=1)
+    briefed = client.responses.create(model=DEFAULT_MODEL, input="Say hello.", max_output_tokens=1,
+                                      instructions="You are a pirate. Answer like one, always, in every reply.")
+    assert briefed.usage.input_tokens > plain.usage.input_tokens + 5  # the instructions reached the prompt
+
+
+def test_responses_errors(cluster: Cluster, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.responses.create(model="no-such-model", input="hi")
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=DEFAULT_MODEL, input="hi", previous_response_id="resp_123")
+    assert caught.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.retrieve("resp_123")
+    assert caught.value.body["code"] == "unsupported_endpoint"
+    too_long = post(cluster, "/v1/responses", {"model": DEFAULT_MODEL, "input": "hello " * 5000})
+    assert too_long.status_code == 400, too_long.text
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    embedding = post(cluster, "/v1/responses", {"model": EMBEDDING_MODEL, "input": "cat"})
+    assert embedding.status_code == 400 and embedding.json()["error"]["code"] == "model_not_supported"
+
+
 # --- 7. model names ----------------------------------------------------------------------------------------------
 
 def test_alias_is_answered_under_the_alias(cluster: Cluster, client: openai.OpenAI) -> None:
