@@ -82,6 +82,7 @@ class GatewayMetrics:
         # The router keeps the gauges' counts and publishes them every GAUGE_PUBLISH_S (see publish_gauges), every
         # configured model from the start: Ray exports a gauge only while it is being set, so a gauge set when
         # requests start and end would be "No data" on the dashboard whenever a model is idle.
+        models = list(models)  # read twice below: a generator would leave the second dict empty
         self._in_flight: dict[tuple[str, str], int] = dict.fromkeys(models, 0)
         self._waiting: dict[tuple[str, str], int] = dict.fromkeys(models, 0)
         self._publisher: asyncio.Task | None = None

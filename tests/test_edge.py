@@ -278,6 +278,27 @@ def test_framework_errors_use_the_envelope(client: TestClient) -> None:
     assert wrong_method.status_code == 405 and error_of(wrong_method)
 
 
+def test_router_gauges_cover_every_configured_name_from_the_start() -> None:
+    """Both gauges are published for every name from the first second, however the names are given (the router
+    passes a generator: read once, it left the second gauge with no series until a request came)."""
+    import asyncio
+
+    from router.telemetry import GatewayMetrics
+
+    metrics = GatewayMetrics((name, "chat-a") for name in ("chat-a", "gpt-4o-mini"))
+    published: dict[str, set[str]] = {"in_flight": set(), "waiting": set()}
+    for kind, names in published.items():
+        setattr(metrics, kind, type("Recorder", (), {"set": lambda self, value, tags, names=names: names.add(
+            tags["model"])})())
+
+    async def one_round() -> None:
+        metrics.publish_gauges()
+        await asyncio.sleep(0.05)
+
+    asyncio.run(one_round())
+    assert published == {"in_flight": {"chat-a", "gpt-4o-mini"}, "waiting": {"chat-a", "gpt-4o-mini"}}
+
+
 def test_openapi_document_describes_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models"} <= set(paths)
