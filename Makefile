@@ -59,9 +59,11 @@ serve: model
 test: model clients prometheus helm lint
 	$(PY) -m pytest
 
-# rayroute against bare vLLM on the same model and engine settings; prints a table, writes bench-results/.
+# rayroute against bare vLLM on the same model and engine settings, then prefix-aware replica choice against
+# Serve's default on two replicas; prints tables, writes bench-results/.
 bench: model
 	$(PY) -m tests.bench --config $(CONFIG)
+	$(PY) -m tests.bench_prefix --config $(CONFIG)
 
 # The router alone under 100 and 1,000 concurrent streams from a model-free engine: added latency, peak memory.
 load: setup

@@ -147,6 +147,10 @@ class ModelConfig(_Strict):
                                    "lets its requests finish.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
     multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
+    replica_choice: Literal["least_loaded", "prefix_cache"] = Field(
+        "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
+        "power of two choices) or `prefix_cache` (the replica whose prefix cache holds the prompt's start, while "
+        "loads are close; see deployments/prefix_routing.py).")
     fallbacks: list[str] = Field(
         default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
         "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "

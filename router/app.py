@@ -72,4 +72,15 @@ def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> se
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).
         graceful_shutdown_timeout_s=model.drain_timeout_s,
+        **replica_choice(model),
     )
+
+
+def replica_choice(model: ModelConfig) -> dict[str, Any]:
+    """The deployment's request router: Serve's own unless the model asks for prefix-cache affinity. Every handle
+    to the deployment (each router replica's) uses it."""
+    if model.replica_choice == "prefix_cache":
+        from deployments.prefix_routing import request_router_config
+
+        return request_router_config()
+    return {}

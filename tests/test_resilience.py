@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING, EngineLoadPolicy, serve_autoscaling_config
-from deployments.config import Autoscaling
+from deployments.config import Autoscaling, ModelConfig
 from deployments.constants import STALL_TIMEOUT_S
 from deployments.engine import EngineProgress
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, ErrorReply, FullReply
@@ -332,3 +332,32 @@ def test_engine_progress_reports_load_only_while_busy_and_notices_a_stall() -> N
     assert not progress.stalled(unfinished_requests=0, now=idle_seen)
     assert not progress.stalled(unfinished_requests=3, now=idle_seen + 5)
     assert progress.stalled(unfinished_requests=3, now=idle_seen + STALL_TIMEOUT_S + 1)
+
+
+# --- replica choice ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("body", "text"), [
+    ({"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}, "Be brief.Hi"),
+    ({"model": "m", "prompt": "Once upon"}, "Once upon"),
+    ({"model": "m", "input": "Name three rivers."}, "Name three rivers."),
+])
+def test_prefix_router_reads_the_prompt_from_rayroute_bodies(body: dict, text: str) -> None:
+    """Ray's prefix-affinity router looks for a ``messages`` or ``prompt`` attribute; the engine methods take the
+    OpenAI body as a dict (Responses names it ``input``). Without the override it raises for every request."""
+    from deployments.prefix_routing import PrefixCacheRouter
+
+    router = PrefixCacheRouter.__new__(PrefixCacheRouter)  # no Serve controller here: the reading needs no state
+    assert router._extract_text_from_request(SimpleNamespace(args=[body], kwargs={})) == text
+
+
+def test_replica_choice_selects_the_deployments_request_router() -> None:
+    from router.app import engine_deployment
+
+    model = {"id": "m", "source": "org/m"}
+    default = engine_deployment(ModelConfig.model_validate(model))
+    prefix = engine_deployment(ModelConfig.model_validate({**model, "replica_choice": "prefix_cache"}))
+    assert "PowerOfTwo" in str(default._deployment_config.request_router_config.request_router_class)
+    assert prefix._deployment_config.request_router_config.request_router_class == (
+        "deployments.prefix_routing.PrefixCacheRouter")
+    assert prefix._deployment_config.request_router_config.request_router_kwargs == {"imbalanced_threshold": 8}
