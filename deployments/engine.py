@@ -178,11 +178,27 @@ ENDPOINTS = {
 }
 
 
+# Events vLLM sends before its engine has made anything: they announce the response.
+_ANNOUNCEMENTS = ("response.created", "response.in_progress")
+
+
 async def _typed_events(events: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """Responses API events as vLLM's own route sends them: each names its type (``event: response.created``)."""
+    """Responses API events as vLLM's own route sends them: each names its type (``event: response.created``).
+
+    vLLM announces a response before its engine has made anything; the announcements go out with the first event
+    after them. So a stream's first chunk is the engine's first output, as on every other endpoint: the first-token
+    timeout bounds the wait for it, TTFT measures it, and a replica that fails before it has the request retried."""
+    held = ""
     try:
         async for event in events:
-            yield f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+            text = f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+            if event.type in _ANNOUNCEMENTS:
+                held += text
+                continue
+            yield held + text
+            held = ""
+        if held:
+            yield held
     finally:
         await events.aclose()  # closing vLLM's generator aborts the engine request if it is still running
 

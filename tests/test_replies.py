@@ -80,3 +80,34 @@ def test_token_count_includes_an_encoders_prompt() -> None:
     count = TokenCount()
     count.add(output(4, 1, encoder=6))
     assert count.prompt == 10
+
+
+def test_responses_announcements_go_out_with_the_engines_first_output() -> None:
+    """vLLM sends response.created and response.in_progress before its engine made anything; they become part of
+    the first chunk, so the first chunk (TTFT, the first-token timeout, retries) is the engine's first output."""
+    import asyncio
+
+    from deployments.engine import _typed_events
+
+    class Event(SimpleNamespace):
+        def model_dump_json(self, **_: object) -> str:
+            return json.dumps({"type": self.type})
+
+    closed = []
+
+    async def vllm_events():
+        try:
+            for kind in ("response.created", "response.in_progress", "response.output_item.added",
+                         "response.output_text.delta", "response.completed"):
+                yield Event(type=kind)
+        finally:
+            closed.append(True)
+
+    async def collect() -> list[str]:
+        return [chunk async for chunk in _typed_events(vllm_events())]
+
+    chunks = asyncio.run(collect())
+    assert [chunk.count("event: ") for chunk in chunks] == [3, 1, 1]
+    assert chunks[0].startswith('event: response.created\ndata: {"type": "response.created"}\n\n')
+    assert chunks[0].endswith("event: response.output_item.added\n" 'data: {"type": "response.output_item.added"}\n\n')
+    assert closed == [True]
