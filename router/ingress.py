@@ -291,9 +291,10 @@ def build_http_app(router: OpenAIRouter) -> FastAPI:
         reject_stateful(body)
         return await router.forward("responses", body, request)
 
-    # The Responses API's stored-response routes: nothing is stored (see router.protocol.NOT_STORED).
-    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
-    @app.api_route("/v1/responses/{response_id}/{action}", methods=["GET", "POST"])
+    # The Responses API's stored-response routes: nothing is stored (see router.protocol.NOT_STORED). Not in the
+    # OpenAPI document, which describes what is served.
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], include_in_schema=False)
+    @app.api_route("/v1/responses/{response_id}/{action}", methods=["GET", "POST"], include_in_schema=False)
     async def stored_response(response_id: str, action: str = "") -> Response:
         raise OpenAIError(400, f"Stored responses cannot be read or cancelled: {NOT_STORED}", param=None,
                           code="unsupported_endpoint")

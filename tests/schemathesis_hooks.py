@@ -12,7 +12,9 @@ import zlib
 
 import schemathesis
 
-GENERATING_PATHS = {"/v1/chat/completions", "/v1/completions"}
+# The generating routes and the fields that bound their output.
+TOKEN_LIMITS = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"), "/v1/completions": ("max_tokens",),
+                "/v1/responses": ("max_output_tokens",)}
 TOKEN_CAP = 8
 
 
@@ -28,8 +30,8 @@ def map_body(context, body):
     models = _models("RAYROUTE_FUZZ_EMBEDDING_MODELS" if path == "/v1/embeddings" else "RAYROUTE_FUZZ_CHAT_MODELS")
     if models and isinstance(body.get("model"), str):
         body["model"] = models[zlib.crc32(body["model"].encode()) % len(models)]
-    if path in GENERATING_PATHS:
-        for key in ("max_tokens", "max_completion_tokens"):
+    if path in TOKEN_LIMITS:
+        for key in TOKEN_LIMITS[path]:
             value = body.get(key)
             if value is None or (type(value) is int and value > TOKEN_CAP):
                 body[key] = TOKEN_CAP

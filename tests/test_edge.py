@@ -302,6 +302,7 @@ def test_router_gauges_cover_every_configured_name_from_the_start() -> None:
 def test_openapi_document_describes_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/models"} <= set(paths)
+    assert not any(path.startswith("/v1/responses/") for path in paths)  # refused routes are not offered
     assert "requestBody" in paths["/v1/chat/completions"]["post"]
 
 
