@@ -38,13 +38,12 @@ FALLBACK_CODES = frozenset({"model_at_capacity", "model_unavailable", "context_l
 
 
 async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: ModelConfig, payload: dict[str, Any],
-                      record: RequestRecord, streaming: bool, since: float | None = None,
+                      record: RequestRecord, streaming: bool, since: float,
                       ) -> tuple[EngineItem, DeploymentResponseGenerator]:
     """The engine's first answer (an error, a whole reply, or a stream's first chunk) and the stream it came on;
     raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed twice. The model's timeouts
-    run from ``since`` (the request's arrival, unless a fallback is being asked)."""
+    run from ``since`` (the request's arrival, or the moment a fallback is asked)."""
     timeouts = model.timeouts
-    since = record.arrived_at if since is None else since
     queue_deadline = since + timeouts.queue_s
     total_deadline = since + timeouts.total_s
     failed_after_admission = 0
