@@ -15,7 +15,8 @@ class ApiKey(BaseModel):
 
     name: str = Field(min_length=1, max_length=64)
     key: SecretStr = Field(min_length=8)
-    models: list[str] | None = Field(None, description="Model names (ids or aliases) this key may use.")
+    models: list[str] | None = Field(None, description="Model names this key may use. A model's id also grants "
+                                     "its aliases, not its adapters: an adapter is a model of its own.")
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
 
@@ -24,5 +25,5 @@ class ApiKey(BaseModel):
         return bool(self.requests_per_minute or self.tokens_per_minute)
 
     def may_use(self, requested: str, model_id: str) -> bool:
-        """Allowed when the name sent, or the model it routes to, is listed."""
+        """Allowed when the name sent, or the model it routes to, is listed (an adapter routes to itself)."""
         return self.models is None or requested in self.models or model_id in self.models

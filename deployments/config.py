@@ -10,6 +10,7 @@ Serve's own file format means ``serve run configs/local.yaml``, ``make serve`` a
         engine_args: {dtype: float32, enforce_eager: true}     # any `vllm serve` argument
         resources: {accelerator: cpu, cpus: 1}
         autoscaling: {min_replicas: 1, max_replicas: 2}
+        adapters: {smollm2-pirate: ~/.cache/rayroute/models/smollm2-pirate}   # LoRA adapters, each a model
 
 Unknown keys are errors everywhere, so a typo fails at startup instead of being silently ignored; engine argument
 names are checked against vLLM's own argument classes (:func:`check_engine_args`).
@@ -155,6 +156,13 @@ class ModelConfig(_Strict):
         default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
         "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "
         "before any byte went to the client. A fallback's own fallbacks are not tried.")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters this model's replicas serve, each a model clients can "
+        "send: name → a local folder (`~` and $VARS are expanded) or a hub id. Sets vLLM's `enable_lora`; raise "
+        "`max_lora_rank` in engine_args for adapters of rank above 16.")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="Adapters one replica holds at once (vLLM's `max_loras`); the least recently used "
+        "makes room. Requests for an adapter go to a replica that holds it.")
 
     @field_validator("id")
     @classmethod
@@ -166,11 +174,19 @@ class ModelConfig(_Strict):
     def _alias_shape(cls, values: list[str]) -> list[str]:
         return [_check_model_name(v) for v in values]
 
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            _check_model_name(name)
+        return adapters
+
     @field_validator("engine_args")
     @classmethod
     def _no_owned_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         # These are derived from other fields; two places for one value is how configs drift apart.
-        owned = {"model": "source", "served_model_name": "id/aliases", "tensor_parallel_size": "resources"}
+        owned = {"model": "source", "served_model_name": "id/aliases", "tensor_parallel_size": "resources",
+                 "enable_lora": "adapters", "max_loras": "max_adapters_per_replica", "lora_modules": "adapters"}
         for key, field in owned.items():
             if key in args:
                 raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")
@@ -187,15 +203,27 @@ class ModelConfig(_Strict):
 
     def local_source(self) -> Path | None:
         """The source as a local folder, or None when it is a hub id."""
-        expanded = os.path.expanduser(os.path.expandvars(self.source))
-        if expanded.startswith(("/", ".")) or self.source.startswith("~"):
-            return Path(expanded)
-        return None
+        return local_path(self.source)
 
     @property
     def resolved_source(self) -> str:
-        local = self.local_source()
-        return str(local) if local is not None else self.source
+        return resolve_source(self.source)
+
+    def adapter_source(self, name: str) -> str:
+        """Where vLLM loads the adapter from: its folder, or its hub id."""
+        return resolve_source(self.adapters[name])
+
+    def engine_overrides(self) -> dict[str, Any]:
+        """Engine arguments that follow from this entry: the placement's, and LoRA's when adapters are listed."""
+        overrides = self.resources.engine_overrides()
+        if self.adapters:
+            overrides.update(enable_lora=True, max_loras=self.max_adapters_per_replica)
+        return overrides
+
+    def as_adapter(self, name: str) -> ModelConfig:
+        """The entry an adapter is routed by: the base's settings (timeouts, fallbacks, limits), under the
+        adapter's own name, so keys, metrics and errors name the adapter."""
+        return self.model_copy(update={"id": name, "aliases": [], "adapters": {}})
 
 
 class Routers(_Strict):
@@ -231,7 +259,7 @@ class ServeArgs(_Strict):
     def _unique_names(self) -> ServeArgs:
         seen: dict[str, str] = {}
         for model in self.models:
-            for name in model.names:
+            for name in [*model.names, *model.adapters]:
                 if name in seen:
                     raise ValueError(f"model name {name!r} is used by both {seen[name]!r} and {model.id!r}")
                 seen[name] = model.id
@@ -254,6 +282,19 @@ class ServeArgs(_Strict):
 def engine_deployment_name(model_id: str) -> str:
     """The Serve deployment's name: Serve names may not hold every character a model id can (``/``, ``:``)."""
     return "engine-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+
+
+def local_path(source: str) -> Path | None:
+    """A model or adapter source as a local folder, or None when it is a hub id."""
+    expanded = os.path.expanduser(os.path.expandvars(source))
+    if expanded.startswith(("/", ".")) or source.startswith("~"):
+        return Path(expanded)
+    return None
+
+
+def resolve_source(source: str) -> str:
+    local = local_path(source)
+    return str(local) if local is not None else source
 
 
 def _check_model_name(value: str) -> str:

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments.adapters import AdapterLoadError, AdapterSlots
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING
 from deployments.config import ModelConfig
 from deployments.constants import GAUGE_PUBLISH_S, STALL_TIMEOUT_S
@@ -229,6 +230,7 @@ class VLLMEngine:
         self.model = model
         self.progress = EngineProgress()
         self.vllm_metrics: Any = None  # vLLM's Ray metrics, set by _start_vllm
+        self.adapters: AdapterSlots | None = None  # the model's LoRA adapters, if it lists any; set by _start_vllm
         self.engine, self._serving = await self._start_vllm(model)
         self._idle_gauges = asyncio.get_running_loop().create_task(self._publish_idle_gauges())
         # vLLM's serving layer calls generate on this object; counting there is free of any parsing.
@@ -269,7 +271,7 @@ class VLLMEngine:
         engine_args = AsyncEngineArgs(
             model=model.resolved_source,
             served_model_name=model.names,
-            **model.resources.engine_overrides(),
+            **model.engine_overrides(),
             **engine_kwargs,
         )
         frontend_args = FrontendArgs(**frontend_kwargs)
@@ -295,6 +297,8 @@ class VLLMEngine:
         models.model_name = lambda lora_request=None: (
             _requested_model.get() if lora_request is None and _requested_model.get() else canonical_name(lora_request)
         )
+        if model.adapters:
+            self.adapters = AdapterSlots(models, engine, model)
         return engine, {name: getattr(state, e.serving_attribute, None) for name, e in ENDPOINTS.items()}
 
     async def chat(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
@@ -331,7 +335,19 @@ class VLLMEngine:
             yield ErrorReply(400, f"The model `{body.get('model')}` does not support {spec.what}.",
                              "invalid_request_error", "model", "model_not_supported")
             return
-        _requested_model.set(body.get("model"))
+        name = body.get("model")
+        if self.adapters is not None and name in self.model.adapters:
+            try:
+                await self.adapters.load(name)  # at once if this replica holds it, as Serve's routing intends
+            except AdapterLoadError as exc:
+                logger.error("adapter %s of %s could not be loaded: %s", name, self.model.id, exc)
+                yield ErrorReply(500, f"The adapter `{name}` could not be loaded.", "server_error", None,
+                                 "adapter_load_failed")
+                return
+            except EngineDeadError:
+                yield self._engine_unavailable()
+                return
+        _requested_model.set(name)
         streaming = bool(body.get("stream")) and endpoint != "embeddings"
         count = TokenCount()
         _token_count.set(count if streaming else None)
@@ -435,6 +451,9 @@ class VLLMEngine:
             "pid": os.getpid(),  # the replica's process; vLLM's engine core is its child
             "platform": current_platform.device_type,
             "running_requests": self.engine.get_num_unfinished_requests(),
+            # The adapters Serve counts as held here, and how many adapter loads this replica has done.
+            "adapters": self.adapters.held() if self.adapters else [],
+            "adapter_loads": self.adapters.loads if self.adapters else 0,
         }
 
     def __del__(self) -> None:

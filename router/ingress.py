@@ -67,15 +67,22 @@ class OpenAIRouter:
                  limits: DeploymentHandle | None = None):
         self.config = ServeArgs.model_validate(config)
         self.created = int(time.time())
-        # Every name a client may send (ids and aliases) → the handle of the deployment serving it.
+        # Every name a client may send (ids, aliases, adapters) → the handle of the deployment serving it, and the
+        # entry it is routed by (an adapter's is its base's under the adapter's name: a model of its own).
         self.handles: dict[str, DeploymentHandle] = {}
         self.models: dict[str, ModelConfig] = {}
+        self.parents: dict[str, str] = {}  # adapter name → its base model's id
         for model in self.config.models:
             for name in model.names:
                 self.handles[name] = engines[model.id].options(stream=True)
                 self.models[name] = model
+            for name in model.adapters:
+                # Serve's multiplexing sends it to a replica that holds the adapter (deployments/adapters.py).
+                self.handles[name] = engines[model.id].options(stream=True, multiplexed_model_id=name)
+                self.models[name] = model.as_adapter(name)
+                self.parents[name] = model.id
         self.limits = limits
-        self.metrics = GatewayMetrics((name, model.id) for model in self.config.models for name in model.names)
+        self.metrics = GatewayMetrics((name, model.id) for name, model in self.models.items())
         with contextlib.suppress(RuntimeError):  # else with the first request (a test's router, built off-loop)
             self.metrics.publish_gauges()
         self.channels = ChannelClient()
@@ -259,7 +266,9 @@ class OpenAIRouter:
         if name not in self.models:
             raise OpenAIError.model_not_found(name)
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "rayroute"}
-        if self.models[name].id != name:
+        if name in self.parents:  # as vLLM lists an adapter
+            card["parent"] = self.parents[name]
+        elif self.models[name].id != name:
             card["root"] = self.models[name].id
         return card
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from deployments.config import ConfigError, ServeArgs, load_serve_config
+from deployments.config import ConfigError, ServeArgs, load_serve_config, local_path
 from deployments.stream_channel import CHANNEL_HOST_ENV
 
 METRICS_EXPORT_PORT = 8080
@@ -209,10 +209,13 @@ def router_resources(config: ServeArgs) -> dict[str, float]:
 
 def check_local_sources(config: ServeArgs) -> None:
     for model in config.models:
-        local = model.local_source()
-        if local is not None and not (local / "config.json").exists():
-            hint = " (run `make model` to build the default model)" if "rayroute" in str(local) else ""
-            raise ConfigError(f"models[{model.id}].source: no model folder at {local}{hint}")
+        folders = [(f"models[{model.id}].source", model.local_source(), "model", "config.json")]
+        folders += [(f"models[{model.id}].adapters.{name}", local_path(source), "adapter", "adapter_config.json")
+                    for name, source in model.adapters.items()]
+        for where, local, kind, marker in folders:
+            if local is not None and not (local / marker).exists():
+                hint = " (run `make model` to build the default models)" if "rayroute" in str(local) else ""
+                raise ConfigError(f"{where}: no {kind} folder at {local}{hint}")
 
 
 def wait_for_stop() -> None:

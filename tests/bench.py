@@ -184,7 +184,7 @@ def start_bare_vllm(model: dict, log: Path) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", config.resolved_source,
                "--served-model-name", config.id, "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in {**config.resources.engine_overrides(), **config.engine_args}.items():
+    for key, value in {**config.engine_overrides(), **config.engine_args}.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             command.append(flag)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import re
@@ -51,6 +52,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SECOND_MODEL = "acme/smollm2-135m:copy"  # also the backpressure subject: one request at a time, one queued
 ELASTIC_MODEL = "smollm2-elastic"  # autoscaled 1-2 on engine load, with short delays; failures happen to it
 COLD_MODEL = "smollm2-cold"  # scales to zero
+PAIR_MODEL = "smollm2-pair"  # two replicas, each holding at most one of PAIR_ADAPTERS
+PAIR_ADAPTERS = ("pirate-a", "pirate-b")
+PIRATE_ADAPTER = "smollm2-pirate"  # the default model's adapter (configs/local.yaml)
 UNPLACEABLE_MODEL = "needs-a-gpu"  # min_replicas 0 and a GPU this machine lacks: no replica ever starts
 QUEUE_TIMEOUT_UNPLACEABLE_S = 3
 TOTAL_TIMEOUT_SECOND_S = 40  # SECOND_MODEL's requests end after this long
@@ -108,6 +112,17 @@ class Cluster:
         handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
         return handle.engine_info.remote().result(timeout_s=30)
 
+    def replica_infos(self, model_id: str, count: int) -> dict[int, dict]:
+        """:meth:`engine_info` of each of the model's ``count`` replicas, by process id: Serve picks the replica
+        of each call, so this asks until it has heard from that many (both of two within 60 calls, or it fails)."""
+        infos: dict[int, dict] = {}
+        for _ in range(60):
+            info = self.engine_info(model_id)
+            infos[info["pid"]] = info
+            if len(infos) == count:
+                return infos
+        raise AssertionError(f"heard from {len(infos)} of {model_id}'s {count} replicas")
+
     def replicas(self, model_id: str) -> dict[str, int]:
         """The model's replicas by state (RUNNING, STARTING, STOPPING, ...), as Serve reports them."""
         from ray import serve
@@ -127,6 +142,7 @@ def e2e_config(tmp_path: Path) -> Path:
       time and queues one more, so a third is refused (backpressure);
     - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds; a shorter context, with the default
       model as its fallback), a copy that scales to zero, and a model whose replicas cannot be placed;
+    - a copy with two replicas serving two adapters, one at a time each (Serve's multiplexing);
     - two router replicas, so per-key limits are shown to hold across them.
     """
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
@@ -158,10 +174,18 @@ def e2e_config(tmp_path: Path) -> Path:
                    # no running replica, so the application never counts as running again (see the redeploy test).
                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
                    "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
+    # Two replicas with room for one adapter each, and two adapters (one folder under two names): requests for
+    # each must go to the replica holding it.
+    pirate = first["adapters"][PIRATE_ADAPTER]
+    models.append({**first, "id": PAIR_MODEL, "aliases": [], "resources": one_cpu,
+                   "adapters": {name: pirate for name in PAIR_ADAPTERS}, "max_adapters_per_replica": 1,
+                   "autoscaling": {"min_replicas": 2, "max_replicas": 2}})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
-        if model is not first:  # the copies' engines hold 256 MiB of KV cache, not 1 GiB: seven fit in memory
+        if model is not first:  # the copies' engines hold 256 MiB of KV cache, not 1 GiB: nine fit in memory
             model["engine_args"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
+            if model["id"] != PAIR_MODEL:
+                model["adapters"] = {}  # adapter names are model names: one model each
     path = tmp_path / "e2e.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
@@ -252,12 +276,15 @@ class FakeStream:
 
 class FakeHandle:
     """Stands in for a model's ``DeploymentHandle``: ``handle.options(stream=True).<endpoint>.remote(body)`` returns
-    a :class:`FakeStream` of what ``answer(endpoint, body)`` gives; every call and stream is kept."""
+    a :class:`FakeStream` of what ``answer(endpoint, body)`` gives; every call and stream is kept, and the handle
+    options each call was made with (``multiplexed_model_id``)."""
 
     def __init__(self, answer: Callable[[str, dict], list[Any]]):
         self.answer = answer
         self.calls: list[tuple[str, dict]] = []
         self.streams: list[FakeStream] = []
+        self.call_options: list[dict[str, Any]] = []
+        self.chosen: dict[str, Any] = {}
 
     @classmethod
     def scripted(cls, *scripts: list[Any]) -> FakeHandle:
@@ -265,12 +292,18 @@ class FakeHandle:
         handle = cls(lambda endpoint, body: list(scripts[min(len(handle.calls), len(scripts)) - 1]))
         return handle
 
-    def options(self, **_: Any) -> FakeHandle:
-        return self
+    def options(self, **options: Any) -> FakeHandle:
+        optioned = copy.copy(self)  # shares the lists of calls and streams, as Serve's handles share a router
+        optioned.chosen = {**self.chosen, **options}
+        return optioned
 
     def __getattr__(self, endpoint: str) -> SimpleNamespace:
+        if endpoint.startswith("_"):  # not an endpoint: what copy and pickle look for
+            raise AttributeError(endpoint)
+
         def remote(body: dict) -> FakeStream:
             self.calls.append((endpoint, body))
+            self.call_options.append(self.chosen)
             self.streams.append(FakeStream(self.answer(endpoint, body)))
             return self.streams[-1]
 
@@ -333,11 +366,12 @@ def sse_events(text: str) -> list[Any]:
 
 
 def model_entry(document: dict, folder: str) -> dict:
-    """The config's first model with its engine settings, served from ``folder`` under that folder's name."""
+    """The config's first model with its engine settings, served from ``folder`` under that folder's name (without
+    the first model's adapters, which are made for its weights)."""
     from deployments.local_models import ensure_model
 
     first = document["applications"][0]["args"]["models"][0]
-    return {**first, "id": folder, "aliases": [], "source": str(ensure_model(folder)),
+    return {**first, "id": folder, "aliases": [], "adapters": {}, "source": str(ensure_model(folder)),
             "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
 
 

@@ -115,13 +115,38 @@ def test_duplicate_names_across_models() -> None:
     assert "'gpt-4o-mini' is used by both 'a' and 'gpt-4o-mini'" in error_of(args)
 
 
+def test_adapters_are_models_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTERS", "/data/adapters")
+    model = parse_args(with_model(adapters={"m1-pirate": "$ADAPTERS/pirate", "m1-sql": "org/sql-lora"},
+                                  max_adapters_per_replica=2)).models[0]
+    assert model.names == ["m1"]  # an adapter is not another name of its base
+    assert (model.adapter_source("m1-pirate"), model.adapter_source("m1-sql")) == ("/data/adapters/pirate",
+                                                                                 "org/sql-lora")
+    assert model.engine_overrides() == {"tensor_parallel_size": 1, "enable_lora": True, "max_loras": 2}
+    assert parse_args(GOOD).models[0].engine_overrides() == {"tensor_parallel_size": 1}  # no LoRA, no LoRA layers
+    adapter = model.as_adapter("m1-pirate")
+    assert (adapter.id, adapter.aliases, adapter.adapters, adapter.timeouts) == ("m1-pirate", [], {}, model.timeouts)
+
+
+def test_adapter_names_are_checked_like_model_names() -> None:
+    args = {"models": [{"id": "a", "source": "x/y", "adapters": {"b-lora": "x/l"}},
+                       {"id": "b", "source": "x/z", "aliases": ["b-lora"]}]}
+    assert "'b-lora' is used by both 'a' and 'b'" in error_of(args)
+    assert "not a valid model name" in error_of(with_model(adapters={"has space": "x/l"}))
+    assert "max_adapters_per_replica" in error_of(with_model(max_adapters_per_replica=0))
+    # A fallback may be an adapter: it is a model name like any other.
+    parse_args({"models": [{"id": "a", "source": "x/y", "adapters": {"a-lora": "x/l"}},
+                           {"id": "b", "source": "x/z", "fallbacks": ["a-lora"]}]})
+
+
 def test_min_above_max_replicas() -> None:
     assert "min_replicas (3) exceeds max_replicas (2)" in error_of(
         with_model(autoscaling={"min_replicas": 3, "max_replicas": 2}))
 
 
 @pytest.mark.parametrize(("key", "field"), [("model", "source"), ("served_model_name", "id/aliases"),
-                                            ("tensor_parallel_size", "resources")])
+                                            ("tensor_parallel_size", "resources"), ("enable_lora", "adapters"),
+                                            ("max_loras", "max_adapters_per_replica")])
 def test_engine_args_owned_elsewhere(key: str, field: str) -> None:
     assert f"`{key}` is set by the model's `{field}` field" in error_of(with_model(engine_args={key: 1}))
 
@@ -209,6 +234,12 @@ def test_launcher_names_a_missing_model_folder(tmp_path: Path) -> None:
     result = run_launcher(tmp_path, with_model(source=str(tmp_path / "nowhere")))
     assert result.returncode == 2
     assert f"models[m1].source: no model folder at {tmp_path / 'nowhere'}" in result.stderr
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    result = run_launcher(tmp_path, with_model(source=str(tmp_path / "model"),
+                                               adapters={"m1-x": str(tmp_path / "no-adapter")}))
+    assert result.returncode == 2
+    assert f"models[m1].adapters.m1-x: no adapter folder at {tmp_path / 'no-adapter'}" in result.stderr
 
 
 def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:

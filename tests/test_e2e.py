@@ -17,6 +17,9 @@ from tests.harness import (
     ELASTIC_MODEL,
     EMBEDDING_MODEL,
     METRICS_ALIAS,
+    PAIR_ADAPTERS,
+    PAIR_MODEL,
+    PIRATE_ADAPTER,
     SECOND_MODEL,
     UNPLACEABLE_MODEL,
     Cluster,
@@ -129,7 +132,8 @@ def test_a_prompt_too_long_for_a_model_goes_to_its_fallback(cluster: Cluster) ->
 def test_models_list_and_card(cluster: Cluster) -> None:
     client = cluster.client()
     assert {m.id for m in client.models.list()} == {DEFAULT_MODEL, SECOND_MODEL, ALIAS, METRICS_ALIAS,
-                                                    EMBEDDING_MODEL, ELASTIC_MODEL, COLD_MODEL, UNPLACEABLE_MODEL}
+                                                    EMBEDDING_MODEL, ELASTIC_MODEL, COLD_MODEL, UNPLACEABLE_MODEL,
+                                                    PAIR_MODEL, PIRATE_ADAPTER, *PAIR_ADAPTERS}
     card = client.models.retrieve(SECOND_MODEL)  # the id holds both "/" and ":"
     assert card.id == SECOND_MODEL and card.object == "model"
     with pytest.raises(openai.NotFoundError) as caught:

@@ -17,7 +17,8 @@ from fastapi.testclient import TestClient
 from deployments.replies import Admitted, Chunk, ErrorReply, FullReply, validation_error
 from router.auth import load_api_keys
 from router.ingress import OpenAIRouter, build_http_app
-from tests.harness import FakeHandle
+from tests.harness import FakeHandle, router_client
+from tests.harness import chat as chat_with_key
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 KEY = "sk-unit"
@@ -353,3 +354,35 @@ def test_access_log_line_per_request(client: TestClient, access_log_lines: list[
     assert denied["status"] == 401 and denied["model"] == ""
     logged = "".join(access_log_lines)
     assert secret not in logged and KEY not in logged
+
+
+# --- LoRA adapters -------------------------------------------------------------------------------------------------
+
+def test_an_adapter_is_a_model_answered_by_its_bases_replicas(monkeypatch, access_log_lines) -> None:
+    """An adapter is sent to its base's deployment with Serve's ``multiplexed_model_id`` (so Serve picks a replica
+    holding it), under its own name, and is listed with its base as ``parent``, as vLLM lists adapters."""
+    base = FakeHandle(echo_answer("chat-a"))
+    client = router_client(base, monkeypatch, adapters={"chat-a-pirate": "org/pirate-lora"})
+    response = chat_with_key(client, model="chat-a-pirate")
+    assert response.status_code == 200 and response.json()["model"] == "chat-a-pirate"
+    assert chat_with_key(client).status_code == 200
+    assert [body["model"] for _, body in base.calls] == ["chat-a-pirate", "chat-a"]
+    assert [options.get("multiplexed_model_id") for options in base.call_options] == ["chat-a-pirate", None]
+    line = json.loads(access_log_lines[0])
+    assert (line["model"], line["served_model"]) == ("chat-a-pirate", "chat-a-pirate")  # counted under its name
+    admin = {"Authorization": "Bearer sk-admin-000"}
+    cards = {card["id"]: card for card in client.get("/v1/models", headers=admin).json()["data"]}
+    assert cards["chat-a-pirate"]["parent"] == "chat-a" and "parent" not in cards["chat-a"]
+    assert client.get("/v1/models/chat-a-pirate", headers=admin).json()["parent"] == "chat-a"
+    unknown = chat_with_key(client, model="chat-a-parrot")
+    assert unknown.status_code == 404 and error_of(unknown)["code"] == "model_not_found"
+
+
+def test_a_key_that_may_use_a_base_model_may_not_use_its_adapters(monkeypatch) -> None:
+    """Key ``free`` lists ``gpt-4o-mini``, chat-a's alias; an alias is the same model, an adapter is another."""
+    base = FakeHandle(echo_answer("chat-a"))
+    client = router_client(base, monkeypatch, adapters={"chat-a-pirate": "org/pirate-lora"})
+    assert chat_with_key(client, key="sk-free-0000", model="gpt-4o-mini").status_code == 200
+    refused = chat_with_key(client, key="sk-free-0000", model="chat-a-pirate")
+    assert refused.status_code == 403 and error_of(refused)["code"] == "model_not_allowed"
+    assert len(base.calls) == 1
