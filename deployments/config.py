@@ -221,9 +221,9 @@ class ModelConfig(_Strict):
         return overrides
 
     def as_adapter(self, name: str) -> ModelConfig:
-        """The entry an adapter is routed by: the base's settings (timeouts, fallbacks, limits), under the
-        adapter's own name, so keys, metrics and errors name the adapter."""
-        return self.model_copy(update={"id": name, "aliases": [], "adapters": {}})
+        """The entry an adapter is routed by: the base's settings (timeouts, limits), under the adapter's own name,
+        so keys, metrics and errors name the adapter. Not the base's fallbacks: they would answer without it."""
+        return self.model_copy(update={"id": name, "aliases": [], "adapters": {}, "fallbacks": []})
 
 
 class Routers(_Strict):

@@ -117,8 +117,10 @@ def test_duplicate_names_across_models() -> None:
 
 def test_adapters_are_models_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTERS", "/data/adapters")
-    model = parse_args(with_model(adapters={"m1-pirate": "$ADAPTERS/pirate", "m1-sql": "org/sql-lora"},
-                                  max_adapters_per_replica=2)).models[0]
+    args = with_model(adapters={"m1-pirate": "$ADAPTERS/pirate", "m1-sql": "org/sql-lora"},
+                      max_adapters_per_replica=2, fallbacks=["m2"])
+    args["models"].append({"id": "m2", "source": "org/m2"})
+    model = parse_args(args).models[0]
     assert model.names == ["m1"]  # an adapter is not another name of its base
     assert (model.adapter_source("m1-pirate"), model.adapter_source("m1-sql")) == ("/data/adapters/pirate",
                                                                                  "org/sql-lora")
@@ -126,6 +128,7 @@ def test_adapters_are_models_of_their_own(monkeypatch: pytest.MonkeyPatch) -> No
     assert parse_args(GOOD).models[0].engine_overrides() == {"tensor_parallel_size": 1}  # no LoRA, no LoRA layers
     adapter = model.as_adapter("m1-pirate")
     assert (adapter.id, adapter.aliases, adapter.adapters, adapter.timeouts) == ("m1-pirate", [], {}, model.timeouts)
+    assert adapter.fallbacks == []  # another model would answer without the adapter
 
 
 def test_adapter_names_are_checked_like_model_names() -> None:
