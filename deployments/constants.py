@@ -32,6 +32,11 @@ UNAVAILABLE_RETRY_AFTER_S = 10.0
 # Calls the one key-limits replica takes at once: each is a few dictionary operations, so this only bounds a flood.
 KEY_LIMITS_MAX_ONGOING = 4096
 
+# --- API keys (router/auth.py) ---------------------------------------------------------------------------------
+# How often each router replica re-reads RAYROUTE_API_KEYS_FILE. Kubernetes takes up to about a minute to rewrite a
+# mounted Secret after it changed; this adds little to that, for one small file read per router replica.
+API_KEYS_RELOAD_S = 10.0
+
 # --- stream channels (deployments/stream_channel.py, router/channel_client.py) -------------------------------
 # How long an offered stream waits for its router to connect; a router that does not come within this has gone.
 CHANNEL_OFFER_TIMEOUT_S = 30.0

@@ -13,12 +13,20 @@ comma-separated (each may do everything), or a JSON list of keys (:class:`deploy
 
 Every configured key is compared in constant time, and all of them are compared, so neither timing nor position
 tells an attacker how close a guess was.
+
+Keys rotate without a restart: each router replica re-reads ``RAYROUTE_API_KEYS_FILE`` every
+:data:`~deployments.constants.API_KEYS_RELOAD_S` (:func:`follow_keys_file`), as Kubernetes rewrites a mounted
+Secret in place when the Secret changes. A file that does not parse, or that holds no key, leaves the keys in use
+as they were and says why in the log (never a key). Per-key limits are kept by key name, so a rotated key keeps its
+allowance in progress.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -26,11 +34,14 @@ import yaml
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
 from deployments.api_keys import ApiKey
+from deployments.constants import API_KEYS_RELOAD_S
 from deployments.replies import ErrorReply
 
 API_KEYS_ENV = "RAYROUTE_API_KEYS"
 API_KEYS_FILE_ENV = "RAYROUTE_API_KEYS_FILE"
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+logger = logging.getLogger("rayroute.router")
 
 
 class ApiKeyConfigError(ValueError):
@@ -39,13 +50,21 @@ class ApiKeyConfigError(ValueError):
 
 def load_api_keys(environ: dict[str, str] | None = None) -> tuple[ApiKey, ...]:
     environ = os.environ if environ is None else environ
-    raw, origin = environ.get(API_KEYS_ENV, "").strip(), API_KEYS_ENV
     if environ.get(API_KEYS_FILE_ENV):
         path = Path(environ[API_KEYS_FILE_ENV])
-        try:
-            raw, origin = path.read_text(), str(path)
-        except OSError as exc:
-            raise ApiKeyConfigError(f"{API_KEYS_FILE_ENV}: cannot read {path}: {exc.strerror}") from None
+        return parse_api_keys(read_keys_file(path), str(path))
+    return parse_api_keys(environ.get(API_KEYS_ENV, "").strip(), API_KEYS_ENV)
+
+
+def read_keys_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ApiKeyConfigError(f"{API_KEYS_FILE_ENV}: cannot read {path}: {exc.strerror}") from None
+
+
+def parse_api_keys(raw: str, origin: str) -> tuple[ApiKey, ...]:
+    """The keys in ``raw``, read from ``origin`` (the environment variable, or the file's path)."""
     if not raw.strip():
         return ()
     if origin == API_KEYS_ENV and not raw.startswith("["):
@@ -72,7 +91,15 @@ class ApiKeyAuth:
     """With no keys configured every request passes (local development)."""
 
     def __init__(self, keys: tuple[ApiKey, ...]):
+        self.replace(keys)
+
+    def replace(self, keys: tuple[ApiKey, ...]) -> None:
+        # One assignment: a request is checked against the old keys or the new ones, never a mix.
         self._keys = [(key.key.get_secret_value().encode(), key) for key in keys]
+
+    @property
+    def names(self) -> list[str]:
+        return [key.name for _, key in self._keys]
 
     @property
     def enabled(self) -> bool:
@@ -92,3 +119,33 @@ class ApiKeyAuth:
         if found is not None:
             return found
         return ErrorReply(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+
+
+async def follow_keys_file(auth: ApiKeyAuth, path: Path, every: float = API_KEYS_RELOAD_S) -> None:
+    """Re-read the keys file every ``every`` seconds and use its keys once it changed and parses. Runs for the life
+    of the router replica; a file that is unreadable, does not parse or holds no key changes nothing (an empty
+    Secret must not open a closed endpoint)."""
+    try:
+        last = read_keys_file(path)
+    except ApiKeyConfigError:
+        last = None
+    while True:
+        await asyncio.sleep(every)
+        try:
+            raw = read_keys_file(path)
+            if raw == last:
+                continue
+            last = raw
+            keys = parse_api_keys(raw, str(path))
+            if not keys:
+                raise ApiKeyConfigError(f"{path}: holds no API key")
+        except ApiKeyConfigError as exc:
+            logger.error("API keys not reloaded, the %d in use stay: %s", len(auth.names), exc)
+            continue
+        before = set(auth.names)
+        auth.replace(keys)
+        now = set(auth.names)
+        # WARNING, not INFO: a replica's log shows it without any logging set up, and a rotation is worth seeing.
+        logger.warning("API keys reloaded from %s: %d keys; added %s, removed %s, kept %d (their keys may have "
+                       "changed)", path, len(now), sorted(now - before) or "none", sorted(before - now) or "none",
+                       len(now & before))

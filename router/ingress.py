@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -29,7 +31,7 @@ from deployments.api_keys import ApiKey
 from deployments.config import ModelConfig, ServeArgs
 from deployments.interface import Endpoint
 from deployments.replies import Chunk, EngineItem, ErrorReply, FullReply
-from router.auth import ApiKeyAuth, load_api_keys
+from router.auth import API_KEYS_FILE_ENV, ApiKeyAuth, follow_keys_file, load_api_keys
 from router.channel_client import Channel, ChannelClient
 from router.dispatch import FALLBACK_CODES, call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
@@ -83,8 +85,13 @@ class OpenAIRouter:
                 self.parents[name] = model.id
         self.limits = limits
         self.metrics = GatewayMetrics((name, model.id) for name, model in self.models.items())
+        self.auth = ApiKeyAuth(load_api_keys())
+        self.keys_follower: asyncio.Task | None = None
         with contextlib.suppress(RuntimeError):  # else with the first request (a test's router, built off-loop)
             self.metrics.publish_gauges()
+            if keys_file := os.environ.get(API_KEYS_FILE_ENV):  # rotated keys take effect without a restart
+                self.keys_follower = asyncio.get_running_loop().create_task(follow_keys_file(self.auth,
+                                                                                            Path(keys_file)))
         self.channels = ChannelClient()
         enable_access_log()
 
@@ -281,7 +288,7 @@ Router = serve.deployment(serve.ingress()(OpenAIRouter))
 def build_http_app(router: OpenAIRouter) -> FastAPI:
     app = FastAPI(title="rayroute", version="1", summary="OpenAI-compatible API", docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    install_middleware(app, router.metrics, ApiKeyAuth(load_api_keys()), router.config.max_request_bytes)
+    install_middleware(app, router.metrics, router.auth, router.config.max_request_bytes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:

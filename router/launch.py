@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     first = config.models[0].id
-    auth = '-H "Authorization: Bearer $RAYROUTE_API_KEY" ' if os.environ.get("RAYROUTE_API_KEYS") else ""
+    keyed = os.environ.get("RAYROUTE_API_KEYS") or os.environ.get("RAYROUTE_API_KEYS_FILE")
+    auth = '-H "Authorization: Bearer $RAYROUTE_API_KEY" ' if keyed else ""
     body = json.dumps({"model": first, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     print(
         f"\nrayroute is serving {', '.join(m.id for m in config.models)}\n"

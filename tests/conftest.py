@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
-from tests.harness import API_KEYS, RAY_AUTH_ENV, Cluster, HarnessError, e2e_config, launched
+from tests.harness import API_KEYS, RAY_AUTH_ENV, Cluster, HarnessError, e2e_config, keys_file, launched
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,7 +55,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # Ray exports metrics every 10 s by default; each second keeps the metrics tests short.
     # Replicas and handles report autoscaling metrics every 10 s by default; each second keeps the scaling tests
     # short.
-    env = {**os.environ, "RAYROUTE_API_KEYS": json.dumps(API_KEYS), "RAY_DEDUP_LOGS": "0",
+    # The keys come from a file, as from a mounted Secret, so a test can rotate them (tests/test_faults.py).
+    keys_file(tmp).write_text(yaml.safe_dump(API_KEYS))
+    env = {**{k: v for k, v in os.environ.items() if k != "RAYROUTE_API_KEYS"},
+           "RAYROUTE_API_KEYS_FILE": str(keys_file(tmp)), "RAY_DEDUP_LOGS": "0",
            "RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     try:

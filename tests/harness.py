@@ -135,6 +135,11 @@ class Cluster:
         return dict(deployment.replica_states) if deployment else {}
 
 
+def keys_file(folder: Path) -> Path:
+    """The shared cluster's API keys file (``RAYROUTE_API_KEYS_FILE``), beside its config."""
+    return folder / "api-keys.yaml"
+
+
 def e2e_config(tmp_path: Path) -> Path:
     """configs/local.yaml plus the models the tests need, all through the same schema and defaults:
 

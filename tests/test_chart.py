@@ -389,6 +389,7 @@ def test_keys_stay_in_secrets_and_on_the_head(scenario: Path, tmp_path: Path) ->
         mount = next(m for m in head["volumeMounts"] if m["name"] == "api-keys")
         (item,) = volume["secret"]["items"]
         assert head_env[API_KEYS_FILE_ENV]["value"] == f"{mount['mountPath']}/{item['path']}"
+        assert "subPath" not in mount  # the kubelet never updates a subPath mount: rotated keys would not arrive
         if values["apiKeys"]["keys"]:
             # The Secret the chart makes is a keys file the router reads.
             data = secrets[volume["secret"]["secretName"]]["data"][item["key"]]

@@ -261,6 +261,42 @@ def test_any_configured_key_passes(client: TestClient, key: str) -> None:
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
+def test_a_rewritten_keys_file_takes_effect_and_a_bad_one_changes_nothing(tmp_path, caplog) -> None:
+    """The router follows its keys file: a new key works and the one it replaced is refused after the next read; a
+    file that does not parse, or holds no key, leaves the keys as they were and says why without showing a key."""
+    import asyncio
+    import logging
+
+    from router.auth import ApiKeyAuth, follow_keys_file
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("- {name: team, key: sk-old-key-0001}\n- {name: ops, key: sk-ops-key-0001}\n")
+    auth = ApiKeyAuth(load_api_keys({"RAYROUTE_API_KEYS_FILE": str(path)}))
+
+    def allowed(key: str) -> bool:
+        return not isinstance(auth.check(f"Bearer {key}"), ErrorReply)
+
+    async def rotate() -> None:
+        follower = asyncio.create_task(follow_keys_file(auth, path, every=0.01))
+        await asyncio.sleep(0.05)
+        assert allowed("sk-old-key-0001")
+        path.write_text("- {name: team, key: sk-new-key-0002}\n- {name: ops, key: sk-ops-key-0001}\n")
+        await asyncio.sleep(0.05)
+        assert allowed("sk-new-key-0002") and allowed("sk-ops-key-0001") and not allowed("sk-old-key-0001")
+        for broken in ("- {name: team, key: sk-bad-key-0003, models: nope}\n", "- [not a key\n", "", "[]"):
+            path.write_text(broken)
+            await asyncio.sleep(0.05)
+            assert allowed("sk-new-key-0002") and auth.names == ["team", "ops"], broken
+        follower.cancel()
+
+    with caplog.at_level(logging.INFO, logger="rayroute.router"):
+        asyncio.run(rotate())
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("reloaded" in m and "kept 2" in m for m in messages)
+    assert sum("not reloaded, the 2 in use stay" in m for m in messages) == 4
+    assert not any("sk-" in m for m in messages)  # neither old, new nor broken keys are logged
+
+
 def test_no_keys_means_open(engines, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
     assert TestClient(build_http_app(OpenAIRouter(CONFIG, engines))).get("/v1/models").status_code == 200

@@ -21,8 +21,10 @@ import psutil
 import pytest
 import yaml
 
+from deployments.constants import API_KEYS_RELOAD_S
 from tests.harness import (
     API_KEY,
+    API_KEYS,
     COLD_MODEL,
     DEFAULT_MODEL,
     ELASTIC_MODEL,
@@ -34,6 +36,7 @@ from tests.harness import (
     TOTAL_TIMEOUT_SECOND_S,
     UNPLACEABLE_MODEL,
     Cluster,
+    keys_file,
 )
 
 pytestmark = pytest.mark.e2e
@@ -136,6 +139,50 @@ def test_key_may_use_only_its_models(cluster: Cluster) -> None:
     assert response.status_code == 403
     assert response.json()["error"]["type"] == "permission_error"
     assert response.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_keys_rotate_without_a_restart(cluster: Cluster) -> None:
+    """The keys file is rewritten under steady load, as Kubernetes rewrites a mounted Secret: the replaced key is
+    refused and its successor accepted by every router replica within the reload period, no request fails, the
+    allowance in progress stays with the key's name, and a file that does not parse changes nothing."""
+    path = keys_file(cluster.config.parent)
+    original = path.read_text()
+    old, new = "sk-rotate-old-0001", "sk-rotate-new-0002"
+
+    def write(key: str) -> None:
+        path.write_text(yaml.safe_dump([*API_KEYS, {"name": "rotating", "key": key, "requests_per_minute": 1}]))
+
+    def accepted(key: str) -> list[int]:  # six tries: the proxy spreads them over both router replicas
+        return [httpx.get(cluster.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"},
+                          timeout=30).status_code for _ in range(6)]
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def steady_load() -> None:
+        while not stop.is_set():
+            statuses.append(post_chat(cluster, model=DEFAULT_MODEL, max_tokens=2).status_code)
+
+    try:
+        write(old)
+        wait_for(lambda: accepted(old) == [200] * 6, 60, "the first key taken up")
+        assert post_chat(cluster, key=old, model=DEFAULT_MODEL, max_tokens=1).status_code == 200  # its one a minute
+        load = threading.Thread(target=steady_load)
+        load.start()
+        write(new)
+        wait_for(lambda: accepted(new) == [200] * 6 and accepted(old) == [401] * 6, 60, "the key rotated")
+        over = post_chat(cluster, key=new, model=DEFAULT_MODEL, max_tokens=1)
+        assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+        path.write_text("- {name: rotating, key: [not a key\n")
+        time.sleep(API_KEYS_RELOAD_S + 5)
+        assert accepted(new) == [200] * 6 and accepted(API_KEY) == [200] * 6
+        stop.set()
+        load.join(timeout=120)
+        assert statuses and set(statuses) == {200}, Counter(statuses)
+        assert "API keys not reloaded" in cluster.log.read_text()
+    finally:
+        stop.set()
+        path.write_text(original)
 
 
 def test_requests_per_minute_hold_across_router_replicas(cluster: Cluster) -> None:
