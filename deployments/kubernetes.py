@@ -83,6 +83,9 @@ class WorkerSettings(_Values):
     maxReplicas: int = Field(1, ge=1)
     sharedMemory: str = Field("8Gi", description="Size of /dev/shm: tensor-parallel workers and Ray's object "
                               "store share memory through it, and a container's default is 64 MiB.")
+    replicaStartSeconds: int = Field(600, ge=0, description="How long a replica takes to start elsewhere (weights "
+                                     "downloaded and loaded) when a pod of this group drains before it stops; with "
+                                     "the models' longest `drain_timeout_s`, the pod's grace period.")
     resources: _Object = Field(default_factory=lambda: {
         "requests": {"cpu": "8", "memory": "32Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}},
         description="CPU and memory; the chart adds the `nvidia.com/gpu` limit from `gpus`.")

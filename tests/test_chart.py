@@ -360,6 +360,14 @@ def test_pods_are_hardened_and_probed(scenario: Path) -> None:
         if name != "head":
             assert spec["automountServiceAccountToken"] is False
             assert "/dev/shm" in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+            # Stopping, the pod drains its node first, for as long as a replacement's start and the longest drain
+            # take; Kubernetes waits for that and a margin.
+            group = WorkerGroup.from_values(next(g for g in values["workerGroups"] if g["name"] == name),
+                                            values["workerDefaults"])
+            drain = group.replicaStartSeconds + max(m.drain_timeout_s for m in parse_args(values["serve"]).models)
+            hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+            assert hook == ["python", "-m", "deployments.node_drain", "--deadline-s", str(int(drain))], name
+            assert spec["terminationGracePeriodSeconds"] == int(drain) + 30, name
     pdbs = of_kind(docs, "PodDisruptionBudget")
     if values["podDisruptionBudget"]["enabled"] and values["workerGroups"]:
         (pdb,) = pdbs

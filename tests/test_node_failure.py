@@ -16,8 +16,9 @@ from tests.harness import ROOT
 pytestmark = pytest.mark.e2e
 
 
-def test_losing_a_worker_node_loses_no_request_that_had_not_started() -> None:
-    process = subprocess.Popen([sys.executable, "-m", "tests.node_failure"], cwd=ROOT, stdout=subprocess.PIPE,
+def run_scenario(module: str) -> dict:
+    """Run ``python -m <module>`` in its own process and session; its report (the last line of its output)."""
+    process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     try:
@@ -27,7 +28,11 @@ def test_losing_a_worker_node_loses_no_request_that_had_not_started() -> None:
         for leftover in [p for p in psutil.process_iter() if _session(p) == process.pid]:
             leftover.send_signal(signal.SIGKILL)
     assert process.returncode == 0, output[-6000:]
-    report = json.loads(output.strip().splitlines()[-1])
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_losing_a_worker_node_loses_no_request_that_had_not_started() -> None:
+    report = run_scenario("tests.node_failure")
     assert report["engines_spread"], report["engine_nodes"]
     results = report["results"]
     assert report["hung_threads"] == 0
@@ -41,6 +46,22 @@ def test_losing_a_worker_node_loses_no_request_that_had_not_started() -> None:
             assert result["tokens"] > 0, result  # only a stream that had started may be cut
         elif result["stream"]:
             assert result["completion_tokens"] == 24, result
+    assert report["after_status"] == 200
+
+
+def test_draining_a_worker_node_breaks_nothing() -> None:
+    """The chart's preStop hook drains an engine's node under load: every request answered in full, the replica
+    replaced on the spare node before the hook returned, none left on the drained node."""
+    report = run_scenario("tests.node_drain")
+    assert report["hook_exit"] == 0, report["hook_output"]
+    assert report["victim_replicas_after"] == 0 and len(report["engine_nodes_after"]) == 2, report
+    assert report["hung_threads"] == 0
+    assert report["in_flight_at_drain"] >= 1 and report["during_drain"] >= 4, "no traffic while draining"
+    for result in report["results"]:
+        assert "exception" not in result, result
+        assert result["status"] == 200 and result["done"], result
+        if result["stream"]:
+            assert not result["error_event"] and result["completion_tokens"] == 24, result
     assert report["after_status"] == 200
 
 

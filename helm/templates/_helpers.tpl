@@ -162,3 +162,14 @@ about to reuse (which the client would see as a 502).
 {{- end -}}
 {{- toYaml $groups -}}
 {{- end -}}
+
+{{/* The longest drain_timeout_s of the served models (300, the config's default, where a model sets none). */}}
+{{- define "rayroute.longestDrainSeconds" -}}
+{{- $longest := 0 -}}
+{{- range .Values.serve.models -}}
+{{- $seconds := 300 -}}
+{{- if hasKey . "drain_timeout_s" }}{{ $seconds = int (ceil .drain_timeout_s) }}{{ end -}}
+{{- if gt $seconds $longest }}{{ $longest = $seconds }}{{ end -}}
+{{- end -}}
+{{- $longest -}}
+{{- end -}}
