@@ -126,16 +126,22 @@ async def follow_keys_file(auth: ApiKeyAuth, path: Path, every: float = API_KEYS
     of the router replica; a file that is unreadable, does not parse or holds no key changes nothing (an empty
     Secret must not open a closed endpoint)."""
     try:
-        last = read_keys_file(path)
+        last: str | None = read_keys_file(path)
     except ApiKeyConfigError:
-        last = None
+        last = None  # None: unreadable
     while True:
         await asyncio.sleep(every)
         try:
             raw = read_keys_file(path)
-            if raw == last:
-                continue
-            last = raw
+        except ApiKeyConfigError as exc:
+            if last is not None:  # said once, not every period
+                logger.error("API keys not reloaded, the %d in use stay: %s", len(auth.names), exc)
+            last = None
+            continue
+        if raw == last:
+            continue
+        last = raw
+        try:
             keys = parse_api_keys(raw, str(path))
             if not keys:
                 raise ApiKeyConfigError(f"{path}: holds no API key")
