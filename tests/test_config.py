@@ -245,6 +245,14 @@ def test_launcher_names_a_missing_model_folder(tmp_path: Path) -> None:
     assert f"models[m1].adapters.m1-x: no adapter folder at {tmp_path / 'no-adapter'}" in result.stderr
 
 
+def test_free_ports_are_never_ones_the_os_hands_out_meanwhile() -> None:
+    """A port chosen for a server that starts later (HAProxy's pages, a scenario's HTTP port) lies below the OS's
+    ephemeral range, from which a starting cluster's other processes take theirs (a clash failed a CI run)."""
+    from router.launch import _ephemeral_ports_from, free_port
+
+    assert all(20000 <= free_port() < _ephemeral_ports_from() for _ in range(50))
+
+
 def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:
     from router.app import router_deployment
     from router.launch import router_resources
