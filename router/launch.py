@@ -26,6 +26,7 @@ import psutil
 
 from deployments.config import ConfigError, ServeArgs, load_serve_config, local_path
 from deployments.stream_channel import CHANNEL_HOST_ENV
+from router.auth import API_KEYS_ENV, API_KEYS_FILE_ENV
 
 METRICS_EXPORT_PORT = 8080
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     first = config.models[0].id
-    keyed = os.environ.get("RAYROUTE_API_KEYS") or os.environ.get("RAYROUTE_API_KEYS_FILE")
+    keyed = os.environ.get(API_KEYS_ENV) or os.environ.get(API_KEYS_FILE_ENV)
     auth = '-H "Authorization: Bearer $RAYROUTE_API_KEY" ' if keyed else ""
     body = json.dumps({"model": first, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     print(
