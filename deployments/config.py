@@ -130,28 +130,21 @@ class Timeouts(_Strict):
     total_s: float = Field(900, gt=0, description="The whole request. Then 504, or an error event in a stream.")
 
 
-class ModelConfig(_Strict):
+class RoutedModel(_Strict):
+    """What the routers read of a model entry: its names, limits in time, fallbacks and what content it accepts.
+
+    The rest of :class:`ModelConfig` (engine arguments, resources, scaling) only the model's own engine deployment
+    reads. The router application's ``args`` hold only these fields (:meth:`ServeArgs.router_args`), so a change to
+    the rest gives only that model's application a new code version in Serve: only its replicas are replaced.
+    """
+
     id: str = Field(description="The model name clients send in the request's `model` field.",
                     json_schema_extra={"pattern": _MODEL_ID.pattern})
-    source: str = Field(description="Hugging Face hub id, or a local folder (`~` and $VARS are expanded).")
     aliases: list[str] = Field(default_factory=list, description="Other names that route to this model.")
-    engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="vLLM engine and OpenAI front-end arguments, as `vllm serve` takes them."
-    )
-    resources: Resources = Field(default_factory=Resources)
-    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
-    max_queued_requests: int = Field(256, ge=0, description="Requests each ingress replica holds for the "
-                                     "model when its replicas are full; beyond that, 429.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
     drain_timeout_s: float = Field(300, ge=0, description="How long a stopping replica (scale-down, redeploy) "
                                    "lets its requests finish.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
     multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
-    replica_choice: Literal["least_loaded", "prefix_cache"] = Field(
-        "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
-        "power of two choices) or `prefix_cache` (the replica whose prefix cache holds the prompt's start, while "
-        "loads are close; see deployments/prefix_routing.py).")
     fallbacks: list[str] = Field(
         default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
         "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "
@@ -160,9 +153,6 @@ class ModelConfig(_Strict):
         default_factory=dict, description="LoRA adapters this model's replicas serve, each a model clients can "
         "send: name → a local folder (`~` and $VARS are expanded) or a hub id. Sets vLLM's `enable_lora`; raise "
         "`max_lora_rank` in engine_args for adapters of rank above 16.")
-    max_adapters_per_replica: int = Field(
-        4, ge=1, description="Adapters one replica holds at once (vLLM's `max_loras`); the least recently used "
-        "makes room. Requests for an adapter go to a replica that holds it.")
 
     @field_validator("id")
     @classmethod
@@ -181,6 +171,47 @@ class ModelConfig(_Strict):
             _check_model_name(name)
         return adapters
 
+    @property
+    def names(self) -> list[str]:
+        """Every name this model answers to, the canonical id first."""
+        return [self.id, *self.aliases]
+
+    @property
+    def deployment_name(self) -> str:
+        return engine_deployment_name(self.id)
+
+    @property
+    def app_name(self) -> str:
+        """The Serve application of the model's engine deployment (one application per model)."""
+        return self.deployment_name
+
+    def as_adapter(self, name: str) -> RoutedModel:
+        """The entry an adapter is routed by: the base's settings (timeouts, limits), under the adapter's own name,
+        so keys, metrics and errors name the adapter. Not the base's fallbacks: they would answer without it."""
+        return self.model_copy(update={"id": name, "aliases": [], "adapters": {}, "fallbacks": []})
+
+
+class ModelConfig(RoutedModel):
+    """A served model: its routed fields (:class:`RoutedModel`) and what its engine deployment is built from."""
+
+    source: str = Field(description="Hugging Face hub id, or a local folder (`~` and $VARS are expanded).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine and OpenAI front-end arguments, as `vllm serve` takes them."
+    )
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica accepts at once.")
+    max_queued_requests: int = Field(256, ge=0, description="Requests each ingress replica holds for the "
+                                     "model when its replicas are full; beyond that, 429.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
+    replica_choice: Literal["least_loaded", "prefix_cache"] = Field(
+        "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
+        "power of two choices) or `prefix_cache` (the replica whose prefix cache holds the prompt's start, while "
+        "loads are close; see deployments/prefix_routing.py).")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="Adapters one replica holds at once (vLLM's `max_loras`); the least recently used "
+        "makes room. Requests for an adapter go to a replica that holds it.")
+
     @field_validator("engine_args")
     @classmethod
     def _no_owned_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -191,15 +222,6 @@ class ModelConfig(_Strict):
             if key in args:
                 raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")
         return args
-
-    @property
-    def names(self) -> list[str]:
-        """Every name this model answers to, the canonical id first."""
-        return [self.id, *self.aliases]
-
-    @property
-    def deployment_name(self) -> str:
-        return engine_deployment_name(self.id)
 
     def local_source(self) -> Path | None:
         """The source as a local folder, or None when it is a hub id."""
@@ -219,11 +241,6 @@ class ModelConfig(_Strict):
         if self.adapters:
             overrides.update(enable_lora=True, max_loras=self.max_adapters_per_replica)
         return overrides
-
-    def as_adapter(self, name: str) -> ModelConfig:
-        """The entry an adapter is routed by: the base's settings (timeouts, limits), under the adapter's own name,
-        so keys, metrics and errors name the adapter. Not the base's fallbacks: they would answer without it."""
-        return self.model_copy(update={"id": name, "aliases": [], "adapters": {}, "fallbacks": []})
 
 
 class Routers(_Strict):
@@ -248,15 +265,15 @@ class Routers(_Strict):
         return resources
 
 
-class ServeArgs(_Strict):
-    """The ``args`` of the rayroute application in a Serve config file."""
+class RouterArgs(_Strict):
+    """The ``args`` of the router application: what :class:`ServeArgs` holds, with each model's routed fields only."""
 
-    models: list[ModelConfig] = Field(min_length=1)
+    models: list[RoutedModel] = Field(min_length=1)
     routers: Routers = Field(default_factory=Routers)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413.")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> ServeArgs:
+    def _unique_names(self) -> RouterArgs:
         seen: dict[str, str] = {}
         for model in self.models:
             for name in [*model.names, *model.adapters]:
@@ -277,6 +294,22 @@ class ServeArgs(_Strict):
                 if seen[fallback] == model.id:
                     raise ValueError(f"model {model.id!r} falls back to {fallback!r}, one of its own names")
         return self
+
+
+class ServeArgs(RouterArgs):
+    """The ``args`` of the rayroute application in a config file: every model's whole entry, the routers' settings.
+
+    Serve deploys it as one application per model plus the router application (``router/app.py``); these methods
+    give each its part.
+    """
+
+    models: list[ModelConfig] = Field(min_length=1)
+
+    def router_args(self) -> dict[str, Any]:
+        """The router application's args: the routers' settings and each model's :class:`RoutedModel` fields."""
+        routed = set(RoutedModel.model_fields)
+        return self.model_dump(mode="json", include={"models": {"__all__": routed}, "routers": True,
+                                                      "max_request_bytes": True})
 
 
 def engine_deployment_name(model_id: str) -> str:
@@ -313,15 +346,23 @@ def parse_args(raw: dict[str, Any] | None, origin: str = "config") -> ServeArgs:
         raise ConfigError(f"invalid {origin}:\n{_describe(exc, raw or {})}") from None
 
 
-def load_serve_config(path: str | Path, app_index: int = 0) -> tuple[dict[str, Any], ServeArgs]:
-    """Read a Serve config file; return the whole document and its validated rayroute args."""
+def load_serve_config(path: str | Path) -> tuple[dict[str, Any], ServeArgs]:
+    """Read a Serve config file; return the whole document and the rayroute config it serves.
+
+    That is its rayroute application's ``args``; in a file already expanded into one application per model
+    (``python -m router.app``, the chart's serveConfigV2), the router application's args with the models of the
+    engine applications (whose args are ``{"model": ...}``).
+    """
     path = Path(path)
     document = yaml.safe_load(path.read_text()) or {}
-    try:
-        app = document["applications"][app_index]
-    except (KeyError, IndexError, TypeError):
-        raise ConfigError(f"{path}: expected `applications[{app_index}]` with `args`") from None
-    return document, parse_args(app.get("args"), origin=f"{path} applications[{app_index}].args")
+    apps = document.get("applications") if isinstance(document, dict) else None
+    args = [app.get("args") or {} for app in apps if isinstance(app, dict)] if isinstance(apps, list) else []
+    routers = [a for a in args if "models" in a]
+    if len(routers) != 1:
+        raise ConfigError(f"{path}: expected one application in `applications` whose `args` hold `models`")
+    engines = [a["model"] for a in args if "model" in a]
+    raw = {**routers[0], "models": engines} if engines else routers[0]
+    return document, parse_args(raw, origin=f"{path} applications[].args")
 
 
 def check_engine_args(model: ModelConfig) -> None:

@@ -1,39 +1,80 @@
-"""The Serve application: one engine deployment per configured model, behind one router.
+"""The Serve applications of a config file: one per model (``deployments/app.py``) and the router's.
 
-This is the ``import_path`` of every config file (``router.app:build_app``): ``serve run configs/local.yaml``,
-``make serve`` and KubeRay's ``serveConfigV2`` all come through here with the file's ``args``.
+A config file (``configs/local.yaml``, the chart's ``serve`` values) holds one application entry whose ``args`` are
+rayroute's whole config. :func:`serve_applications` expands it into what Serve deploys, each application with only
+the part of the config its deployments read:
+
+- per model, ``deployments.app:build_engine_app`` with that model's entry;
+- the router application (the entry's name and route), ``router.app:build_router_app``: the router deployment and
+  the key-limits replica, with the routers' settings and each model's routed fields (:meth:`ServeArgs.router_args`).
+
+So changing one model's engine arguments or scaling gives only that model's application a new code version, and
+Serve replaces only its replicas; the routers and every other engine keep running. ``make serve``
+(``router/launch.py``), the tests and the chart (``helm/templates/_helpers.tpl``, compared by ``tests/test_chart.py``)
+deploy this expansion; ``python -m router.app configs/local.yaml`` prints it as a Serve config file for
+``serve deploy``. The entry's own ``import_path``, :func:`build_app`, builds everything as one application, which
+``serve run configs/local.yaml`` takes; any change to it replaces every replica.
 """
 
 from __future__ import annotations
 
+import copy
+import sys
 from typing import Any
 
+import yaml
 from ray import serve
 from ray.serve import Application
-from ray.serve.schema import LoggingConfig
+from ray.serve.handle import DeploymentHandle
 
-from deployments.autoscaling import serve_autoscaling_config
-from deployments.config import ModelConfig, ServeArgs, check_engine_args, parse_args
-from deployments.constants import (
-    HEALTH_CHECK_PERIOD_S,
-    HEALTH_CHECK_TIMEOUT_S,
-    KEY_LIMITS_MAX_ONGOING,
-    PLACEMENT_STRATEGY,
-)
-from deployments.engine import VLLMEngine
+from deployments.app import SERVE_LOGGING, build_engine_app, engine_application
+from deployments.config import ConfigError, RouterArgs, load_serve_config, parse_args
+from deployments.constants import KEY_LIMITS_MAX_ONGOING
 from router.ingress import Router
 from router.limits import KeyLimits
 
-# Serve writes one access line per call at every replica, and the router writes its own (router.telemetry), with
-# the fields an operator needs and never a prompt. Serve's line cost each replica ~3% of its CPU (py-spy under load).
-SERVE_LOGGING = LoggingConfig(enable_access_log=False)
+IMPORT_PATH = "router.app:build_app"
+ROUTER_IMPORT_PATH = "router.app:build_router_app"
+
+
+def serve_applications(app: dict[str, Any]) -> list[dict[str, Any]]:
+    """A config file's application entry (``import_path`` :data:`IMPORT_PATH`) as Serve's ``applications``: each
+    model's engine application, then the router application under the entry's name and route. Every other field of
+    the entry (``runtime_env``) goes to each of them."""
+    if app.get("import_path") != IMPORT_PATH:
+        raise ConfigError(f"application {app.get('name')!r}: import_path must be {IMPORT_PATH}")
+    config = parse_args(app.get("args"), origin=f"application {app.get('name')!r} args")
+    shared = {k: copy.deepcopy(v) for k, v in app.items() if k not in ("name", "route_prefix", "import_path", "args")}
+    engines = [{**engine_application(model), **copy.deepcopy(shared)} for model in config.models]
+    router = {"name": app.get("name", "rayroute"), "route_prefix": app.get("route_prefix", "/"),
+              "import_path": ROUTER_IMPORT_PATH, "args": config.router_args(), **shared}
+    return [*engines, router]
+
+
+def serve_deploy_config(document: dict[str, Any]) -> dict[str, Any]:
+    """A whole config file as the Serve config ``serve deploy`` takes: its rayroute application expanded; any
+    other application (one already expanded, as in the chart's serveConfigV2) as it is."""
+    return {**document, "applications": [
+        expanded for app in document["applications"]
+        for expanded in (serve_applications(app) if app.get("import_path") == IMPORT_PATH else [app])]}
+
+
+def build_router_app(args: dict[str, Any]) -> Application:
+    """The router application: routers and the key-limits replica, calling each model's engine application."""
+    config = RouterArgs.model_validate(args)
+    engines = {model.id: DeploymentHandle(model.deployment_name, app_name=model.app_name)
+               for model in config.models}
+    return router_application(config, engines)
 
 
 def build_app(args: dict[str, Any]) -> Application:
+    """Everything in one application, for ``serve run`` of a config file as it is (see the module's docstring)."""
     config = parse_args(args, origin="rayroute application args")
-    for model in config.models:  # here, so a misspelt engine argument fails before any replica starts
-        check_engine_args(model)
-    engines = {model.id: engine_deployment(model).bind(model) for model in config.models}
+    engines = {model.id: build_engine_app({"model": model.model_dump(mode="json")}) for model in config.models}
+    return router_application(RouterArgs.model_validate(config.router_args()), engines)
+
+
+def router_application(config: RouterArgs, engines: dict[str, Any]) -> Application:
     # One replica, so every router replica sees the same buckets; it holds a few floats per key.
     limits = serve.deployment(KeyLimits).options(
         name="key-limits", num_replicas=1, max_ongoing_requests=KEY_LIMITS_MAX_ONGOING, logging_config=SERVE_LOGGING,
@@ -41,7 +82,7 @@ def build_app(args: dict[str, Any]) -> Application:
     return router_deployment(config).bind(config.model_dump(mode="json"), engines, limits)
 
 
-def router_deployment(config: ServeArgs) -> serve.Deployment:
+def router_deployment(config: RouterArgs) -> serve.Deployment:
     return Router.options(
         num_replicas=config.routers.replicas,
         max_ongoing_requests=config.routers.max_ongoing_requests,
@@ -52,35 +93,21 @@ def router_deployment(config: ServeArgs) -> serve.Deployment:
     )
 
 
-def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> serve.Deployment:
-    """The model's deployment; ``engine_class`` is the replica class (the load test's keeps the replica code and
-    replaces only vLLM)."""
-    return serve.deployment(engine_class).options(
-        name=model.deployment_name,
-        max_ongoing_requests=model.max_ongoing_requests,
-        # Enforced by each router replica's handle: requests beyond it get a 429 instead of an unbounded queue.
-        max_queued_requests=model.max_queued_requests,
-        logging_config=SERVE_LOGGING,
-        autoscaling_config=serve_autoscaling_config(model.autoscaling),
-        ray_actor_options={
-            **model.resources.replica_actor_resources(),
-            "runtime_env": {"env_vars": {**model.resources.engine_env(), **model.env}},
-        },
-        placement_group_bundles=model.resources.placement_group_bundles(),
-        placement_group_strategy=PLACEMENT_STRATEGY,
-        health_check_period_s=HEALTH_CHECK_PERIOD_S,
-        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
-        # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).
-        graceful_shutdown_timeout_s=model.drain_timeout_s,
-        **replica_choice(model),
-    )
+def main(argv: list[str] | None = None) -> int:
+    """Print a config file as the Serve config that deploys it: ``python -m router.app configs/local.yaml``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m router.app CONFIG.yaml", file=sys.stderr)
+        return 2
+    try:
+        document, _ = load_serve_config(argv[0])
+        expanded = serve_deploy_config(document)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(yaml.safe_dump(expanded, sort_keys=False, width=120))
+    return 0
 
 
-def replica_choice(model: ModelConfig) -> dict[str, Any]:
-    """The deployment's request router: Serve's own unless the model asks for prefix-cache affinity. Every handle
-    to the deployment (each router replica's) uses it."""
-    if model.replica_choice == "prefix_cache":
-        from deployments.prefix_routing import request_router_config
-
-        return request_router_config()
-    return {}
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.config import ModelConfig
+from deployments.config import RoutedModel
 from deployments.constants import RETRY_PAUSE_MAX_S, RETRY_PAUSE_S, UNAVAILABLE_RETRY_AFTER_S
 from deployments.interface import Endpoint
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, EngineItem, ErrorReply
@@ -37,7 +37,7 @@ logger = logging.getLogger("rayroute.router")
 FALLBACK_CODES = frozenset({"model_at_capacity", "model_unavailable", "context_length_exceeded"})
 
 
-async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: ModelConfig, payload: dict[str, Any],
+async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: RoutedModel, payload: dict[str, Any],
                       record: RequestRecord, streaming: bool, since: float,
                       ) -> tuple[EngineItem, DeploymentResponseGenerator]:
     """The engine's first answer (an error, a whole reply, or a stream's first chunk) and the stream it came on;
@@ -94,7 +94,7 @@ async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: Model
         pause = min(pause * 2, RETRY_PAUSE_MAX_S)
 
 
-def timeout_error(model: ModelConfig, admitted: bool, first_token: bool) -> OpenAIError:
+def timeout_error(model: RoutedModel, admitted: bool, first_token: bool) -> OpenAIError:
     timeouts = model.timeouts
     if not admitted:
         return OpenAIError(503, f"No replica of `{model.id}` could take the request within "

@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api_keys import ApiKey
-from deployments.config import ModelConfig, ServeArgs
+from deployments.config import RoutedModel, RouterArgs
 from deployments.interface import Endpoint
 from deployments.replies import Chunk, EngineItem, ErrorReply, FullReply
 from router.auth import API_KEYS_FILE_ENV, ApiKeyAuth, follow_keys_file, load_api_keys
@@ -67,12 +67,12 @@ class OpenAIRouter:
 
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle],
                  limits: DeploymentHandle | None = None):
-        self.config = ServeArgs.model_validate(config)
+        self.config = RouterArgs.model_validate(config)
         self.created = int(time.time())
         # Every name a client may send (ids, aliases, adapters) → the handle of the deployment serving it, and the
         # entry it is routed by (an adapter's is its base's under the adapter's name: a model of its own).
         self.handles: dict[str, DeploymentHandle] = {}
-        self.models: dict[str, ModelConfig] = {}
+        self.models: dict[str, RoutedModel] = {}
         self.parents: dict[str, str] = {}  # adapter name → its base model's id
         for model in self.config.models:
             for name in model.names:
@@ -134,8 +134,8 @@ class OpenAIRouter:
         return StreamingResponse(self._relay(first, stream, record, deadline, key), media_type="text/event-stream",
                                  headers={**_SSE_HEADERS, **headers})
 
-    async def _call(self, endpoint: Endpoint, model: ModelConfig, body: RequestBody, record: RequestRecord,
-                    key: ApiKey | None, streaming: bool) -> tuple[EngineItem, Any, ModelConfig, float]:
+    async def _call(self, endpoint: Endpoint, model: RoutedModel, body: RequestBody, record: RequestRecord,
+                    key: ApiKey | None, streaming: bool) -> tuple[EngineItem, Any, RoutedModel, float]:
         """The engine's first answer, the stream it came on, the model that gave it and when that model was asked:
         the requested model's, or, when that one cannot take the request at all, its first fallback's that can.
         Nothing has gone to the client yet, so trying another model changes nothing it could have seen."""
@@ -255,15 +255,16 @@ class OpenAIRouter:
             return await step
 
     async def readiness(self) -> JSONResponse:
-        """Every model that should have a replica has one running."""
+        """Every model Serve wants a replica of has one running: a deployment still starting, or failing, with none
+        running is waited for; one scaled to zero (healthy with none) or scaling up on demand is not."""
         status = await asyncio.to_thread(serve.status)
-        app_status = status.applications.get(serve.get_replica_context().app_name)
-        deployments = app_status.deployments if app_status else {}
+        # By deployment name in any application: the model's own (router/app.py), or this one under `serve run`.
+        deployments = {name: info for app in status.applications.values() for name, info in app.deployments.items()}
         waiting = []
         for model in self.config.models:
             info = deployments.get(model.deployment_name)
-            running = info.replica_states.get("RUNNING", 0) if info else 0
-            if running == 0 and model.autoscaling.min_replicas > 0:
+            if info is None or (info.replica_states.get("RUNNING", 0) == 0 and info.status != "HEALTHY"
+                                and info.status_trigger != "AUTOSCALING"):
                 waiting.append(model.id)
         if waiting:
             return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)

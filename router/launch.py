@@ -2,15 +2,15 @@
 
     python -m router.launch configs/local.yaml [--host 0.0.0.0] [--port 8000]
 
-Ctrl-C (or SIGTERM) shuts Serve down and stops the Ray processes this started. The application comes from the
-file's own ``import_path`` and ``args``, exactly as ``serve run`` and KubeRay would build it.
+Ctrl-C (or SIGTERM) shuts Serve down and stops the Ray processes this started. The file's application is
+deployed as the applications ``router/app.py`` expands it into, through Serve's declarative deploy, as KubeRay
+deploys the chart's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import math
 import os
@@ -187,17 +187,33 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
     try:
         serve.start(http_options={"host": host, "port": port},
                     proxy_location=document.get("proxy_location", "HeadOnly"))
-        for app_doc in document["applications"]:
-            module, _, attr = app_doc["import_path"].partition(":")
-            builder = getattr(importlib.import_module(module), attr)
-            serve.run(builder(app_doc.get("args", {})), name=app_doc.get("name", "default"),
-                      route_prefix=app_doc.get("route_prefix", "/"))
+        deploy(document)
     except BaseException:
         # A failed deployment or a Ctrl-C while engines load must not leave a Ray cluster behind.
         stop()
         raise
 
     return stop, context.address_info["gcs_address"]
+
+
+def deploy(document: dict[str, Any], wait: bool = True) -> None:
+    """Deploy a config file's applications through Serve's declarative path, the one ``serve deploy`` and KubeRay
+    take (a redeploy replaces only the applications whose config changed), and (``wait``) wait until each is
+    running. A new config replaces the last one whole: applications it no longer names are deleted."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from router.app import serve_deploy_config
+
+    expanded = serve_deploy_config(document)
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate(
+        {k: v for k, v in expanded.items() if k not in ("proxy_location", "http_options")}))
+    for app in expanded["applications"] if wait else []:
+        try:
+            client._wait_for_application_running(app["name"])
+        except RuntimeError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def bind_haproxy_pages() -> None:

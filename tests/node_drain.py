@@ -25,7 +25,7 @@ import time
 
 import httpx
 
-from tests.harness import ROOT, free_port, start_serve_in_process, stop_serve_in_process
+from tests.harness import ROOT, free_port, serve_document, start_serve_in_process, stop_serve_in_process
 from tests.node_failure import ASK, LOAD_THREADS, MODEL, app_args, load, replica_nodes
 
 DRAIN_DEADLINE_S = 400
@@ -36,11 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-source", default="~/.cache/rayroute/models/smollm2-135m-instruct")
     options = parser.parse_args(argv)
 
-    from ray import serve
     from ray.cluster_utils import Cluster
 
-    from router.app import build_app
-    from router.launch import ray_process_env
+    from router.launch import deploy, ray_process_env
 
     port = free_port()
     os.environ.update(ray_process_env("127.0.0.1"))  # as `make serve` and the chart run Serve (see node_failure)
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     try:
         start_serve_in_process(cluster.address, port, serve_options={"proxy_location": "HeadOnly"})
-        serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
+        deploy(serve_document(app_args(options.model_source)))
         base = f"http://127.0.0.1:{port}"
         before = replica_nodes("engine-")
         report["engine_nodes_before"] = sorted(before)

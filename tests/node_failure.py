@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from tests.harness import RAY_AUTH_ENV, free_port, start_serve_in_process, stop_serve_in_process
+from tests.harness import RAY_AUTH_ENV, free_port, serve_document, start_serve_in_process, stop_serve_in_process
 
 os.environ.update(RAY_AUTH_ENV)  # before Ray is imported
 
@@ -38,11 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     options = parser.parse_args(argv)
 
-    from ray import serve
     from ray.cluster_utils import Cluster
 
-    from router.app import build_app
-    from router.launch import ray_process_env
+    from router.launch import deploy, ray_process_env
 
     port = options.port or free_port()
     # Serve as `make serve` and the chart run it (HAProxy front, throughput mode): how a node's loss reaches a
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"port": port}
     try:
         start_serve_in_process(cluster.address, port, serve_options={"proxy_location": "HeadOnly"})
-        serve.run(build_app(app_args(options.model_source)), name="rayroute", route_prefix="/")
+        deploy(serve_document(app_args(options.model_source)))
         base = f"http://127.0.0.1:{port}"
         engine_nodes = replica_nodes("engine-")
         router_nodes = replica_nodes("OpenAIRouter")
@@ -106,7 +104,9 @@ def replica_nodes(deployment_prefix: str) -> list[str]:
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a.node_id for a in actors if a.class_name.startswith(f"ServeReplica:rayroute:{deployment_prefix}")]
+    # A replica's actor class is "ServeReplica:<application>:<deployment>"; each model is an application.
+    return [a.node_id for a in actors
+            if a.class_name.startswith("ServeReplica:") and a.class_name.split(":")[2].startswith(deployment_prefix)]
 
 
 def load(base: str, index: int, stop: threading.Event, results: list[dict]) -> None:

@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from deployments.autoscaling import serve_autoscaling_config
-from deployments.config import parse_args
+from deployments.config import ModelConfig, RoutedModel, RouterArgs, ServeArgs, parse_args
 from deployments.kubernetes import ROUTER_RESOURCE, ChartValues, WorkerGroup, WorkerSettings, values_json_schema
 from router.auth import API_KEYS_FILE_ENV, load_api_keys
 from router.launch import SERVE_ENV
@@ -123,6 +123,12 @@ def _coalesce(base: Any, override: Any) -> Any:
 
 def serve_config(docs) -> dict[str, Any]:
     return yaml.safe_load(only(docs, "RayService")["spec"]["serveConfigV2"])
+
+
+def serve_args(docs) -> ServeArgs:
+    """The config the serveConfigV2 was expanded from: the engine applications' models and the router's settings."""
+    *engines, router = serve_config(docs)["applications"]
+    return parse_args({**router["args"], "models": [app["args"]["model"] for app in engines]})
 
 
 def cluster_spec(docs) -> dict[str, Any]:
@@ -280,23 +286,41 @@ def test_serve_config_is_what_values_say_and_deploys(scenario: Path) -> None:
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import ServeDeploySchema
 
-    from router.app import build_app
+    from deployments.app import build_engine_app
+    from router.app import IMPORT_PATH, build_router_app, serve_applications
 
     document = serve_config(rendered(scenario))
-    ServeDeploySchema.model_validate(document) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(document)
-    (app,) = document["applications"]
-    assert app["import_path"] == "router.app:build_app"
-    args = parse_args(app["args"], origin=f"{scenario.name} serveConfigV2")
+    ServeDeploySchema.model_validate(document)
+    *engines, router = document["applications"]
 
-    # One source of truth: the models in values reach the Serve config untouched; only the routers' pin is added.
+    # One source of truth: each model in values reaches its engine application untouched, and the router
+    # application gets its routed fields; only the routers' pin is added.
     expected = copy.deepcopy(merged_values(scenario)["serve"])
     expected.setdefault("routers", {})["ray_resources"] = {ROUTER_RESOURCE: 1}
-    assert app["args"] == expected
+    assert [app["args"] for app in engines] == [{"model": model} for model in expected["models"]]
+    routed = set(RoutedModel.model_fields)
+    assert router["args"] == {**expected, "models": [{k: v for k, v in model.items() if k in routed}
+                                                     for model in expected["models"]]}
+    # The chart's expansion is router/app.py's (each application's args compared once validated: Python's hold
+    # every default, the template only what values set).
+    entry = {"name": "rayroute", "route_prefix": "/", "import_path": IMPORT_PATH, "args": expected}
+    if packages := merged_values(scenario)["python"].get("packages"):
+        entry["runtime_env"] = {"pip": packages}
+    python = serve_applications(entry)
+    assert [{k: v for k, v in app.items() if k != "args"} for app in document["applications"]] == \
+        [{k: v for k, v in app.items() if k != "args"} for app in python]
+    for chart_app, python_app in zip(engines, python[:-1], strict=True):
+        assert ModelConfig.model_validate(chart_app["args"]["model"]) == \
+            ModelConfig.model_validate(python_app["args"]["model"])
+    assert RouterArgs.model_validate(router["args"]) == RouterArgs.model_validate(python[-1]["args"])
+
+    args = serve_args(rendered(scenario))
     assert args.routers.ray_resources == {ROUTER_RESOURCE: 1}
     for model in args.models:
         AutoscalingConfig(**serve_autoscaling_config(model.autoscaling))
-    build_app(app["args"])  # also checks every engine argument name against vLLM's own
+    for app in engines:
+        build_engine_app(app["args"])  # also checks every engine argument name against vLLM's own
+    build_router_app(router["args"])
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
@@ -313,7 +337,7 @@ def test_every_gpu_model_fits_a_worker_group(scenario: Path) -> None:
     head, so Ray's autoscaler can always place them and GPU pods can always scale down."""
     docs = rendered(scenario)
     spec = cluster_spec(docs)
-    args = parse_args(serve_config(docs)["applications"][0]["args"])
+    args = serve_args(docs)
     head_resources = json.loads(json.loads(spec["headGroupSpec"]["rayStartParams"]["resources"]))
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
     assert all(head_resources.get(name, 0) >= amount for name, amount in args.routers.ray_resources.items())

@@ -25,8 +25,8 @@ KEY = "sk-unit"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = {
     "models": [
-        {"id": "chat-a", "source": "org/a", "aliases": ["gpt-4o-mini"]},
-        {"id": "org/chat-b:v1", "source": "org/b", "multimodal": True},
+        {"id": "chat-a", "aliases": ["gpt-4o-mini"]},
+        {"id": "org/chat-b:v1", "multimodal": True},
     ],
     "max_request_bytes": 4096,
 }

@@ -21,6 +21,7 @@ import psutil
 import pytest
 import yaml
 
+from deployments.config import engine_deployment_name
 from deployments.constants import API_KEYS_RELOAD_S
 from tests.harness import (
     API_KEY,
@@ -305,35 +306,72 @@ def test_dead_engine_ends_its_stream_cleanly_and_is_replaced_while_requests_wait
 
 
 @pytest.mark.disruptive
-def test_redeploy_lets_inflight_streams_finish(cluster: Cluster) -> None:
-    """A config redeployed from code (as here, through Serve's Python API) replaces every replica, the elastic
-    model's among them: a stream running through one finishes whole before it stops."""
-    from ray import serve
-
-    from router.app import build_app
+def test_changing_one_model_replaces_only_its_replicas(cluster: Cluster) -> None:
+    """Issue 14 part 3, through Serve's declarative deploy (what ``serve deploy`` and KubeRay call): the elastic
+    model's engine arguments change under steady load on it and on the default model. Only the elastic model's
+    replica is replaced; every other replica (routers, key limits, the other engines) keeps its actor; no request
+    to either model fails; a stream running through the old replica finishes whole before it stops."""
+    from router.launch import deploy
 
     wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 180, "a single elastic replica")
     old_replica = cluster.engine_info(ELASTIC_MODEL)["pid"]
+    before = _replica_actors(cluster)
     document = yaml.safe_load(cluster.config.read_text())
-    args = document["applications"][0]["args"]
-    for model in args["models"]:
+    for model in document["applications"][0]["args"]["models"]:
         if model["id"] == ELASTIC_MODEL:
             model["engine_args"]["max_num_seqs"] = 8
+
+    results: list[tuple[str, int | str]] = []
+    stop = threading.Event()
+
+    def steady(model: str) -> None:
+        while not stop.is_set():
+            try:
+                results.append((model, post_chat(cluster, model=model, max_tokens=4, timeout=600).status_code))
+            except httpx.HTTPError as exc:
+                results.append((model, repr(exc)))
 
     def redeploy(n: int) -> None:
         if n == 2:
             cluster.connect()
-            # Not waiting for the whole application: the model no node can place never counts as running.
-            serve.run_many([serve.RunTarget(build_app(args), name="rayroute", route_prefix="/")],
-                           wait_for_applications_running=False)
+            # Not waiting for every application: the model no node can place never counts as running.
+            deploy(document, wait=False)
 
-    events = stream_events(cluster, redeploy, model=ELASTIC_MODEL, max_tokens=120, ignore_eos=True,
-                           stream_options={"include_usage": True})
+    threads = [threading.Thread(target=steady, args=(model,)) for model in (DEFAULT_MODEL, ELASTIC_MODEL)]
+    for thread in threads:
+        thread.start()
+    try:
+        events = stream_events(cluster, redeploy, model=ELASTIC_MODEL, max_tokens=120, ignore_eos=True,
+                               stream_options={"include_usage": True})
+        # The replacement serves (one engine starting on two busy cores: a minute or two).
+        wait_for(lambda: _answers_from_a_new_replica(cluster, old_replica), 600, "a new elastic replica", every=5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=600)
     assert events[-1] == "[DONE]"
     assert not any('"error"' in e for e in events)
     assert json.loads(events[-2])["usage"]["completion_tokens"] == 120
-    # The replacement serves (every engine restarts at once on two cores: minutes).
-    wait_for(lambda: _answers_from_a_new_replica(cluster, old_replica), 600, "a new elastic replica", every=5)
+
+    after = _replica_actors(cluster)
+    elastic = engine_deployment_name(ELASTIC_MODEL)
+    assert {d: ids for d, ids in after.items() if d != elastic} == {d: ids for d, ids in before.items() if d != elastic}
+    assert after[elastic] and not after[elastic] & before[elastic]
+    counts = Counter(results)
+    assert all(status == 200 for _, status in results), counts
+    assert counts[(DEFAULT_MODEL, 200)] >= 3 and counts[(ELASTIC_MODEL, 200)] >= 3, counts
+
+
+def _replica_actors(cluster: Cluster) -> dict[str, set[str]]:
+    """The live Serve replica actors by deployment name."""
+    from ray.util.state import list_actors
+
+    cluster.connect()
+    actors: dict[str, set[str]] = {}
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.class_name.startswith("ServeReplica:"):  # "ServeReplica:<application>:<deployment>"
+            actors.setdefault(actor.class_name.split(":")[2], set()).add(actor.actor_id)
+    return actors
 
 
 def _answers_from_a_new_replica(cluster: Cluster, old_replica: int) -> bool:

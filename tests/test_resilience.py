@@ -352,7 +352,7 @@ def test_prefix_router_reads_the_prompt_from_rayroute_bodies(body: dict, text: s
 
 
 def test_replica_choice_selects_the_deployments_request_router() -> None:
-    from router.app import engine_deployment
+    from deployments.app import engine_deployment
 
     model = {"id": "m", "source": "org/m"}
     default = engine_deployment(ModelConfig.model_validate(model))

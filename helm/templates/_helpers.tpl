@@ -130,24 +130,38 @@ would stay pending forever. The defaults below are the config schema's.
 {{- end -}}
 
 {{/*
-serveConfigV2: a Serve config file like configs/local.yaml, its args taken from .Values.serve unchanged except
-that the routers are pinned to the head (see rayservice.yaml's head rayStartParams).
+serveConfigV2: .Values.serve (a config file's args) as router/app.py's serve_applications expands it, with the
+routers pinned to the head (see rayservice.yaml's head rayStartParams): one application per model, whose args are
+that model's entry, and the router application, whose args are each model's routed fields (RoutedModel in
+deployments/config.py) and the rest of .Values.serve. So a change to one model's entry replaces only that model's
+replicas. tests/test_chart.py compares this with serve_applications.
 */}}
 {{- define "rayroute.serveConfig" -}}
 {{- $args := deepCopy .Values.serve -}}
 {{- $routers := default dict $args.routers -}}
 {{- $_ := set $routers "ray_resources" (merge (dict "rayroute_router" 1) (default dict $routers.ray_resources)) -}}
 {{- $_ = set $args "routers" $routers -}}
-{{- $app := dict "name" "rayroute" "route_prefix" "/" "import_path" "router.app:build_app" "args" $args -}}
+{{- $shared := dict -}}
 {{- with .Values.python.packages -}}
-{{- $_ = set $app "runtime_env" (dict "pip" .) -}}
+{{- $_ = set $shared "runtime_env" (dict "pip" .) -}}
 {{- end -}}
+{{- $apps := list -}}
+{{- $routed := list -}}
+{{- range $args.models -}}
+{{- $name := printf "engine-%s" (regexReplaceAll "[^A-Za-z0-9._-]" .id "_") -}}
+{{- $apps = append $apps (merge (dict "name" $name "route_prefix" nil "import_path" "deployments.app:build_engine_app" "args" (dict "model" .)) (deepCopy $shared)) -}}
+{{- $routed = append $routed (pick . "id" "aliases" "timeouts" "drain_timeout_s" "multimodal" "fallbacks" "adapters") -}}
+{{- end -}}
+{{- $routerArgs := omit $args "models" -}}
+{{- $_ = set $routerArgs "models" $routed -}}
+{{- $app := merge (dict "name" "rayroute" "route_prefix" "/" "import_path" "router.app:build_router_app" "args" $routerArgs) $shared -}}
+{{- $apps = append $apps $app -}}
 {{/*
 EveryNode: a proxy on every node that holds a replica, so HTTP load spreads over the pods. keep_alive_timeout_s is
 above the 60 s idle timeout of the usual cloud load balancers, so the proxy never closes a connection a balancer is
 about to reuse (which the client would see as a 502).
 */}}
-{{- toYaml (dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" 90) "applications" (list $app)) -}}
+{{- toYaml (dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" 90) "applications" $apps) -}}
 {{- end -}}
 
 {{/* workerGroups with each setting a group leaves out taken whole from workerDefaults (a shallow merge). */}}

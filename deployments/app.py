@@ -1,0 +1,79 @@
+"""One model's Serve application: its engine deployment, and nothing else.
+
+Each served model is an application of its own, so that Serve's declarative deploy (``serve deploy``, KubeRay's
+``serveConfigV2``) replaces only the replicas of a model whose entry changed. Serve gives every deployment of an
+application the application's code version, a hash of its ``import_path``, ``runtime_env`` and ``args``, and a new
+version replaces each replica: with every model in one application's ``args``, changing one model's
+``max_num_seqs`` restarted every engine and router (measured; see the README's failure table).
+
+``router/app.py`` expands a config file into these applications plus the router's; an application entry here is
+
+    {"name": "engine-smollm2-135m-instruct", "route_prefix": null,
+     "import_path": "deployments.app:build_engine_app", "args": {"model": {...one entry of models...}}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.schema import LoggingConfig
+
+from deployments.autoscaling import serve_autoscaling_config
+from deployments.config import ModelConfig, check_engine_args
+from deployments.constants import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S, PLACEMENT_STRATEGY
+from deployments.engine import VLLMEngine
+
+IMPORT_PATH = "deployments.app:build_engine_app"
+
+# Serve writes one access line per call at every replica, and the router writes its own (router.telemetry), with
+# the fields an operator needs and never a prompt. Serve's line cost each replica ~3% of its CPU (py-spy under load).
+SERVE_LOGGING = LoggingConfig(enable_access_log=False)
+
+
+def build_engine_app(args: dict[str, Any]) -> Application:
+    """The application of ``args["model"]``, one entry of a config's ``models``."""
+    model = ModelConfig.model_validate(args["model"])
+    check_engine_args(model)  # here, so a misspelt engine argument fails before any replica starts
+    return engine_deployment(model).bind(model)
+
+
+def engine_application(model: ModelConfig) -> dict[str, Any]:
+    """The model's entry in a Serve config's ``applications``: no HTTP route, only the router calls it."""
+    return {"name": model.app_name, "route_prefix": None, "import_path": IMPORT_PATH,
+            "args": {"model": model.model_dump(mode="json")}}
+
+
+def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> serve.Deployment:
+    """The model's deployment; ``engine_class`` is the replica class (the load test's keeps the replica code and
+    replaces only vLLM)."""
+    return serve.deployment(engine_class).options(
+        name=model.deployment_name,
+        max_ongoing_requests=model.max_ongoing_requests,
+        # Enforced by each router replica's handle: requests beyond it get a 429 instead of an unbounded queue.
+        max_queued_requests=model.max_queued_requests,
+        logging_config=SERVE_LOGGING,
+        autoscaling_config=serve_autoscaling_config(model.autoscaling),
+        ray_actor_options={
+            **model.resources.replica_actor_resources(),
+            "runtime_env": {"env_vars": {**model.resources.engine_env(), **model.env}},
+        },
+        placement_group_bundles=model.resources.placement_group_bundles(),
+        placement_group_strategy=PLACEMENT_STRATEGY,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+        # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).
+        graceful_shutdown_timeout_s=model.drain_timeout_s,
+        **replica_choice(model),
+    )
+
+
+def replica_choice(model: ModelConfig) -> dict[str, Any]:
+    """The deployment's request router: Serve's own unless the model asks for prefix-cache affinity. Every handle
+    to the deployment (each router replica's) uses it."""
+    if model.replica_choice == "prefix_cache":
+        from deployments.prefix_routing import request_router_config
+
+        return request_router_config()
+    return {}
