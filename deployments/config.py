@@ -1,7 +1,8 @@
-"""The one configuration schema: what ``configs/*.yaml`` (and the Helm chart's ``serveConfigV2``) hold.
+"""The one configuration schema: what ``configs/*.yaml`` and the Helm chart's ``serve`` values hold.
 
-A config file is a Ray Serve config file; this schema is its ``applications[].args``. Keeping the models inside
-Serve's own file format means ``serve run configs/local.yaml``, ``make serve`` and KubeRay read the same thing.
+A config file is a Ray Serve config file; this schema is its application's ``args``. ``router/app.py`` expands it
+into one Serve application per model and the routers' (:meth:`ServeArgs.router_args`), which ``make serve`` and the
+chart's ``serveConfigV2`` deploy.
 
     models:
       - id: smollm2-135m-instruct          # the name clients send as "model"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from pathlib import Path
 
 import pytest
@@ -262,3 +264,63 @@ def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:
     assert router_resources(args) == {"rayroute_router": 3}  # two routers and the key-limits replica
     assert "`GPU` is not a custom resource" in error_of({**GOOD, "routers": {"ray_resources": {"GPU": 1}}})
     assert "must be a positive amount" in error_of({**GOOD, "routers": {"ray_resources": {"x": 0}}})
+
+
+# --- one Serve application per model (router/app.py) -------------------------------------------------------------
+
+def _code_versions(document: dict) -> dict[str, str]:
+    """Serve's code version of each application the document deploys: a new one replaces all its replicas."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    from router.app import serve_deploy_config
+
+    return {app["name"]: get_app_code_version(ServeApplicationSchema.model_validate(app))
+            for app in serve_deploy_config(document)["applications"]}
+
+
+@pytest.mark.parametrize("change", ["engine_args", "autoscaling", "resources", "source"])
+def test_changing_one_models_entry_gives_only_its_application_a_new_code_version(change: str) -> None:
+    document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    before = _code_versions(document)
+    model = document["applications"][0]["args"]["models"][0]
+    model[change] = {"engine_args": {**model["engine_args"], "max_num_seqs": 8},
+                     "autoscaling": {"min_replicas": 1, "max_replicas": 3},
+                     "resources": {**model["resources"], "cpus": 1},
+                     "source": "/elsewhere/smollm2"}[change]
+    after = _code_versions(document)
+    assert set(before) == set(after) == {"engine-smollm2-135m-instruct", "engine-all-minilm-l6-v2", "rayroute"}
+    assert [name for name in before if before[name] != after[name]] == ["engine-smollm2-135m-instruct"]
+
+
+def test_a_routed_field_changes_the_router_application_and_that_model_only() -> None:
+    document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    before = _code_versions(document)
+    document["applications"][0]["args"]["models"][1]["aliases"] = ["text-embedding-3-small"]
+    after = _code_versions(document)
+    assert sorted(name for name in before if before[name] != after[name]) == ["engine-all-minilm-l6-v2", "rayroute"]
+
+
+def test_the_expansion_holds_each_part_once_and_reads_back_as_the_same_config(tmp_path: Path) -> None:
+    from router.app import main, serve_deploy_config
+
+    document, args = load_serve_config(ROOT / "configs" / "local.yaml")
+    expanded = serve_deploy_config(document)
+    *engines, router = expanded["applications"]
+    assert [app["name"] for app in engines] == [model.app_name for model in args.models]
+    assert all(app["route_prefix"] is None and app["import_path"] == "deployments.app:build_engine_app"
+               for app in engines)
+    assert (router["name"], router["route_prefix"], router["import_path"]) == \
+        ("rayroute", "/", "router.app:build_router_app")
+    assert "engine_args" not in router["args"]["models"][0] and "source" not in router["args"]["models"][0]
+    assert expanded["http_options"] == document["http_options"]
+    # The expanded file (what `python -m router.app` prints) is a config of its own: the same one, and expanding
+    # it again changes nothing.
+    path = tmp_path / "expanded.yaml"
+    path.write_text(yaml.safe_dump(expanded))
+    assert load_serve_config(path)[1] == args
+    assert serve_deploy_config(expanded) == expanded
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(ROOT / "configs" / "local.yaml")]) == 0
+    assert yaml.safe_load(out.getvalue()) == expanded
