@@ -25,8 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from deployments.api_keys import ApiKey
 from deployments.config import ServeArgs
 
-# The Ray resource only the head node has; the routers ask for it (``serve.routers.ray_resources``).
+# The Ray resource only the router pods have; the routers ask for it (``serve.routers.ray_resources``).
 ROUTER_RESOURCE = "rayroute_router"
+# The worker group of the router pods (``routerPods``); GPU groups may not take the name.
+ROUTER_GROUP = "routers"
+# How long a router replica takes to start elsewhere when its pod drains (the chart's grace period adds the models'
+# longest drain_timeout_s): no weights to load, so far less than an engine's workerDefaults.replicaStartSeconds.
+ROUTER_START_SECONDS = 120
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _Object = dict[str, Any]
@@ -45,7 +50,7 @@ class Image(_Values):
 
 
 class ApiKeys(_Values):
-    """Keys reach the router as a file mounted from a Secret on the head pod only (the routers run there)."""
+    """Keys reach the router as a file mounted from a Secret on the router pods only (the routers run there)."""
 
     existingSecret: str = Field("", description="A Secret holding the keys file (a YAML list of keys, the format "
                                 "of RAYROUTE_API_KEYS_FILE). Takes precedence over `keys`.")
@@ -62,15 +67,44 @@ class HuggingFace(_Values):
 
 
 class Head(_Values):
-    """The head pod: Ray's control plane, the HTTP proxy and the routers; never GPU work."""
+    """The head pod: Ray's control plane and Serve's controller only; no replica, no HTTP traffic."""
 
     resources: _Object = Field(default_factory=lambda: {
-        "requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}})
+        "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}})
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[_Object] = Field(default_factory=list)
     affinity: _Object = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class RouterPods(_Values):
+    """The router pods: a CPU worker group holding the routers (pinned by the `rayroute_router` Ray resource),
+    the key-limits replica and an HTTP proxy beside them; the Service sends clients here and never to the head."""
+
+    replicas: int = Field(2, ge=1, le=100, description="Pods, spread over Kubernetes nodes where the scheduler can.")
+    resources: _Object = Field(default_factory=lambda: {
+        "requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}},
+        description="Each router replica takes one CPU: `serve.routers.replicas` must fit on these pods.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[_Object] = Field(default_factory=list)
+    affinity: _Object = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class GcsFaultTolerance(_Values):
+    """Ray's control plane (the GCS) keeps its state in an external Redis, so a restarted head picks the cluster
+    up where it was: the worker pods and their replicas keep serving meanwhile (KubeRay's
+    `gcsFaultToleranceOptions`). The chart does not run Redis: use a managed one (ElastiCache, Memorystore, Azure
+    Cache) or your own HA Redis."""
+
+    redisAddress: str = Field("", description="`host:port` of the Redis; empty: fault tolerance off (the head's "
+                              "loss restarts the whole cluster).")
+    existingSecret: str = Field("", description="A Secret holding the Redis password (empty: no password).")
+    secretKey: str = Field("password", description="The Secret's key that holds the password.")
+    externalStorageNamespace: str = Field("", description="Keys prefix in Redis, for several clusters on one Redis; "
+                                          "default: KubeRay's (the RayCluster's uid).")
 
 
 class WorkerSettings(_Values):
@@ -193,7 +227,8 @@ class Monitoring(_Values):
 
 class DisruptionBudget(_Values):
     enabled: bool = True
-    maxUnavailable: int = Field(1, ge=0, description="Worker pods a node drain may take at once.")
+    maxUnavailable: int = Field(1, ge=0, description="GPU worker pods a node drain may take at once; router pods "
+                                "have a budget of their own, one at a time.")
 
 
 class ModelCache(_Values):
@@ -224,6 +259,8 @@ class ChartValues(_Values):
     apiKeys: ApiKeys = Field(default_factory=ApiKeys)
     huggingface: HuggingFace = Field(default_factory=HuggingFace)
     head: Head = Field(default_factory=Head)
+    routerPods: RouterPods = Field(default_factory=RouterPods)
+    gcsFaultTolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
     workerDefaults: WorkerSettings = Field(default_factory=WorkerSettings)
     workerGroups: list[WorkerGroup] = Field(default_factory=list, description="Each entry: a name, and any "
                                             "setting of workerDefaults to override.")
@@ -246,6 +283,8 @@ class ChartValues(_Values):
         names = [group.name for group in self.workerGroups]
         if len(set(names)) != len(names):
             raise ValueError("workerGroups names must be unique")
+        if ROUTER_GROUP in names:
+            raise ValueError(f"workerGroups: `{ROUTER_GROUP}` is the router pods' group (routerPods)")
         return self
 
 

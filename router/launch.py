@@ -55,13 +55,14 @@ SERVE_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
-# HAProxy's stats page and Prometheus page bind every interface in Ray's template; bound here to the serving host.
+# HAProxy's stats page and Prometheus page bind every interface in Ray's template; bound here to the serving host,
+# and the HTTP front to it too (a local multi-node cluster gives each node its own loopback address).
 HAPROXY_HOST_ENV = "RAYROUTE_HAPROXY_HOST"
 
 
 def ray_process_env(host: str) -> dict[str, str]:
     """What a local cluster's Ray processes start with: HAProxy as Serve's HTTP front, its two pages on the serving
-    host (see :func:`bind_haproxy_pages`) and on free ports, so two clusters on one machine do not collide; engine
+    host (see :func:`bind_haproxy`) and on free ports, so two clusters on one machine do not collide; engine
     replicas' stream channels on the loopback interface, since routers and engines share the machine."""
     return {**SERVE_ENV, HAPROXY_HOST_ENV: host, CHANNEL_HOST_ENV: "127.0.0.1",
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
@@ -99,8 +100,8 @@ def _ephemeral_ports_from() -> int:
         return 32768
 
 
-# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook); see bind_haproxy_pages.
-WORKER_SETUP_HOOK = "router.launch.bind_haproxy_pages"
+# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook); see bind_haproxy.
+WORKER_SETUP_HOOK = "router.launch.bind_haproxy"
 
 
 def ray_runtime_env() -> dict[str, Any]:
@@ -216,10 +217,12 @@ def deploy(document: dict[str, Any], wait: bool = True) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def bind_haproxy_pages() -> None:
+def bind_haproxy() -> None:
     """In each Ray worker this cluster starts: HAProxy's stats page and metrics page listen on the serving host
     rather than on every interface (Ray's template writes ``bind *:port``), so ``make serve`` on 127.0.0.1 opens
-    nothing to the network. It patches the template Serve's HAProxy manager renders; a test reads the binds."""
+    nothing to the network. The HTTP front binds it too, which for ``make serve`` is its host already, and lets the
+    nodes of a local multi-node cluster (tests/head_failure.py) each serve on their own loopback address. It
+    patches the template Serve's HAProxy manager renders; a test reads the binds."""
     host = os.environ.get(HAPROXY_HOST_ENV)
     if not host or host in ("0.0.0.0", "::"):
         return
@@ -229,6 +232,7 @@ def bind_haproxy_pages() -> None:
     for page in ("metrics_port", "stats_port"):
         template = template.replace(f"bind :{{{{ config.{page} }}}}", f"bind {host}:{{{{ config.{page} }}}}")
         template = template.replace(f"bind *:{{{{ config.{page} }}}}", f"bind {host}:{{{{ config.{page} }}}}")
+    template = template.replace("bind {{ config.frontend_host }}:", f"bind {host}:")
     haproxy.HAPROXY_CONFIG_TEMPLATE = template
 
 

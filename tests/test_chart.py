@@ -30,7 +30,15 @@ import yaml
 
 from deployments.autoscaling import serve_autoscaling_config
 from deployments.config import ModelConfig, RoutedModel, RouterArgs, ServeArgs, parse_args
-from deployments.kubernetes import ROUTER_RESOURCE, ChartValues, WorkerGroup, WorkerSettings, values_json_schema
+from deployments.kubernetes import (
+    ROUTER_GROUP,
+    ROUTER_RESOURCE,
+    ROUTER_START_SECONDS,
+    ChartValues,
+    WorkerGroup,
+    WorkerSettings,
+    values_json_schema,
+)
 from router.auth import API_KEYS_FILE_ENV, load_api_keys
 from router.launch import SERVE_ENV
 from tests.helm_binary import HELM_SHA256, HELM_VERSION
@@ -334,15 +342,19 @@ def test_values_validate_with_the_config_models(scenario: Path) -> None:
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
 def test_every_gpu_model_fits_a_worker_group(scenario: Path) -> None:
     """Each GPU replica (one STRICT_PACK placement group) fits one pod of some group, and the routers fit only the
-    head, so Ray's autoscaler can always place them and GPU pods can always scale down."""
+    router pods (never the head, never a GPU pod), so Ray's autoscaler can always place them and GPU pods can
+    always scale down."""
     docs = rendered(scenario)
     spec = cluster_spec(docs)
     args = serve_args(docs)
-    head_resources = json.loads(json.loads(spec["headGroupSpec"]["rayStartParams"]["resources"]))
-    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
-    assert all(head_resources.get(name, 0) >= amount for name, amount in args.routers.ray_resources.items())
+    head = spec["headGroupSpec"]["rayStartParams"]
+    assert (head["num-cpus"], head["num-gpus"]) == ("0", "0") and "resources" not in head
+    routers, *gpu_groups = spec["workerGroupSpecs"]
+    assert routers["groupName"] == ROUTER_GROUP and routers["rayStartParams"]["num-gpus"] == "0"
+    router_resources = json.loads(json.loads(routers["rayStartParams"]["resources"]))
+    assert all(router_resources.get(name, 0) >= amount for name, amount in args.routers.ray_resources.items())
     groups = []
-    for group in spec.get("workerGroupSpecs", []):
+    for group in gpu_groups:
         (container,) = group["template"]["spec"]["containers"]
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
         declared = json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
@@ -378,24 +390,35 @@ def test_pods_are_hardened_and_probed(scenario: Path) -> None:
             env = {item["name"]: item for item in container.get("env", [])}
             # Serve runs on every pod as `make serve` runs it: HAProxy front, throughput mode.
             assert {k: env[k]["value"] for k in SERVE_ENV} == SERVE_ENV, name
-            if values["modelCache"]["enabled"] and name != "head":
+            if values["modelCache"]["enabled"] and name not in ("head", ROUTER_GROUP):
                 assert env["HF_HOME"]["value"] == values["modelCache"]["mountPath"]
                 assert values["modelCache"]["mountPath"] in {m["mountPath"] for m in container["volumeMounts"]}
         if name != "head":
             assert spec["automountServiceAccountToken"] is False
-            assert "/dev/shm" in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
             # Stopping, the pod drains its node first, for as long as a replacement's start and the longest drain
             # take; Kubernetes waits for that and a margin.
-            group = WorkerGroup.from_values(next(g for g in values["workerGroups"] if g["name"] == name),
-                                            values["workerDefaults"])
-            drain = group.replicaStartSeconds + max(m.drain_timeout_s for m in parse_args(values["serve"]).models)
+            longest_drain = max(m.drain_timeout_s for m in parse_args(values["serve"]).models)
+            if name == ROUTER_GROUP:  # a router starts in seconds
+                drain = ROUTER_START_SECONDS + longest_drain
+            else:
+                assert "/dev/shm" in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+                group = WorkerGroup.from_values(next(g for g in values["workerGroups"] if g["name"] == name),
+                                                values["workerDefaults"])
+                drain = group.replicaStartSeconds + longest_drain
             hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
             assert hook == ["python", "-m", "deployments.node_drain", "--deadline-s", str(int(drain))], name
             assert spec["terminationGracePeriodSeconds"] == int(drain) + 30, name
-    pdbs = of_kind(docs, "PodDisruptionBudget")
-    if values["podDisruptionBudget"]["enabled"] and values["workerGroups"]:
-        (pdb,) = pdbs
-        assert pdb["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
+    pdbs = {pdb["metadata"]["name"].rsplit("-", 1)[1]: pdb["spec"] for pdb in of_kind(docs, "PodDisruptionBudget")}
+    if values["podDisruptionBudget"]["enabled"]:
+        # Router pods leave one at a time; GPU pods as many at once as the value says; no pod under two budgets
+        # (the eviction API refuses a pod that has two).
+        assert pdbs["routers"]["selector"]["matchLabels"]["ray.io/group"] == ROUTER_GROUP
+        assert pdbs["routers"]["maxUnavailable"] == 1
+        if values["workerGroups"]:
+            assert pdbs["workers"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
+            assert pdbs["workers"]["selector"]["matchExpressions"] == [
+                {"key": "ray.io/group", "operator": "NotIn", "values": [ROUTER_GROUP]}]
+        assert set(pdbs) == {"routers", "workers"} if values["workerGroups"] else {"routers"}
     else:
         assert not pdbs
     claims = of_kind(docs, "PersistentVolumeClaim")
@@ -403,12 +426,12 @@ def test_pods_are_hardened_and_probed(scenario: Path) -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
-def test_keys_stay_in_secrets_and_on_the_head(scenario: Path, tmp_path: Path) -> None:
+def test_keys_stay_in_secrets_and_on_the_router_pods(scenario: Path, tmp_path: Path) -> None:
     docs = rendered(scenario)
     values = merged_values(scenario)
     pods = pod_templates(docs)
-    head = pods["head"]["spec"]["containers"][0]
-    head_env = {item["name"]: item for item in head.get("env", [])}
+    routers = pods[ROUTER_GROUP]["spec"]["containers"][0]
+    router_env = {item["name"]: item for item in routers.get("env", [])}
     secrets = {doc["metadata"]["name"]: doc for doc in of_kind(docs, "Secret")}
     plain = [key["key"] for key in values["apiKeys"]["keys"]] + [values["huggingface"]["token"]]
     for doc in docs:
@@ -417,10 +440,10 @@ def test_keys_stay_in_secrets_and_on_the_head(scenario: Path, tmp_path: Path) ->
             assert not [secret for secret in plain if secret and secret in text], f"a secret is in {doc['kind']}"
 
     if values["apiKeys"]["existingSecret"] or values["apiKeys"]["keys"]:
-        volume = next(v for v in pods["head"]["spec"]["volumes"] if v["name"] == "api-keys")
-        mount = next(m for m in head["volumeMounts"] if m["name"] == "api-keys")
+        volume = next(v for v in pods[ROUTER_GROUP]["spec"]["volumes"] if v["name"] == "api-keys")
+        mount = next(m for m in routers["volumeMounts"] if m["name"] == "api-keys")
         (item,) = volume["secret"]["items"]
-        assert head_env[API_KEYS_FILE_ENV]["value"] == f"{mount['mountPath']}/{item['path']}"
+        assert router_env[API_KEYS_FILE_ENV]["value"] == f"{mount['mountPath']}/{item['path']}"
         assert "subPath" not in mount  # the kubelet never updates a subPath mount: rotated keys would not arrive
         if values["apiKeys"]["keys"]:
             # The Secret the chart makes is a keys file the router reads.
@@ -433,12 +456,12 @@ def test_keys_stay_in_secrets_and_on_the_head(scenario: Path, tmp_path: Path) ->
         else:
             assert volume["secret"]["secretName"] == values["apiKeys"]["existingSecret"]
     else:
-        assert values["apiKeys"]["allowUnauthenticated"] and API_KEYS_FILE_ENV not in head_env
+        assert values["apiKeys"]["allowUnauthenticated"] and API_KEYS_FILE_ENV not in router_env
     for name, pod in pods.items():
-        if name != "head":
+        if name != ROUTER_GROUP:  # neither the head nor a GPU pod ever holds the keys
             (container,) = pod["spec"]["containers"]
             assert API_KEYS_FILE_ENV not in {item["name"] for item in container.get("env", [])}
-            assert "api-keys" not in {v["name"] for v in pod["spec"]["volumes"]}
+            assert "api-keys" not in {v["name"] for v in pod["spec"].get("volumes", [])}
 
     if values["huggingface"]["existingSecret"] or values["huggingface"]["token"]:
         for pod in pods.values():
@@ -484,6 +507,20 @@ def test_monitoring_scrapes_every_ray_pod(scenario: Path) -> None:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_gcs_fault_tolerance_is_kuberays_own_with_the_password_from_a_secret(scenario: Path) -> None:
+    values = merged_values(scenario)["gcsFaultTolerance"]
+    spec = cluster_spec(rendered(scenario))
+    if not values["redisAddress"]:
+        assert "gcsFaultToleranceOptions" not in spec
+        return
+    options = spec["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == values["redisAddress"]
+    assert options["redisPassword"] == {"valueFrom": {"secretKeyRef": {"name": values["existingSecret"],
+                                                                        "key": values["secretKey"]}}}
+    assert options.get("externalStorageNamespace", "") == values["externalStorageNamespace"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
 def test_routes_reach_the_serve_service(scenario: Path) -> None:
     docs = rendered(scenario)
     values = merged_values(scenario)
@@ -494,6 +531,9 @@ def test_routes_reach_the_serve_service(scenario: Path) -> None:
     assert {"name": "serve", "containerPort": 8000} in pod_templates(docs)["head"]["spec"]["containers"][0]["ports"]
     assert serve_service["spec"]["type"] == values["service"]["type"]
     assert serve_config(docs)["http_options"]["port"] == 8000
+    # Clients reach the pods that serve HTTP, never the head (Ray's control plane only: no replica, no CPUs).
+    assert only(docs, "RayService")["spec"]["excludeHeadPodFromServeSvc"] is True
+    assert serve_config(docs)["proxy_location"] == "EveryNode"
 
     ingresses = of_kind(docs, "Ingress")
     assert len(ingresses) == int(values["ingress"]["enabled"])
@@ -568,7 +608,7 @@ def test_crd_check_rejects_unknown_fields() -> None:
 
 
 def test_kubernetes_check_rejects_unknown_fields() -> None:
-    pdb = copy.deepcopy(only(rendered(SCENARIOS[0]), "PodDisruptionBudget"))
+    pdb = copy.deepcopy(of_kind(rendered(SCENARIOS[0]), "PodDisruptionBudget")[0])
     pdb["spec"]["maxUnavailabe"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(pdb, KUBERNETES_VERSIONS[0], strict=True)
@@ -606,9 +646,14 @@ BAD_VALUES = {
     "a GPU model and no GPU groups": (
         {"workerGroups": []},
         "serve.models[0] (qwen2.5-1.5b-instruct) needs 1 GPU(s) on one pod"),
-    "more routers than head CPUs": (
-        {"serve": {"routers": {"replicas": 5}}, "head": {"resources": {"limits": {"cpu": "4000m"}}}},
-        "serve.routers.replicas: 5 routers need 5 CPUs on the head, but head.resources gives it 4000m"),
+    "more routers than router pods' CPUs": (
+        {"serve": {"routers": {"replicas": 5}},
+         "routerPods": {"replicas": 2, "resources": {"limits": {"cpu": "2500m"}}}},
+        "serve.routers.replicas: 5 routers need a CPU each on the router pods, but 2 pods of 2500m CPUs (routerPods) "
+        "hold 4"),
+    "a GPU group named as the router pods' group": (
+        {"workerGroups": [{"name": "routers"}]},
+        "routers"),
     "group min above max": (
         {"workerGroups": [{"name": "gpu", "minReplicas": 3, "maxReplicas": 2}]},
         "workerGroups gpu: minReplicas (3) exceeds maxReplicas (2)"),

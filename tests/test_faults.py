@@ -363,14 +363,16 @@ def test_changing_one_model_replaces_only_its_replicas(cluster: Cluster) -> None
 
 
 def _replica_actors(cluster: Cluster) -> dict[str, set[str]]:
-    """The live Serve replica actors by deployment name."""
-    from ray.util.state import list_actors
+    """The live Serve replica actors by deployment name, from the GCS's actor table (the launcher's cluster runs no
+    dashboard, which Ray's state API needs)."""
+    from ray._private.state import actors as actor_table
 
     cluster.connect()
     actors: dict[str, set[str]] = {}
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        if actor.class_name.startswith("ServeReplica:"):  # "ServeReplica:<application>:<deployment>"
-            actors.setdefault(actor.class_name.split(":")[2], set()).add(actor.actor_id)
+    for actor_id, info in actor_table(actor_state_name="ALIVE").items():
+        name = info["ActorClassName"]
+        if name.startswith("ServeReplica:"):  # "ServeReplica:<application>:<deployment>"
+            actors.setdefault(name.split(":")[2], set()).add(actor_id)
     return actors
 
 

@@ -111,17 +111,21 @@ would stay pending forever. The defaults below are the config schema's.
 {{- end -}}
 {{- end -}}
 {{- range $groups -}}
+{{- if eq .name "routers" -}}
+{{- fail "workerGroups: routers is the router pods' group (routerPods); give the GPU group another name" -}}
+{{- end -}}
 {{- if gt (int .minReplicas) (int .maxReplicas) -}}
 {{- fail (printf "workerGroups %s: minReplicas (%v) exceeds maxReplicas (%v)" .name .minReplicas .maxReplicas) -}}
 {{- end -}}
 {{- end -}}
-{{- /* Each router replica takes one CPU (Ray Serve's default) on the head, the only node that may hold it. */ -}}
-{{- $headCPU := toString (dig "limits" "cpu" (dig "requests" "cpu" "" .Values.head.resources) .Values.head.resources) -}}
+{{- /* Each router replica takes one CPU (Ray Serve's default) on a router pod, the only pods that may hold it. */ -}}
+{{- $podCPU := toString (dig "limits" "cpu" (dig "requests" "cpu" "" .Values.routerPods.resources) .Values.routerPods.resources) -}}
 {{- $routers := dig "routers" "replicas" 1 .Values.serve -}}
-{{- if $headCPU -}}
-{{- $cores := ternary (divf (trimSuffix "m" $headCPU | float64) 1000) (float64 $headCPU) (hasSuffix "m" $headCPU) -}}
-{{- if lt $cores (float64 $routers) -}}
-{{- fail (printf "serve.routers.replicas: %v routers need %v CPUs on the head, but head.resources gives it %s" $routers $routers $headCPU) -}}
+{{- if $podCPU -}}
+{{- $cores := ternary (divf (trimSuffix "m" $podCPU | float64) 1000) (float64 $podCPU) (hasSuffix "m" $podCPU) -}}
+{{- $room := mul (floor $cores | int) (int .Values.routerPods.replicas) -}}
+{{- if lt (float64 $room) (float64 $routers) -}}
+{{- fail (printf "serve.routers.replicas: %v routers need a CPU each on the router pods, but %v pods of %s CPUs (routerPods) hold %v" $routers .Values.routerPods.replicas $podCPU $room) -}}
 {{- end -}}
 {{- end -}}
 {{- if not (or (include "rayroute.authEnabled" .) .Values.apiKeys.allowUnauthenticated) -}}
@@ -131,7 +135,7 @@ would stay pending forever. The defaults below are the config schema's.
 
 {{/*
 serveConfigV2: .Values.serve (a config file's args) as router/app.py's serve_applications expands it, with the
-routers pinned to the head (see rayservice.yaml's head rayStartParams): one application per model, whose args are
+routers pinned to the router pods (see rayservice.yaml's routers group): one application per model, whose args are
 that model's entry, and the router application, whose args are each model's routed fields (RoutedModel in
 deployments/config.py) and the rest of .Values.serve. So a change to one model's entry replaces only that model's
 replicas. tests/test_chart.py compares this with serve_applications.
