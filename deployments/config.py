@@ -252,8 +252,8 @@ class Routers(_Strict):
     ray_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each router replica (and the key-limits replica) needs. The Helm chart "
-        "gives the head node `rayroute_router` and asks for it here: a GPU node holding a router could never "
-        "scale down.")
+        "gives its router pods `rayroute_router` and asks for it here: a GPU node holding a router could never "
+        "scale down, and the head must hold no replica.")
 
     @field_validator("ray_resources")
     @classmethod

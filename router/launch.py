@@ -251,7 +251,7 @@ def logical_cpus(config: ServeArgs) -> int:
 
 def router_resources(config: ServeArgs) -> dict[str, float]:
     """The custom resources the routers and the key-limits replica ask for (``routers.ray_resources``): on
-    Kubernetes only the head has them; here the one node is the head."""
+    Kubernetes only the router pods have them; here the one node has them."""
     return {name: amount * (config.routers.replicas + 1) for name, amount in config.routers.ray_resources.items()}
 
 

@@ -70,3 +70,24 @@ def _session(process: psutil.Process) -> int | None:
         return os.getsid(process.pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def test_losing_the_head_leaves_the_endpoint_serving() -> None:
+    """Issue 14 part 1 (tests/head_failure.py): with GCS fault tolerance on a real Redis, every process of the head
+    is killed under load. The worker's proxy, router and engine answer every request meanwhile; the head starts
+    again, Serve's controller returns with its applications from Redis, and a redeploy that also scales the model
+    to two replicas goes through."""
+    report = run_scenario("tests.head_failure")
+    results = report["results"]
+    assert report["hung_threads"] == 0
+    assert report["head_processes_killed"] >= 3  # at least the GCS, the raylet and Serve's controller
+    assert report["while_head_gone"] >= 6, "no traffic while the head was gone"
+    for result in results:
+        assert "exception" not in result, result
+        assert result["status"] == 200 and result["done"], result
+        if result["stream"]:
+            assert not result["error_event"] and result["completion_tokens"] == 24, result
+    assert report["longest_gap_s"] < 10, report["longest_gap_s"]
+    assert set(report["applications_after_restart"].values()) == {"RUNNING"}, report["applications_after_restart"]
+    assert report["replicas_after_redeploy"] == {"RUNNING": 2}, report["replicas_after_redeploy"]
+    assert report["after_status"] == 200
