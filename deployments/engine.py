@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import functools
 import json
 import logging
+import logging.handlers
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -222,6 +224,27 @@ def _node_address() -> str:
     return os.environ.get(CHANNEL_HOST_ENV) or ray.util.get_node_ip_address()
 
 
+@contextlib.contextmanager
+def serve_log_handlers_kept():
+    """Serve's replica log handlers, put back after vLLM's start.
+
+    vLLM sets up its logging with ``logging.config.dictConfig``, which closes every logging handler of the process,
+    Serve's among them: the replica logger's ``MemoryHandler`` loses its file. Serve notices only when a restarted
+    controller recovers the replica (after the head's loss) and reads the log file's path from that handler: it
+    fails, and Serve replaces a healthy engine (measured in tests/head_failure.py: every engine restarted, requests
+    waited 45 s). A closed file handler reopens on its next line; the memory handler needs its file back.
+    """
+    serve_logger = logging.getLogger("ray.serve")
+    targets = [(handler, handler.target) for handler in serve_logger.handlers
+               if isinstance(handler, logging.handlers.MemoryHandler)]
+    try:
+        yield
+    finally:
+        for handler, target in targets:
+            if handler.target is None:
+                handler.setTarget(target)
+
+
 class VLLMEngine:
     """One replica: a vLLM ``AsyncLLM`` plus vLLM's OpenAI serving objects for it. Implements
     :class:`deployments.interface.EngineReplica`, what the router calls."""
@@ -231,7 +254,8 @@ class VLLMEngine:
         self.progress = EngineProgress()
         self.vllm_metrics: Any = None  # vLLM's Ray metrics, set by _start_vllm
         self.adapters: AdapterSlots | None = None  # the model's LoRA adapters, if it lists any; set by _start_vllm
-        self.engine, self._serving = await self._start_vllm(model)
+        with serve_log_handlers_kept():
+            self.engine, self._serving = await self._start_vllm(model)
         self._idle_gauges = asyncio.get_running_loop().create_task(self._publish_idle_gauges())
         # vLLM's serving layer calls generate on this object; counting there is free of any parsing.
         self.engine.generate = _counted(self.engine.generate)

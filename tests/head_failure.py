@@ -38,6 +38,8 @@ import psutil
 from tests.harness import RAY_AUTH_ENV, free_port, serve_document
 from tests.node_failure import ASK, LOAD_THREADS, MODEL, app_args, load
 
+# The head takes the machine's address (Ray turns 127.0.0.1 into it); the worker a loopback address of its own, so
+# each node's HAProxy binds the same HTTP port on its own address.
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
 HEAD_GONE_S = 30  # how long the load runs with no head
 # How long a worker's raylet waits for the GCS to come back before it exits (Ray's default is 60 s); KubeRay sets
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.update(RAY_AUTH_ENV)  # before Ray is imported: this process connects as a driver later
     run = uuid.uuid4().hex[:8]
-    workdir = Path(tempfile.mkdtemp(prefix="rayroute-head-failure-"))
+    workdir = Path(tempfile.mkdtemp(prefix="rr-hf-"))  # short: Ray's socket paths under it have a length limit
     redis_port, gcs_port, http_port = free_port(), free_port(), free_port()
     report: dict = {"http_port": http_port}
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", HEAD_IP, "--save", "",
@@ -62,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                              stdout=(workdir / "redis.log").open("w"), stderr=subprocess.STDOUT)
     head_env = node_env("head", run, HEAD_IP, {"RAY_REDIS_ADDRESS": f"{HEAD_IP}:{redis_port}",
                                                "RAY_external_storage_namespace": f"rayroute-{run}"})
-    head_command = ["ray", "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
+    # The head's own temp dir, as a pod's: `ray start --head` refuses to start where its last start's address file
+    # names a GCS that a local process (here the worker's raylet) still points at; a new head pod has no such file.
+    head_command = ["ray", "start", "--head", f"--port={gcs_port}", f"--temp-dir={workdir / 'head'}",
                     "--num-cpus=0", f"--redis-password={REDIS_PASSWORD}", "--include-dashboard=false",
                     "--disable-usage-stats", *node_ports(10002, 14999)]
     stop = threading.Event()
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://{WORKER_IP}:{http_port}"
         args = app_args(options.model_source)
         args["routers"] = {"replicas": 1, "ray_resources": {"rayroute_router": 1}}
+        args["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
         started = time.monotonic()
         with driver(gcs_port, head_env):
             from ray import serve
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         report["head_killed_at"] = killed_at = time.monotonic()
         time.sleep(HEAD_GONE_S)
         report["head_restarted_at"] = restarted_at = time.monotonic()
+        (workdir / "head" / "ray_current_cluster").unlink(missing_ok=True)
         ray_start(head_command, head_env, workdir / "head-again.log")
         report["head_restart_seconds"] = time.monotonic() - restarted_at
         time.sleep(10)  # traffic after the head is back
@@ -179,15 +185,18 @@ def driver(gcs_port: int, env: dict[str, str]):
 
 
 def kill_node(node: str, run: str) -> int:
-    """SIGKILL every process of the node (each inherited its marker from `ray start`); the number killed."""
+    """SIGKILL every process of the node: those that inherited its marker from `ray start`, and everything they
+    started (the raylet starts its agents with an environment of its own); the number killed."""
     marker = f"{node}-{run}"
-    killed = 0
+    doomed: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if process.pid != os.getpid() and process.environ().get(NODE_ENV) == marker:
-                process.send_signal(signal.SIGKILL)
-                killed += 1
-    return killed
+                doomed.update({p.pid: p for p in [process, *process.children(recursive=True)]})
+    for process in doomed.values():
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGKILL)
+    return len(doomed)
 
 
 def wait_ready(base: str, timeout: float) -> None:
