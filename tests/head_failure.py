@@ -41,7 +41,7 @@ from tests.node_failure import ASK, LOAD_THREADS, MODEL, app_args, load
 # The head takes the machine's address (Ray turns 127.0.0.1 into it); the worker a loopback address of its own, so
 # each node's HAProxy binds the same HTTP port on its own address.
 HEAD_IP, WORKER_IP = "127.0.0.1", "127.0.0.2"
-HEAD_GONE_S = 30  # how long the load runs with no head
+HEAD_GONE_S = 20  # how long the load runs with no head
 # How long a worker's raylet waits for the GCS to come back before it exits (Ray's default is 60 s); KubeRay sets
 # it on worker pods when GCS fault tolerance is on.
 GCS_RECONNECT_S = 600
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         (workdir / "head" / "ray_current_cluster").unlink(missing_ok=True)
         ray_start(head_command, head_env, workdir / "head-again.log")
         report["head_restart_seconds"] = time.monotonic() - restarted_at
-        time.sleep(10)  # traffic after the head is back
+        time.sleep(5)  # traffic after the head is back
         stop.set()
         for thread in threads:
             thread.join(timeout=200)
