@@ -66,11 +66,9 @@ class HuggingFace(_Values):
     token: str = Field("", description="A token for a Secret the chart creates (prefer existingSecret).")
 
 
-class Head(_Values):
-    """The head pod: Ray's control plane and Serve's controller only; no replica, no HTTP traffic."""
+class _Placement(_Values):
+    """Where a group's pods go and what they carry, passed to Kubernetes unchanged."""
 
-    resources: _Object = Field(default_factory=lambda: {
-        "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}})
     nodeSelector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[_Object] = Field(default_factory=list)
     affinity: _Object = Field(default_factory=dict)
@@ -78,7 +76,14 @@ class Head(_Values):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
-class RouterPods(_Values):
+class Head(_Placement):
+    """The head pod: Ray's control plane and Serve's controller only; no replica, no HTTP traffic."""
+
+    resources: _Object = Field(default_factory=lambda: {
+        "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}})
+
+
+class RouterPods(_Placement):
     """The router pods: a CPU worker group holding the routers (pinned by the `rayroute_router` Ray resource),
     the key-limits replica and an HTTP proxy beside them; the Service sends clients here and never to the head."""
 
@@ -86,11 +91,6 @@ class RouterPods(_Values):
     resources: _Object = Field(default_factory=lambda: {
         "requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}},
         description="Each router replica takes one CPU: `serve.routers.replicas` must fit on these pods.")
-    nodeSelector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[_Object] = Field(default_factory=list)
-    affinity: _Object = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class GcsFaultTolerance(_Values):

@@ -79,6 +79,7 @@ def test_losing_the_head_leaves_the_endpoint_serving() -> None:
     to two replicas goes through."""
     report = run_scenario("tests.head_failure")
     results = report["results"]
+    print({k: v for k, v in report.items() if k != "results"}, f"{len(results)} requests")
     assert report["hung_threads"] == 0
     assert report["head_processes_killed"] >= 3  # at least the GCS, the raylet and Serve's controller
     assert report["while_head_gone"] >= 6, "no traffic while the head was gone"
