@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deployments.config import engine_deployment_name
 from tests.harness import API_KEY, DEFAULT_MODEL, EMBEDDING_MODEL, METRICS_ALIAS, ROOT, Cluster, free_port
 
 pytestmark = pytest.mark.e2e
@@ -198,7 +199,9 @@ def test_request_and_engine_metrics_are_exported(cluster: Cluster, prometheus: P
             'ray_rayroute_requests_total{status_code="404",model=""}',  # a made-up name never becomes a label
             'ray_vllm_num_requests_running{model_name="smollm2-135m-instruct"}',
             'ray_vllm_kv_cache_usage_perc',
-            'ray_serve_deployment_replica_healthy{application="rayroute"}',
+            # Each model is a Serve application of its own (router/app.py), named as its engine deployment.
+            f'ray_serve_deployment_replica_healthy{{application="{engine_deployment_name(DEFAULT_MODEL)}"}}',
+            'ray_serve_deployment_replica_healthy{application="rayroute",deployment="OpenAIRouter"}',
         ]:
             deadline = time.monotonic() + 60
             while not prometheus.query(expr) and time.monotonic() < deadline:
