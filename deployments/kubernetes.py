@@ -103,8 +103,9 @@ class GcsFaultTolerance(_Values):
                               "loss restarts the whole cluster).")
     existingSecret: str = Field("", description="A Secret holding the Redis password (empty: no password).")
     secretKey: str = Field("password", description="The Secret's key that holds the password.")
-    externalStorageNamespace: str = Field("", description="Keys prefix in Redis, for several clusters on one Redis; "
-                                          "default: KubeRay's (the RayCluster's uid).")
+    externalStorageNamespace: str = Field("", description="Leave empty: KubeRay then uses each RayCluster's uid, "
+                                          "so the new cluster of an upgrade (`upgradeStrategy: NewCluster`) never "
+                                          "reads the old one's state. A fixed value shares one state between them.")
 
 
 class WorkerSettings(_Values):
