@@ -688,8 +688,9 @@ def test_bad_values_fail_with_a_clear_message(case: str, tmp_path: Path) -> None
 @pytest.mark.e2e
 def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> None:
     """What KubeRay would deploy, deployed: the chart's serveConfigV2 (CPU model, chart-made keys Secret) through
-    the launcher `make serve` uses, with the keys file mounted as the head pod's env var says. Only Kubernetes
-    itself is missing: the routers' pin to the head's Ray resource, the proxy and the keys all run for real."""
+    the launcher `make serve` uses, with the keys file mounted as the router pods' env var says. Only Kubernetes
+    itself is missing: the routers' pin to the router pods' Ray resource, the proxy and the keys all run for
+    real."""
     import httpx
 
     from tests.harness import launched
@@ -705,9 +706,9 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
     config = tmp_path / "serveConfigV2.yaml"
     config.write_text(only(docs, "RayService")["spec"]["serveConfigV2"])
 
-    # The head pod: the Secret's file where the volume puts it, the env var naming it.
-    head = pod_templates(docs)["head"]["spec"]
-    volume = next(v for v in head["volumes"] if v["name"] == "api-keys")["secret"]
+    # A router pod: the Secret's file where the volume puts it, the env var naming it.
+    routers = pod_templates(docs)[ROUTER_GROUP]["spec"]
+    volume = next(v for v in routers["volumes"] if v["name"] == "api-keys")["secret"]
     (item,) = volume["items"]
     secret = next(d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == volume["secretName"])
     keys_file = tmp_path / item["path"]
