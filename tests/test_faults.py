@@ -261,7 +261,7 @@ def test_replicas_follow_engine_load_up_to_the_maximum_and_back(cluster: Cluster
         thread.start()
     try:
         # 8 requests against a target of 2 per replica: the policy wants 4, and max_replicas caps it at 2.
-        wait_for(lambda: cluster.replicas(ELASTIC_MODEL).get("RUNNING") == 2, 300, "a second replica under load")
+        wait_for(lambda: _serving_replicas(cluster, ELASTIC_MODEL) == 2, 300, "a second replica under load")
     finally:
         stop.set()
         for thread in threads:
@@ -269,6 +269,20 @@ def test_replicas_follow_engine_load_up_to_the_maximum_and_back(cluster: Cluster
     assert not failures, failures[:3]
     # Idle again: back to min_replicas after the downscale delay.
     wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 180, "back to one replica when idle")
+
+
+def _serving_replicas(cluster: Cluster, model_id: str, calls: int = 12) -> int:
+    """How many of the model's replicas answer a dozen calls through one Serve handle. Asked of the replicas, not
+    of Serve's controller: with every model an application of its own, a status call took up to a minute while a
+    replica started under load on two cores (measured), long enough to miss a scale-up altogether."""
+    from ray import serve
+
+    from deployments.config import engine_deployment_name
+
+    cluster.connect()
+    name = engine_deployment_name(model_id)
+    handle = serve.get_deployment_handle(name, app_name=name)
+    return len({handle.engine_info.remote().result(timeout_s=60)["pid"] for _ in range(calls)})
 
 
 # --- faults ------------------------------------------------------------------------------------------------------
