@@ -102,16 +102,19 @@ class Cluster:
             ray.init(address=address, namespace="serve", log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
 
-    def engine_info(self, model_id: str) -> dict:
-        """Ask an engine replica directly, through Ray, what it is running."""
+    def engine_handle(self, model_id: str):
+        """A Serve handle to the model's engine deployment, as this cluster's driver."""
         from ray import serve
 
         from deployments.config import engine_deployment_name
 
         self.connect()
         name = engine_deployment_name(model_id)  # each model's application is named as its deployment
-        handle = serve.get_deployment_handle(name, app_name=name)
-        return handle.engine_info.remote().result(timeout_s=30)
+        return serve.get_deployment_handle(name, app_name=name)
+
+    def engine_info(self, model_id: str) -> dict:
+        """Ask an engine replica directly, through Ray, what it is running."""
+        return self.engine_handle(model_id).engine_info.remote().result(timeout_s=30)
 
     def replica_infos(self, model_id: str, count: int) -> dict[int, dict]:
         """:meth:`engine_info` of each of the model's ``count`` replicas, by process id: Serve picks the replica

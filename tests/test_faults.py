@@ -275,13 +275,7 @@ def _serving_replicas(cluster: Cluster, model_id: str, calls: int = 12) -> int:
     """How many of the model's replicas answer a dozen calls through one Serve handle. Asked of the replicas, not
     of Serve's controller: with every model an application of its own, a status call took up to a minute while a
     replica started under load on two cores (measured), long enough to miss a scale-up altogether."""
-    from ray import serve
-
-    from deployments.config import engine_deployment_name
-
-    cluster.connect()
-    name = engine_deployment_name(model_id)
-    handle = serve.get_deployment_handle(name, app_name=name)
+    handle = cluster.engine_handle(model_id)
     return len({handle.engine_info.remote().result(timeout_s=60)["pid"] for _ in range(calls)})
 
 
