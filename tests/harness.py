@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,8 +251,7 @@ def stop_serve_in_process(reap: bool = True) -> None:
     if not reap:
         return
     # After a failed start nothing will stop on its own.
-    _, alive = psutil.wait_procs(started, timeout=20 if running else 0)
-    for process in alive:
+    for process in still_running(started, timeout=20 if running else 0):
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
 
@@ -532,11 +531,33 @@ def stop_and_check(process: subprocess.Popen, log: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise HarnessError(f"the launcher did not stop within 120s of Ctrl-C:\n{tail(log)}") from None
-    _, alive = psutil.wait_procs(set(started) | set(session), timeout=60)
+    alive = still_running(set(started) | set(session), timeout=60)
     if alive:
         names = [f"{p.pid}:{_name(p)}" for p in alive]
         os.killpg(process.pid, signal.SIGKILL)
         raise HarnessError(f"processes left running after Ctrl-C: {names}")
+
+
+def still_running(processes: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """The processes not gone within ``timeout`` seconds (a zombie counts as gone).
+
+    Polls rather than use ``psutil.wait_procs``: its ``pidfd_open`` wait raised ``FileNotFoundError`` in CI for a
+    process caught while exiting. The kernel answers ENOENT for a pid that is no thread-group leader's; psutil 7.2
+    expects only ESRCH there.
+    """
+    deadline = time.monotonic() + timeout
+    alive = [p for p in processes if _running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _session_of(proc: psutil.Process) -> int | None:
