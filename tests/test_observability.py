@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 DASHBOARD = ROOT / "helm" / "dashboards" / "rayroute.json"
 ASK = [{"role": "user", "content": "Tell me about the city of Lyon."}]
+SCRAPE_INTERVAL = "2s"
 
 
 class Prometheus:
@@ -41,8 +42,9 @@ class Prometheus:
         """Whether ``expr`` gave any series at any second since ``since``: what a Grafana panel over that range
         shows. A gauge that Ray exports only while it is being set is gone from an instant query a second later
         (Prometheus marks a series stale once a scrape lacks it), but stays in the range."""
+        # At the scrape interval: every step sees each scrape's samples, and a finer one only costs time.
         response = httpx.get(self.url + "/api/v1/query_range", timeout=30,
-                             params={"query": expr, "start": since, "end": time.time(), "step": "1s"})
+                             params={"query": expr, "start": since, "end": time.time(), "step": SCRAPE_INTERVAL})
         assert response.status_code == 200, (expr, response.text)
         return bool(response.json()["data"]["result"])
 
@@ -82,7 +84,8 @@ def prometheus(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> It
     config.write_text(json.dumps({  # JSON is YAML
         # A scrape times out after its interval at the most; on two busy cores Ray's metrics page (every replica's
         # vLLM histograms) can take over a second to render, and a 1 s interval then never scrapes at all.
-        "global": {"scrape_interval": "2s", "scrape_timeout": "2s", "evaluation_interval": "2s"},
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "scrape_timeout": SCRAPE_INTERVAL,
+                   "evaluation_interval": SCRAPE_INTERVAL},
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{cluster.metrics_port}"]}]}],
     }))
     port = free_port()
@@ -286,9 +289,12 @@ def test_every_dashboard_query_parses_and_returns_data(cluster: Cluster, prometh
         for title, expr in queries:
             promql = grafana_to_promql(expr)
             promql_parser.parse(promql)  # raises on a syntax error
-            while not prometheus.had_data(promql, prometheus.started) and time.monotonic() < deadline:
+            # Each range query takes seconds on two busy cores (it took 222 s asked twice each at a 1 s step).
+            had = prometheus.had_data(promql, prometheus.started)
+            while not had and time.monotonic() < deadline:
                 time.sleep(1)
-            if not prometheus.had_data(promql, prometheus.started):
+                had = prometheus.had_data(promql, prometheus.started)
+            if not had:
                 missing[title] = promql
     finally:
         done.set()
