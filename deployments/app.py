@@ -6,10 +6,15 @@ application the application's code version, a hash of its ``import_path``, ``run
 version replaces each replica: with every model in one application's ``args``, changing one model's
 ``max_num_seqs`` restarted every engine and router (measured; see the README's failure table).
 
+The options Serve can change on running replicas (scaling, request limits: ``IN_PLACE_FIELDS`` in
+``deployments/config.py``) stay out of ``args``, in the application's ``deployments:`` overrides, which are not part
+of the code version: a new ``max_replicas`` is applied to the running engines instead of replacing them (a GPU
+engine takes minutes to load).
 ``router/app.py`` expands a config file into these applications plus the router's; an application entry here is
 
     {"name": "engine-smollm2-135m-instruct", "route_prefix": null,
-     "import_path": "deployments.app:build_engine_app", "args": {"model": {...one entry of models...}}}
+     "import_path": "deployments.app:build_engine_app", "args": {"model": {...one entry, less IN_PLACE_FIELDS...}},
+     "deployments": [{"name": "engine-smollm2-135m-instruct", "autoscaling_config": {...}, ...}]}
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from deployments.autoscaling import serve_autoscaling_config
-from deployments.config import ModelConfig, check_engine_args
+from deployments.config import IN_PLACE_FIELDS, ModelConfig, check_engine_args
 from deployments.constants import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S, PLACEMENT_STRATEGY
 from deployments.engine import VLLMEngine
 
@@ -33,7 +37,9 @@ SERVE_LOGGING = LoggingConfig(enable_access_log=False)
 
 
 def build_engine_app(args: dict[str, Any]) -> Application:
-    """The application of ``args["model"]``, one entry of a config's ``models``."""
+    """The application of ``args["model"]``, one entry of a config's ``models``. Expanded by
+    :func:`engine_application`, the entry lacks ``IN_PLACE_FIELDS``: the deployment is built with their defaults,
+    and Serve puts the application's ``deployments:`` overrides over them."""
     model = ModelConfig.model_validate(args["model"])
     check_engine_args(model)  # here, so a misspelt engine argument fails before any replica starts
     return engine_deployment(model).bind(model)
@@ -42,7 +48,8 @@ def build_engine_app(args: dict[str, Any]) -> Application:
 def engine_application(model: ModelConfig) -> dict[str, Any]:
     """The model's entry in a Serve config's ``applications``: no HTTP route, only the router calls it."""
     return {"name": model.app_name, "route_prefix": None, "import_path": IMPORT_PATH,
-            "args": {"model": model.model_dump(mode="json")}}
+            "args": {"model": model.model_dump(mode="json", exclude=set(IN_PLACE_FIELDS))},
+            "deployments": [{"name": model.deployment_name, **model.in_place_options()}]}
 
 
 def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> serve.Deployment:
@@ -50,11 +57,8 @@ def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> se
     replaces only vLLM)."""
     return serve.deployment(engine_class).options(
         name=model.deployment_name,
-        max_ongoing_requests=model.max_ongoing_requests,
-        # Enforced by each router replica's handle: requests beyond it get a 429 instead of an unbounded queue.
-        max_queued_requests=model.max_queued_requests,
+        **model.in_place_options(),
         logging_config=SERVE_LOGGING,
-        autoscaling_config=serve_autoscaling_config(model.autoscaling),
         ray_actor_options={
             **model.resources.replica_actor_resources(),
             "runtime_env": {"env_vars": {**model.resources.engine_env(), **model.env}},

@@ -91,3 +91,13 @@ def serve_autoscaling_config(autoscaling: Any) -> dict[str, Any]:
                               "target_kv_cache_usage": autoscaling.target_kv_cache_usage},
         }
     return config
+
+
+def config_autoscaling(serve_config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`serve_autoscaling_config`'s inverse: Ray Serve's ``autoscaling_config`` as a model's ``autoscaling``."""
+    section = {key: serve_config[key] for key in ("min_replicas", "max_replicas", "target_ongoing_requests",
+                                                  "upscale_delay_s", "downscale_delay_s", "look_back_period_s")}
+    policy = serve_config.get("policy")
+    if policy:
+        section.update(policy="engine_load", target_kv_cache_usage=policy["policy_kwargs"]["target_kv_cache_usage"])
+    return section

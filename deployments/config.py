@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deployments.autoscaling import config_autoscaling, serve_autoscaling_config
 from deployments.replies import field_path
 
 # Model ids are what clients type, so allow the usual hub spellings ("Qwen/Qwen2.5-7B-Instruct", "gemma3:27b")
@@ -81,6 +82,13 @@ class Resources(_Strict):
         if first:
             options["resources"] = first
         return options
+
+    def in_place_options(self) -> dict[str, Any]:
+        """The :data:`IN_PLACE_FIELDS` as Serve deployment options."""
+        return {"max_ongoing_requests": self.max_ongoing_requests,
+                # Enforced by each router replica's handle: requests beyond it get a 429, not an unbounded queue.
+                "max_queued_requests": self.max_queued_requests,
+                "autoscaling_config": serve_autoscaling_config(self.autoscaling)}
 
     def engine_overrides(self) -> dict[str, Any]:
         """Engine arguments that follow from the placement."""
@@ -192,6 +200,12 @@ class RoutedModel(_Strict):
         return self.model_copy(update={"id": name, "aliases": [], "adapters": {}, "fallbacks": []})
 
 
+# A model's fields that become Serve deployment options Serve changes without restarting a replica (its
+# DeploymentConfig marks them LightWeight or NeedsActorReconfigure). The model's application carries them in its
+# `deployments:` overrides, outside `args` and so outside its code version (deployments/app.py).
+IN_PLACE_FIELDS = frozenset({"autoscaling", "max_ongoing_requests", "max_queued_requests"})
+
+
 class ModelConfig(RoutedModel):
     """A served model: its routed fields (:class:`RoutedModel`) and what its engine deployment is built from."""
 
@@ -235,6 +249,13 @@ class ModelConfig(RoutedModel):
     def adapter_source(self, name: str) -> str:
         """Where vLLM loads the adapter from: its folder, or its hub id."""
         return resolve_source(self.adapters[name])
+
+    def in_place_options(self) -> dict[str, Any]:
+        """The :data:`IN_PLACE_FIELDS` as Serve deployment options."""
+        return {"max_ongoing_requests": self.max_ongoing_requests,
+                # Enforced by each router replica's handle: requests beyond it get a 429, not an unbounded queue.
+                "max_queued_requests": self.max_queued_requests,
+                "autoscaling_config": serve_autoscaling_config(self.autoscaling)}
 
     def engine_overrides(self) -> dict[str, Any]:
         """Engine arguments that follow from this entry: the placement's, and LoRA's when adapters are listed."""
@@ -352,18 +373,29 @@ def load_serve_config(path: str | Path) -> tuple[dict[str, Any], ServeArgs]:
 
     That is its rayroute application's ``args``; in a file already expanded into one application per model
     (``python -m router.app``, the chart's serveConfigV2), the router application's args with the models of the
-    engine applications (whose args are ``{"model": ...}``).
+    engine applications (whose args are ``{"model": ...}``, see :func:`expanded_model_entry`).
     """
     path = Path(path)
     document = yaml.safe_load(path.read_text()) or {}
     apps = document.get("applications") if isinstance(document, dict) else None
-    args = [app.get("args") or {} for app in apps if isinstance(app, dict)] if isinstance(apps, list) else []
-    routers = [a for a in args if "models" in a]
+    apps = [app for app in apps if isinstance(app, dict) and app.get("args")] if isinstance(apps, list) else []
+    routers = [app["args"] for app in apps if "models" in app["args"]]
     if len(routers) != 1:
         raise ConfigError(f"{path}: expected one application in `applications` whose `args` hold `models`")
-    engines = [a["model"] for a in args if "model" in a]
+    engines = [expanded_model_entry(app) for app in apps if "model" in app["args"]]
     raw = {**routers[0], "models": engines} if engines else routers[0]
     return document, parse_args(raw, origin=f"{path} applications[].args")
+
+
+def expanded_model_entry(app: dict[str, Any]) -> dict[str, Any]:
+    """The model entry an engine application was expanded from: its args' entry, with the :data:`IN_PLACE_FIELDS`
+    read back from the application's ``deployments:`` overrides (``deployments.app.engine_application``)."""
+    entry = dict(app["args"]["model"])
+    for options in app.get("deployments") or []:
+        if "autoscaling_config" in options:
+            entry["autoscaling"] = config_autoscaling(options["autoscaling_config"])
+        entry.update({k: options[k] for k in ("max_ongoing_requests", "max_queued_requests") if k in options})
+    return entry
 
 
 def check_engine_args(model: ModelConfig) -> None:

@@ -8,8 +8,9 @@ the part of the config its deployments read:
 - the router application (the entry's name and route), ``router.app:build_router_app``: the router deployment and
   the key-limits replica, with the routers' settings and each model's routed fields (:meth:`ServeArgs.router_args`).
 
-So changing one model's engine arguments or scaling gives only that model's application a new code version, and
-Serve replaces only its replicas; the routers and every other engine keep running. ``make serve``
+So changing one model's engine arguments gives only that model's application a new code version, and Serve
+replaces only its replicas; the routers and every other engine keep running. A change to its scaling or request
+limits (``IN_PLACE_FIELDS``) is applied to its running replicas, replacing none. ``make serve``
 (``router/launch.py``), the tests and the chart (``helm/templates/_helpers.tpl``, compared by ``tests/test_chart.py``)
 deploy this expansion; ``python -m router.app configs/local.yaml`` prints it as a Serve config file for
 ``serve deploy``. The entry's own ``import_path``, :func:`build_app`, builds everything as one application, which
@@ -43,8 +44,13 @@ def serve_applications(app: dict[str, Any]) -> list[dict[str, Any]]:
     the entry (``runtime_env``) goes to each of them."""
     if app.get("import_path") != IMPORT_PATH:
         raise ConfigError(f"application {app.get('name')!r}: import_path must be {IMPORT_PATH}")
+    if app.get("deployments"):
+        # Each application's `deployments:` overrides are generated from the model entries (engine_application).
+        raise ConfigError(f"application {app.get('name')!r}: set replica options (autoscaling, "
+                          "max_ongoing_requests, ...) in the model entries of `args`, not in `deployments`")
     config = parse_args(app.get("args"), origin=f"application {app.get('name')!r} args")
-    shared = {k: copy.deepcopy(v) for k, v in app.items() if k not in ("name", "route_prefix", "import_path", "args")}
+    shared = {k: copy.deepcopy(v) for k, v in app.items()
+              if k not in ("name", "route_prefix", "import_path", "args", "deployments")}
     engines = [{**engine_application(model), **copy.deepcopy(shared)} for model in config.models]
     router = {"name": app.get("name", "rayroute"), "route_prefix": app.get("route_prefix", "/"),
               "import_path": ROUTER_IMPORT_PATH, "args": config.router_args(), **shared}

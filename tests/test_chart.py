@@ -29,7 +29,15 @@ import pytest
 import yaml
 
 from deployments.autoscaling import serve_autoscaling_config
-from deployments.config import ModelConfig, RoutedModel, RouterArgs, ServeArgs, parse_args
+from deployments.config import (
+    IN_PLACE_FIELDS,
+    ModelConfig,
+    RoutedModel,
+    RouterArgs,
+    ServeArgs,
+    expanded_model_entry,
+    parse_args,
+)
 from deployments.kubernetes import (
     ROUTER_GROUP,
     ROUTER_RESOURCE,
@@ -136,7 +144,7 @@ def serve_config(docs) -> dict[str, Any]:
 def serve_args(docs) -> ServeArgs:
     """The config the serveConfigV2 was expanded from: the engine applications' models and the router's settings."""
     *engines, router = serve_config(docs)["applications"]
-    return parse_args({**router["args"], "models": [app["args"]["model"] for app in engines]})
+    return parse_args({**router["args"], "models": [expanded_model_entry(app) for app in engines]})
 
 
 def cluster_spec(docs) -> dict[str, Any]:
@@ -305,7 +313,8 @@ def test_serve_config_is_what_values_say_and_deploys(scenario: Path) -> None:
     # application gets its routed fields; only the routers' pin is added.
     expected = copy.deepcopy(merged_values(scenario)["serve"])
     expected.setdefault("routers", {})["ray_resources"] = {ROUTER_RESOURCE: 1}
-    assert [app["args"] for app in engines] == [{"model": model} for model in expected["models"]]
+    assert [app["args"] for app in engines] == [  # less what Serve changes in place, in the deployment's overrides
+        {"model": {k: v for k, v in model.items() if k not in IN_PLACE_FIELDS}} for model in expected["models"]]
     routed = set(RoutedModel.model_fields)
     assert router["args"] == {**expected, "models": [{k: v for k, v in model.items() if k in routed}
                                                      for model in expected["models"]]}

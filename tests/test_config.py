@@ -279,18 +279,42 @@ def _code_versions(document: dict) -> dict[str, str]:
             for app in serve_deploy_config(document)["applications"]}
 
 
-@pytest.mark.parametrize("change", ["engine_args", "autoscaling", "resources", "source"])
+@pytest.mark.parametrize("change", ["engine_args", "resources", "source", "autoscaling policy"])
 def test_changing_one_models_entry_gives_only_its_application_a_new_code_version(change: str) -> None:
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     before = _code_versions(document)
     model = document["applications"][0]["args"]["models"][0]
-    model[change] = {"engine_args": {**model["engine_args"], "max_num_seqs": 8},
-                     "autoscaling": {"min_replicas": 1, "max_replicas": 3},
-                     "resources": {**model["resources"], "cpus": 1},
-                     "source": "/elsewhere/smollm2"}[change]
+    field, value = {"engine_args": ("engine_args", {**model["engine_args"], "max_num_seqs": 8}),
+                    "resources": ("resources", {**model["resources"], "cpus": 1}),
+                    "source": ("source", "/elsewhere/smollm2"),
+                    # Serve hashes a deployment's autoscaling policy (its function and kwargs) into the version.
+                    "autoscaling policy": ("autoscaling", {**model.get("autoscaling", {}), "policy": "engine_load"}),
+                    }[change]
+    model[field] = value
     after = _code_versions(document)
     assert set(before) == set(after) == {"engine-smollm2-135m-instruct", "engine-all-minilm-l6-v2", "rayroute"}
     assert [name for name in before if before[name] != after[name]] == ["engine-smollm2-135m-instruct"]
+
+
+@pytest.mark.parametrize("change", [{"autoscaling": {"min_replicas": 0, "max_replicas": 3, "downscale_delay_s": 60}},
+                                    {"max_ongoing_requests": 8, "max_queued_requests": 16}])
+def test_scaling_and_request_limits_change_no_code_version_only_that_models_overrides(change: dict) -> None:
+    """Serve applies these to the running replicas (deployments/app.py): no replica is replaced."""
+    from router.app import serve_deploy_config
+
+    document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    before, apps_before = _code_versions(document), serve_deploy_config(document)["applications"]
+    document["applications"][0]["args"]["models"][0].update(change)
+    after, apps_after = _code_versions(document), serve_deploy_config(document)["applications"]
+    assert before == after
+    changed = [a["name"] for a, b in zip(apps_before, apps_after, strict=True) if a != b]
+    assert changed == ["engine-smollm2-135m-instruct"]
+    overrides = apps_after[0]["deployments"]
+    assert [o["name"] for o in overrides] == ["engine-smollm2-135m-instruct"]
+    if "autoscaling" in change:
+        assert {k: overrides[0]["autoscaling_config"][k] for k in change["autoscaling"]} == change["autoscaling"]
+    else:
+        assert {k: overrides[0][k] for k in change} == change
 
 
 def test_a_routed_field_changes_the_router_application_and_that_model_only() -> None:
@@ -324,3 +348,29 @@ def test_the_expansion_holds_each_part_once_and_reads_back_as_the_same_config(tm
     with contextlib.redirect_stdout(out):
         assert main([str(ROOT / "configs" / "local.yaml")]) == 0
     assert yaml.safe_load(out.getvalue()) == expanded
+
+
+def test_an_expanded_model_reads_back_with_its_scaling_policy_and_limits(tmp_path: Path) -> None:
+    from router.app import serve_deploy_config
+
+    args = with_model(max_ongoing_requests=7, max_queued_requests=0,
+                      autoscaling={"policy": "engine_load", "min_replicas": 0, "max_replicas": 5,
+                                   "target_kv_cache_usage": 0.5, "look_back_period_s": 12})
+    document = {"applications": [{"name": "rayroute", "import_path": "router.app:build_app", "args": args}]}
+    engine, router = serve_deploy_config(document)["applications"]
+    assert "autoscaling" not in engine["args"]["model"] and "max_ongoing_requests" not in engine["args"]["model"]
+    assert engine["deployments"][0]["autoscaling_config"]["policy"] == {
+        "policy_function": "deployments.autoscaling:EngineLoadPolicy",
+        "policy_kwargs": {"target_ongoing_requests": 16, "target_kv_cache_usage": 0.5}}
+    path = tmp_path / "expanded.yaml"
+    path.write_text(yaml.safe_dump({"applications": [engine, router]}))
+    assert load_serve_config(path)[1] == parse_args(args)
+
+
+def test_replica_options_belong_in_the_model_entries() -> None:
+    from router.app import serve_applications
+
+    app = {"name": "rayroute", "import_path": "router.app:build_app", "args": GOOD,
+           "deployments": [{"name": "engine-m1", "num_replicas": 2}]}
+    with pytest.raises(ConfigError, match="in the model entries"):
+        serve_applications(app)

@@ -318,7 +318,8 @@ def test_changing_one_model_replaces_only_its_replicas(cluster: Cluster) -> None
     """Issue 14 part 3, through Serve's declarative deploy (what ``serve deploy`` and KubeRay call): the elastic
     model's engine arguments change under steady load on it and on the default model. Only the elastic model's
     replica is replaced; every other replica (routers, key limits, the other engines) keeps its actor; no request
-    to either model fails; a stream running through the old replica finishes whole before it stops."""
+    to either model fails; a stream running through the old replica finishes whole before it stops. Then its
+    scaling and queue limit change, and no replica at all is replaced."""
     from router.launch import deploy
 
     wait_for(lambda: cluster.replicas(ELASTIC_MODEL) == {"RUNNING": 1}, 180, "a single elastic replica")
@@ -368,6 +369,27 @@ def test_changing_one_model_replaces_only_its_replicas(cluster: Cluster) -> None
     counts = Counter(results)
     assert all(status == 200 for _, status in results), counts
     assert counts[(DEFAULT_MODEL, 200)] >= 3 and counts[(ELASTIC_MODEL, 200)] >= 3, counts
+
+    # Its scaling and request limits change next: Serve applies them to the running replica, replacing none.
+    from ray.serve.context import _get_global_client
+
+    for model in document["applications"][0]["args"]["models"]:
+        if model["id"] == ELASTIC_MODEL:
+            model["autoscaling"]["max_replicas"] = 3
+            model["max_queued_requests"] = 100
+    deploy(document, wait=False)
+
+    def applied() -> bool:
+        details = _get_global_client().get_serve_details()["applications"][elastic]["deployments"][elastic]
+        config = details["deployment_config"]
+        return config["autoscaling_config"]["max_replicas"] == 3 and config["max_queued_requests"] == 100
+
+    wait_for(applied, 120, "the elastic model's new scaling applied")
+    assert post_chat(cluster, model=ELASTIC_MODEL, max_tokens=2).status_code == 200
+    unchanged = _replica_actors(cluster)
+    assert {d: ids for d, ids in unchanged.items() if d != elastic} == \
+        {d: ids for d, ids in after.items() if d != elastic}
+    assert unchanged[elastic] and unchanged[elastic] <= after[elastic]  # (a second replica may have scaled down)
 
 
 def _replica_actors(cluster: Cluster) -> dict[str, set[str]]:

@@ -136,9 +136,10 @@ would stay pending forever. The defaults below are the config schema's.
 {{/*
 serveConfigV2: .Values.serve (a config file's args) as router/app.py's serve_applications expands it, with the
 routers pinned to the router pods (see rayservice.yaml's routers group): one application per model, whose args are
-that model's entry, and the router application, whose args are each model's routed fields (RoutedModel in
-deployments/config.py) and the rest of .Values.serve. So a change to one model's entry replaces only that model's
-replicas. tests/test_chart.py compares this with serve_applications.
+that model's entry less what Serve changes in place (in the application's `deployments:` overrides), and the
+router application, whose args are each model's routed fields (RoutedModel in deployments/config.py) and the rest
+of .Values.serve. So a change to one model's entry replaces only that model's replicas, and one to its scaling none.
+tests/test_chart.py compares this with serve_applications.
 */}}
 {{- define "rayroute.serveConfig" -}}
 {{- $args := deepCopy .Values.serve -}}
@@ -149,11 +150,24 @@ replicas. tests/test_chart.py compares this with serve_applications.
 {{- with .Values.python.packages -}}
 {{- $_ = set $shared "runtime_env" (dict "pip" .) -}}
 {{- end -}}
+{{- /* The defaults of the fields Serve changes in place (Autoscaling and ModelConfig in deployments/config.py;
+Helm cannot read values.schema.json, and tests/test_chart.py fails when these differ from them). */ -}}
+{{- $scalingDefaults := dict "min_replicas" 1 "max_replicas" 1 "policy" "requests" "target_ongoing_requests" 16 "target_kv_cache_usage" 0.8 "upscale_delay_s" 30 "downscale_delay_s" 300 "look_back_period_s" 30 -}}
+{{- $limitDefaults := dict "max_ongoing_requests" 64 "max_queued_requests" 256 -}}
 {{- $apps := list -}}
 {{- $routed := list -}}
 {{- range $args.models -}}
+{{- $model := . -}}
 {{- $name := printf "engine-%s" (regexReplaceAll "[^A-Za-z0-9._-]" .id "_") -}}
-{{- $apps = append $apps (merge (dict "name" $name "route_prefix" nil "import_path" "deployments.app:build_engine_app" "args" (dict "model" .)) (deepCopy $shared)) -}}
+{{- /* IN_PLACE_FIELDS (deployments/config.py) go in the deployment's overrides, as ModelConfig.in_place_options. */ -}}
+{{- $scaling := deepCopy $scalingDefaults -}}
+{{- range $key, $value := default dict .autoscaling }}{{ $_ := set $scaling $key $value }}{{ end -}}
+{{- $options := dict "name" $name "autoscaling_config" (pick $scaling "min_replicas" "max_replicas" "target_ongoing_requests" "upscale_delay_s" "downscale_delay_s" "look_back_period_s") -}}
+{{- if eq $scaling.policy "engine_load" -}}
+{{- $_ := set $options.autoscaling_config "policy" (dict "policy_function" "deployments.autoscaling:EngineLoadPolicy" "policy_kwargs" (pick $scaling "target_ongoing_requests" "target_kv_cache_usage")) -}}
+{{- end -}}
+{{- range $key := list "max_ongoing_requests" "max_queued_requests" }}{{ $_ := set $options $key (ternary (index $model $key) (index $limitDefaults $key) (hasKey $model $key)) }}{{ end -}}
+{{- $apps = append $apps (merge (dict "name" $name "route_prefix" nil "import_path" "deployments.app:build_engine_app" "args" (dict "model" (omit . "autoscaling" "max_ongoing_requests" "max_queued_requests")) "deployments" (list $options)) (deepCopy $shared)) -}}
 {{- $routed = append $routed (pick . "id" "aliases" "timeouts" "drain_timeout_s" "multimodal" "fallbacks" "adapters") -}}
 {{- end -}}
 {{- $routerArgs := omit $args "models" -}}
