@@ -83,13 +83,6 @@ class Resources(_Strict):
             options["resources"] = first
         return options
 
-    def in_place_options(self) -> dict[str, Any]:
-        """The :data:`IN_PLACE_FIELDS` as Serve deployment options."""
-        return {"max_ongoing_requests": self.max_ongoing_requests,
-                # Enforced by each router replica's handle: requests beyond it get a 429, not an unbounded queue.
-                "max_queued_requests": self.max_queued_requests,
-                "autoscaling_config": serve_autoscaling_config(self.autoscaling)}
-
     def engine_overrides(self) -> dict[str, Any]:
         """Engine arguments that follow from the placement."""
         overrides: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel_size}
