@@ -73,17 +73,15 @@ class EngineLoadPolicy:
         return desired
 
 
+# The fields of a model's ``autoscaling`` that Ray Serve's ``autoscaling_config`` has under the same names.
+SERVE_FIELDS = ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
+                "look_back_period_s")
+
+
 def serve_autoscaling_config(autoscaling: Any) -> dict[str, Any]:
     """A model's ``autoscaling`` section (:class:`deployments.config.Autoscaling`) as Ray Serve's
     ``autoscaling_config``."""
-    config: dict[str, Any] = {
-        "min_replicas": autoscaling.min_replicas,
-        "max_replicas": autoscaling.max_replicas,
-        "target_ongoing_requests": autoscaling.target_ongoing_requests,
-        "upscale_delay_s": autoscaling.upscale_delay_s,
-        "downscale_delay_s": autoscaling.downscale_delay_s,
-        "look_back_period_s": autoscaling.look_back_period_s,
-    }
+    config: dict[str, Any] = {key: getattr(autoscaling, key) for key in SERVE_FIELDS}
     if autoscaling.policy == "engine_load":
         config["policy"] = {
             "policy_function": f"{__name__}:{EngineLoadPolicy.__name__}",
@@ -95,8 +93,7 @@ def serve_autoscaling_config(autoscaling: Any) -> dict[str, Any]:
 
 def config_autoscaling(serve_config: dict[str, Any]) -> dict[str, Any]:
     """:func:`serve_autoscaling_config`'s inverse: Ray Serve's ``autoscaling_config`` as a model's ``autoscaling``."""
-    section = {key: serve_config[key] for key in ("min_replicas", "max_replicas", "target_ongoing_requests",
-                                                  "upscale_delay_s", "downscale_delay_s", "look_back_period_s")}
+    section = {key: serve_config[key] for key in SERVE_FIELDS}
     policy = serve_config.get("policy")
     if policy:
         section.update(policy="engine_load", target_kv_cache_usage=policy["policy_kwargs"]["target_kv_cache_usage"])

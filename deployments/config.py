@@ -387,7 +387,7 @@ def expanded_model_entry(app: dict[str, Any]) -> dict[str, Any]:
     for options in app.get("deployments") or []:
         if "autoscaling_config" in options:
             entry["autoscaling"] = config_autoscaling(options["autoscaling_config"])
-        entry.update({k: options[k] for k in ("max_ongoing_requests", "max_queued_requests") if k in options})
+        entry.update({k: options[k] for k in IN_PLACE_FIELDS & options.keys()})  # the options of the same name
     return entry
 
 
