@@ -39,7 +39,7 @@ class Prometheus:
         return response.json()["data"]["result"]
 
     def had_data(self, expr: str, since: float) -> bool:
-        """Whether ``expr`` gave any series at any second since ``since``: what a Grafana panel over that range
+        """Whether ``expr`` gave any series at any scrape since ``since``: what a Grafana panel over that range
         shows. A gauge that Ray exports only while it is being set is gone from an instant query a second later
         (Prometheus marks a series stale once a scrape lacks it), but stays in the range."""
         # At the scrape interval: every step sees each scrape's samples, and a finer one only costs time.
