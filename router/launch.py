@@ -26,7 +26,9 @@ import psutil
 
 from deployments.config import ConfigError, ServeArgs, load_serve_config, local_path
 from deployments.stream_channel import CHANNEL_HOST_ENV
+from router import haproxy
 from router.auth import API_KEYS_ENV, API_KEYS_FILE_ENV
+from router.ray_auth import RAY_AUTH_ENV, TOKEN_ENV, ensure_private_token
 
 METRICS_EXPORT_PORT = 8080
 
@@ -55,18 +57,19 @@ SERVE_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
-# HAProxy's stats page and Prometheus page bind every interface in Ray's template; bound here to the serving host,
-# and the HTTP front to it too (a local multi-node cluster gives each node its own loopback address).
-HAPROXY_HOST_ENV = "RAYROUTE_HAPROXY_HOST"
 
 
 def ray_process_env(host: str) -> dict[str, str]:
-    """What a local cluster's Ray processes start with: HAProxy as Serve's HTTP front, its two pages on the serving
-    host (see :func:`bind_haproxy`) and on free ports, so two clusters on one machine do not collide; engine
-    replicas' stream channels on the loopback interface, since routers and engines share the machine."""
-    return {**SERVE_ENV, HAPROXY_HOST_ENV: host, CHANNEL_HOST_ENV: "127.0.0.1",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(host)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(host))}
+    """What a local cluster's Ray processes start with: Ray's token authentication; HAProxy as Serve's HTTP front,
+    bound with its two pages to the serving host (:mod:`router.haproxy`), its pages on free ports, so two clusters
+    on one machine do not collide; engine replicas' stream channels on the loopback interface, since routers and
+    engines share the machine."""
+    # The pages never face the network, even when the API does (HOST=0.0.0.0).
+    pages_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return {**SERVE_ENV, **RAY_AUTH_ENV, haproxy.HOST_ENV: host, haproxy.PAGES_HOST_ENV: pages_host,
+            CHANNEL_HOST_ENV: "127.0.0.1",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(pages_host)),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(pages_host))}
 
 
 # Ray's workers bind ports 10002-19999 (its min/max_worker_port); everything else a cluster starts binds ports the
@@ -100,8 +103,8 @@ def _ephemeral_ports_from() -> int:
         return 32768
 
 
-# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook); see bind_haproxy.
-WORKER_SETUP_HOOK = "router.launch.bind_haproxy"
+# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook): see router/haproxy.py.
+WORKER_SETUP_HOOK = "router.haproxy.install_import_hook"
 
 
 def ray_runtime_env() -> dict[str, Any]:
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind (default: the file's http_options.host, else 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default: the file's http_options.port, else 8000)")
     parser.add_argument("--metrics-port", type=int, default=METRICS_EXPORT_PORT)
+    parser.add_argument("--dashboard-port", type=int, help="also run Ray's dashboard (and its job API) on "
+                        "127.0.0.1 at this port, behind Ray's token; default: no dashboard")
     opts = parser.parse_args(argv)
     try:
         document, config = load_serve_config(opts.config)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     host = opts.host or http.get("host", "127.0.0.1")
     port = opts.port or http.get("port", 8000)
     try:
-        stop, ray_address = start(document, config, host, port, opts.metrics_port)
+        stop, ray_address = start(document, config, host, port, opts.metrics_port, opts.dashboard_port)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  OpenAI API:  http://{shown_host}:{port}/v1\n"
         f"  metrics:     http://{shown_host}:{opts.metrics_port}/metrics\n"
         f"  Ray cluster: {ray_address}  (ray status --address {ray_address})\n"
+        f"  Ray's token: {ensure_private_token() or '$' + TOKEN_ENV}  (the file; never printed)\n"
+        + (f"  Ray dashboard: http://127.0.0.1:{opts.dashboard_port}\n" if opts.dashboard_port else "") +
         f"  try:\n"
         f"    curl http://{shown_host}:{port}/v1/chat/completions -H 'Content-Type: application/json' "
         f"{auth}"
@@ -158,17 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, metrics_port: int):
+def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, metrics_port: int,
+          dashboard_port: int | None = None):
     """Start Ray and Serve and deploy the application; return a function that stops all of it, and Ray's address."""
     # Before Ray starts: its processes (and Serve's, which read these when imported) inherit this environment.
     os.environ.update(ray_process_env(host))
+    ensure_private_token()
     import ray
     from ray import serve
 
     context = ray.init(
         num_cpus=logical_cpus(config),
         resources=router_resources(config),
-        include_dashboard=False,
+        # Ray's dashboard takes job submissions: only on the loopback, only when asked for, always behind the token.
+        include_dashboard=dashboard_port is not None,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port or 8265,
         _metrics_export_port=metrics_port,
         runtime_env=ray_runtime_env(),
     )
@@ -215,25 +227,6 @@ def deploy(document: dict[str, Any], wait: bool = True) -> None:
             client._wait_for_application_running(app["name"])
         except RuntimeError as exc:
             raise ConfigError(str(exc)) from None
-
-
-def bind_haproxy() -> None:
-    """In each Ray worker this cluster starts: HAProxy's stats page and metrics page listen on the serving host
-    rather than on every interface (Ray's template writes ``bind *:port``), so ``make serve`` on 127.0.0.1 opens
-    nothing to the network. The HTTP front binds it too, which for ``make serve`` is its host already, and lets the
-    nodes of a local multi-node cluster (tests/head_failure.py) each serve on their own loopback address. It
-    patches the template Serve's HAProxy manager renders; a test reads the binds."""
-    host = os.environ.get(HAPROXY_HOST_ENV)
-    if not host or host in ("0.0.0.0", "::"):
-        return
-    from ray.serve._private import haproxy
-
-    template = haproxy.HAPROXY_CONFIG_TEMPLATE
-    for page in ("metrics_port", "stats_port"):
-        template = template.replace(f"bind :{{{{ config.{page} }}}}", f"bind {host}:{{{{ config.{page} }}}}")
-        template = template.replace(f"bind *:{{{{ config.{page} }}}}", f"bind {host}:{{{{ config.{page} }}}}")
-    template = template.replace("bind {{ config.frontend_host }}:", f"bind {host}:")
-    haproxy.HAPROXY_CONFIG_TEMPLATE = template
 
 
 def logical_cpus(config: ServeArgs) -> int:

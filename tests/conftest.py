@@ -13,7 +13,17 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from tests.harness import API_KEYS, RAY_AUTH_ENV, Cluster, HarnessError, e2e_config, keys_file, launched
+from router.ray_auth import read_token
+from tests.harness import (
+    API_KEYS,
+    RAY_AUTH_ENV,
+    Cluster,
+    HarnessError,
+    e2e_config,
+    keys_file,
+    launched,
+    secrets_in_logs,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,7 +72,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
            "RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     try:
-        with launched(config, tmp / "serve.log", env) as started:
+        # With Ray's dashboard, so the security tests can show its job API refuses a call without Ray's token.
+        with launched(config, tmp / "serve.log", env, dashboard=True) as started:
+            logs = started.session_dir() / "logs"
             yield started
     except HarnessError as exc:
         pytest.fail(str(exc))
+    # No log line of the whole run, the launcher's or any Ray process's, holds a key, a key's hash or Ray's token.
+    secrets = [entry["key"] for entry in API_KEYS if "key" in entry] + [read_token()]
+    leaked = secrets_in_logs([tmp / "serve.log", *logs.rglob("*")], secrets)
+    assert not leaked, leaked

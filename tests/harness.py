@@ -30,12 +30,9 @@ import psutil
 import yaml
 
 from router.launch import free_port
+from router.ray_auth import RAY_AUTH_ENV  # conftest sets it before any test module imports Ray
 
-__all__ = ["free_port"]  # the one free-port helper, from the launcher
-
-# Ray turns token auth on for a new local cluster, but a client connecting later sends the token only in token
-# mode, which Ray reads once per process: conftest sets this before any test module imports Ray.
-RAY_AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+__all__ = ["free_port", "RAY_AUTH_ENV"]  # the launcher's, shared
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + "0123456789abcdef"
@@ -86,6 +83,7 @@ class Cluster:
     process: subprocess.Popen
     log: Path
     config: Path
+    dashboard_port: int | None = None  # Ray's dashboard (job API), when started with one
 
     def client(self, api_key: str | None = API_KEY):
         import openai
@@ -138,6 +136,30 @@ class Cluster:
         app = serve.status().applications.get(name)
         deployment = app.deployments.get(name) if app else None
         return dict(deployment.replica_states) if deployment else {}
+
+
+    def session_dir(self) -> Path:
+        """Ray's session folder of this cluster (its logs are under ``logs/``)."""
+        import ray
+
+        self.connect()
+        return Path(ray._private.worker.global_worker.node.get_session_dir_path())
+
+
+def secrets_in_logs(files: Iterable[Path], secrets: Iterable[str]) -> list[str]:
+    """``file: secret-name`` for each secret (a key, its sha256, Ray's token) any of ``files`` holds: none may."""
+    import hashlib
+
+    needles = {}
+    for secret in secrets:
+        needles[secret.encode()] = f"{secret[:6]}..."
+        needles[hashlib.sha256(secret.encode()).hexdigest().encode()] = f"sha256 of {secret[:6]}..."
+    found = []
+    for path in files:
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+            found += [f"{path}: {name}" for needle, name in needles.items() if needle in data]
+    return found
 
 
 def keys_file(folder: Path) -> Path:
@@ -481,18 +503,21 @@ def wait_until_ready(url: str, process: subprocess.Popen, log: Path | None = Non
     raise HarnessError(f"{url} was not ready after {timeout:.0f}s" + (f":\n{tail(log)}" if log else ""))
 
 
-def start_launcher(config: Path, log: Path, env: dict[str, str], timeout: float = STARTUP_TIMEOUT_S) -> Cluster:
-    """``make serve``'s launcher on ``config``, on free ports of 127.0.0.1, once the models answer and it has printed
-    its banner (which :meth:`Cluster.connect` reads; /ready can answer a moment before the launcher's deploy call
-    returns)."""
+def start_launcher(config: Path, log: Path, env: dict[str, str], timeout: float = STARTUP_TIMEOUT_S,
+                   dashboard: bool = False) -> Cluster:
+    """``make serve``'s launcher on ``config``, on free ports of 127.0.0.1 (with Ray's dashboard: ``dashboard``),
+    once the models answer and it has printed its banner (which :meth:`Cluster.connect` reads; /ready can answer a
+    moment before the launcher's deploy call returns)."""
     port, metrics_port = free_port(), free_port()
+    dashboard_port = free_port() if dashboard else None
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "router.launch", str(config), "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", str(metrics_port)],
+             "--metrics-port", str(metrics_port),
+             *(["--dashboard-port", str(dashboard_port)] if dashboard_port else [])],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log, config)
+    cluster = Cluster(f"http://127.0.0.1:{port}", metrics_port, process, log, config, dashboard_port)
     try:
         wait_until_ready(cluster.base_url + "/ready", process, log, timeout,
                          also=lambda: "Ray cluster: " in log.read_text(errors="replace"))
@@ -504,9 +529,9 @@ def start_launcher(config: Path, log: Path, env: dict[str, str], timeout: float 
 
 
 @contextlib.contextmanager
-def launched(config: Path, log: Path, env: dict[str, str]) -> Iterator[Cluster]:
+def launched(config: Path, log: Path, env: dict[str, str], dashboard: bool = False) -> Iterator[Cluster]:
     """:func:`start_launcher`; on exit, stopped with Ctrl-C and checked to leave no process behind."""
-    cluster = start_launcher(config, log, env)
+    cluster = start_launcher(config, log, env, dashboard=dashboard)
     try:
         yield cluster
     finally:
