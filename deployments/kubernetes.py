@@ -16,6 +16,7 @@ whose pods have 2. The chart fails to render when no group fits, instead of leav
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from typing import Any, Literal
@@ -32,6 +33,11 @@ ROUTER_GROUP = "routers"
 # How long a router replica takes to start elsewhere when its pod drains (the chart's grace period adds the models'
 # longest drain_timeout_s): no weights to load, so far less than an engine's workerDefaults.replicaStartSeconds.
 ROUTER_START_SECONDS = 120
+
+# Variables `env` may not set. KubeRay leaves a Ray container's RAY_AUTH_* alone when the pod spec already has them,
+# so one in `env` would turn token authentication off; HF_TOKEN belongs to the GPU pods only; HAProxy's admin pages
+# stay on the loopback. The chart's templates refuse them too ("rayroute.checkEnv").
+RESERVED_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "HF_TOKEN", "RAYROUTE_HAPROXY_PAGES_HOST")
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _Object = dict[str, Any]
@@ -61,9 +67,66 @@ class ApiKeys(_Values):
 
 
 class HuggingFace(_Values):
+    """``HF_TOKEN`` reaches the GPU worker pods only, where the engines download weights; never the pods that
+    face clients (routers) or run Ray's control plane (head)."""
+
     existingSecret: str = Field("", description="A Secret holding a Hugging Face token, for gated models.")
     secretKey: str = Field("token")
     token: str = Field("", description="A token for a Secret the chart creates (prefer existingSecret).")
+
+
+class RayAuth(_Values):
+    """Ray's token authentication (KubeRay's `authOptions: {mode: token}`), always on: without it anyone who reaches
+    Ray's ports (GCS, the dashboard's job API, a replica's gRPC server) runs code in the cluster. KubeRay (1.5.1 or
+    later) puts the token in every Ray container's environment."""
+
+    existingSecret: str = Field("", description="A Secret holding the token under the key `auth_token`; empty: "
+                                "KubeRay makes a Secret with a random token for each RayCluster.")
+
+
+# Where a pod may not send its traffic when a policy lets it reach "the internet" on 443: private, loopback,
+# link-local (cloud metadata endpoints: 169.254.169.254, fd00:ec2::254, fd20:ce::254) and carrier-grade NAT ranges,
+# where the cluster's own nodes, Services and neighbours live.
+PRIVATE_IPV4 = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10"]
+PRIVATE_IPV6 = ["fc00::/7", "fe80::/10", "::1/128"]
+PUBLIC_HTTPS = {
+    "to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_IPV4}},
+           {"ipBlock": {"cidr": "::/0", "except": PRIVATE_IPV6}}],
+    "ports": [{"protocol": "TCP", "port": 443}],
+}
+
+
+class NetworkPolicies(_Values):
+    """Kubernetes NetworkPolicies around the release's pods (they need a CNI that enforces them). Ray's ports are
+    open to the release's own pods only, plus KubeRay's operator and Prometheus on the ports they use; the API port
+    on the pods that serve HTTP; GPU pods may send only to DNS, the release's pods and `engineEgress`. Each `*From`
+    is a list of NetworkPolicy peers (`podSelector`, `namespaceSelector`, `ipBlock`)."""
+
+    enabled: bool = True
+    apiFrom: list[_Object] = Field(default_factory=list, description="Who may call the API (port 8000 of the "
+                                   "router and GPU pods); empty: anyone, e.g. a LoadBalancer's clients.")
+    operatorFrom: list[_Object] = Field(default_factory=lambda: [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}],
+        description="KubeRay's operator, which deploys serveConfigV2 and reads status through the head's "
+        "dashboard (8265) and may check Serve's proxy (8000); empty: nobody outside the release.")
+    metricsFrom: list[_Object] = Field(default_factory=lambda: [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        description="Prometheus, on Ray's metrics port (8080); empty: nobody outside the release.")
+    engineEgress: list[_Object] = Field(
+        default_factory=lambda: [copy.deepcopy(PUBLIC_HTTPS)],
+        description="NetworkPolicy egress rules (`to`, `ports`) for where GPU pods fetch weights, adapters, pip "
+        "packages and clients' media URLs, besides DNS and the release's pods. Default: HTTPS to public addresses "
+        "only. Router pods get them too when a CPU model (which may run there) or `python.packages` is configured.")
+
+
+class HAProxy(_Values):
+    """Serve's HTTP front on every pod. Its stats page (admin level) and metrics page listen on the pod's
+    loopback only (the image patches Ray's template: router/haproxy.py)."""
+
+    requestTimeoutSeconds: int = Field(10, ge=1, le=3600, description="HAProxy's `timeout http-request`: how "
+                                       "long a client has to send a request's headers, so connections that "
+                                       "trickle them cannot hold every connection slot.")
 
 
 class _Placement(_Values):
@@ -256,9 +319,13 @@ class ChartValues(_Values):
         "NewCluster", description="What KubeRay does when the cluster spec changes (Serve config changes are "
         "applied in place either way).")
     python: Python = Field(default_factory=Python)
-    env: list[_Object] = Field(default_factory=list, description="Extra environment variables for every Ray pod.")
+    env: list[_Object] = Field(default_factory=list, description="Extra environment variables for every Ray pod; "
+                               f"not {', '.join(RESERVED_ENV)}, which the chart sets.")
     apiKeys: ApiKeys = Field(default_factory=ApiKeys)
     huggingface: HuggingFace = Field(default_factory=HuggingFace)
+    rayAuth: RayAuth = Field(default_factory=RayAuth)
+    networkPolicy: NetworkPolicies = Field(default_factory=NetworkPolicies)
+    haproxy: HAProxy = Field(default_factory=HAProxy)
     head: Head = Field(default_factory=Head)
     routerPods: RouterPods = Field(default_factory=RouterPods)
     gcsFaultTolerance: GcsFaultTolerance = Field(default_factory=GcsFaultTolerance)
@@ -278,6 +345,12 @@ class ChartValues(_Values):
         description="The Ray images run as `ray` (uid 1000, group users 100).")
     securityContext: _Object = Field(default_factory=lambda: {
         "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}})
+
+    @model_validator(mode="after")
+    def _reserved_env(self) -> ChartValues:
+        if taken := sorted({item.get("name") for item in self.env} & set(RESERVED_ENV)):
+            raise ValueError(f"env: {', '.join(taken)} are the chart's to set")
+        return self
 
     @model_validator(mode="after")
     def _unique_groups(self) -> ChartValues:

@@ -10,15 +10,21 @@ helm comes from ``make helm`` (``tests/helm_binary.py``); ``RAYROUTE_HELM`` and 
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
+import dataclasses
 import functools
 import hashlib
+import inspect
+import ipaddress
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,16 +44,20 @@ from deployments.config import (
     expanded_model_entry,
     parse_args,
 )
+from deployments.constants import MIN_API_KEY_LENGTH
 from deployments.kubernetes import (
+    RESERVED_ENV,
     ROUTER_GROUP,
     ROUTER_RESOURCE,
     ROUTER_START_SECONDS,
     ChartValues,
+    HAProxy,
     WorkerGroup,
     WorkerSettings,
     values_json_schema,
 )
 from router.auth import API_KEYS_FILE_ENV, load_api_keys
+from router.haproxy import PAGES_HOST_ENV, REQUEST_TIMEOUT_ENV, REQUEST_TIMEOUT_S
 from router.launch import SERVE_ENV
 from tests.helm_binary import HELM_SHA256, HELM_VERSION
 
@@ -472,11 +482,364 @@ def test_keys_stay_in_secrets_and_on_the_router_pods(scenario: Path, tmp_path: P
             assert API_KEYS_FILE_ENV not in {item["name"] for item in container.get("env", [])}
             assert "api-keys" not in {v["name"] for v in pod["spec"].get("volumes", [])}
 
-    if values["huggingface"]["existingSecret"] or values["huggingface"]["token"]:
-        for pod in pods.values():
-            env = {item["name"]: item for item in pod["spec"]["containers"][0]["env"]}
+    # The Hugging Face token reaches the GPU pods alone, where engines download weights: never the head (Ray's
+    # control plane) nor the router pods, which parse every client's request.
+    hf_token = values["huggingface"]["existingSecret"] or values["huggingface"]["token"]
+    for name, pod in pods.items():
+        env = {item["name"]: item for item in pod["spec"]["containers"][0]["env"]}
+        if name in ("head", ROUTER_GROUP) or not hf_token:
+            assert "HF_TOKEN" not in env, name
+        else:
             reference = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
             assert reference["name"] in secrets or reference["name"] == values["huggingface"]["existingSecret"]
+            assert reference["key"] == values["huggingface"]["secretKey"]
+
+
+# --- security: Ray's token, HAProxy's pages, network policies ------------------------------------------------------
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_ray_token_authentication_is_always_on(scenario: Path) -> None:
+    """KubeRay's authOptions: it sets RAY_AUTH_MODE and RAY_AUTH_TOKEN on every Ray container (and the autoscaler),
+    from the given Secret or one it makes, unless the container already sets them, which none may."""
+    docs = rendered(scenario)
+    values = merged_values(scenario)
+    spec = cluster_spec(docs)
+    expected = {"mode": "token"}
+    if values["rayAuth"]["existingSecret"]:
+        expected["secretName"] = values["rayAuth"]["existingSecret"]
+    assert spec["authOptions"] == expected
+    assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)  # Ray's first with token authentication
+    for name, pod in pod_templates(docs).items():
+        for container in pod["spec"]["containers"]:
+            assert not {item["name"] for item in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, name
+    assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= set(RESERVED_ENV)  # and `env` cannot add them
+
+
+def _dashboard_public_paths() -> set[str]:
+    """The paths Ray's dashboard (the head's 8265) serves without the token: a set literal inside
+    HttpServerDashboardHead.run, read from the installed Ray's source."""
+    from ray.dashboard.http_server_head import HttpServerDashboardHead
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(HttpServerDashboardHead.run)))
+    (paths,) = [ast.literal_eval(node.value) for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and any(getattr(target, "id", None) == "public_exact_paths" for target in node.targets)]
+    return set(paths)
+
+
+def test_probes_ask_only_what_rays_token_leaves_open() -> None:
+    """With token authentication on, a probe of an authenticated path would fail (401) and restart every pod.
+    The probes ask the dashboard agent (52365) and the dashboard (8265) for paths both leave public, and Serve's
+    proxy (8000), which checks no Ray token: so they send none."""
+    import ray
+    from ray.dashboard.http_server_agent import PUBLIC_EXACT_PATHS
+
+    asked = set()
+    for scenario in SCENARIOS:
+        for pod in pod_templates(rendered(scenario)).values():
+            (container,) = pod["spec"]["containers"]
+            for probe in ("livenessProbe", "readinessProbe"):
+                command = " ".join(container[probe]["exec"]["command"])
+                asked |= {(int(port), path) for port, path in re.findall(r"http://localhost:(\d+)(/\S*)", command)}
+    assert asked == {(52365, "/api/local_raylet_healthz"), (8265, "/api/gcs_healthz"), (8000, "/-/healthz")}
+    assert "/api/local_raylet_healthz" in PUBLIC_EXACT_PATHS
+    assert "/api/gcs_healthz" in _dashboard_public_paths()
+    serve = Path(ray.__file__).parent / "serve"
+    checks_tokens = [path for path in serve.rglob("*.py")
+                     if re.search(r"token_auth_middleware|validate_request_token", path.read_text())]
+    assert not checks_tokens, f"Serve's HTTP path now checks Ray's token: {checks_tokens}"
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_haproxy_pages_stay_on_the_pods_loopback(scenario: Path) -> None:
+    """The contract with router/haproxy.py: every Ray container tells the image's hook where HAProxy's stats page
+    (admin level) and metrics page listen, and how long a client has to send its request headers."""
+    values = merged_values(scenario)
+    for name, pod in pod_templates(rendered(scenario)).items():
+        for container in pod["spec"]["containers"]:
+            env = {item["name"]: item.get("value") for item in container["env"]}
+            assert env[PAGES_HOST_ENV] == "127.0.0.1", name
+            assert env[REQUEST_TIMEOUT_ENV] == str(values["haproxy"]["requestTimeoutSeconds"]), name
+    assert HAProxy().requestTimeoutSeconds == REQUEST_TIMEOUT_S  # the chart's default is the hook's own
+
+
+HAPROXY_PTH_LINE = "import router.haproxy; router.haproxy.install_import_hook()"
+
+
+def test_image_runs_the_haproxy_hook_in_every_python_process(tmp_path: Path) -> None:
+    """KubeRay starts Serve's proxy without a runtime environment of ours: a .pth file in the image's site-packages
+    runs the hook in every Python process. The line, read as Python reads a .pth file, patches Ray's template."""
+    dockerfile = (CHART / "image" / "Dockerfile").read_text()
+    runs = re.findall(r"^RUN ((?:.*\\\n)*.*)$", dockerfile, re.M)
+    (install,) = [i for i, run in enumerate(runs) if "pip install" in run]
+    (hook,) = [i for i, run in enumerate(runs) if "rayroute-haproxy.pth" in run]
+    assert hook > install, "the hook's module comes with the pip install"
+    assert f"echo '{HAPROXY_PTH_LINE}'" in runs[hook]
+    assert re.search(r"""sysconfig\.get_paths\(\)\["purelib"\]\)'\)/rayroute-haproxy\.pth"$""", runs[hook])
+
+    (tmp_path / "rayroute-haproxy.pth").write_text(HAPROXY_PTH_LINE + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAYROUTE_HAPROXY_")}
+    env.update({PAGES_HOST_ENV: "127.0.0.1", REQUEST_TIMEOUT_ENV: "7"})
+    code = ("import site, sys; site.addsitedir(sys.argv[1]); "
+            "from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE; print(HAPROXY_CONFIG_TEMPLATE)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pages = [line.strip() for line in result.stdout.splitlines()
+             if line.strip().startswith("bind") and re.search(r"config\.(stats|metrics)_port", line)]
+    assert len(pages) == 2 and all(line.startswith("bind 127.0.0.1:") for line in pages), pages
+    assert "timeout http-request 7s" in result.stdout
+
+
+# A small NetworkPolicy evaluator, with Kubernetes' semantics: a pod selected by some policy of a direction
+# (policyTypes) is isolated in it, and then allowed only what a rule of one of those policies allows; a rule matches
+# when one of its peers does (none listed: any) on one of its ports (none listed: any). A peer's podSelector alone
+# means the policy's namespace; with a namespaceSelector, both must match. A connection needs the source's egress
+# and the destination's ingress. ipBlock is matched against addresses outside the cluster only: how it applies to
+# pod IPs is up to the network plugin, and the chart's rules do not rely on it.
+
+@dataclasses.dataclass
+class Pod:
+    namespace: str
+    labels: dict[str, str]
+
+
+Endpoint = Pod | str  # a pod, or an address outside the cluster's pods
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        holds = {"In": key in labels and labels[key] in values,
+                 "NotIn": key not in labels or labels[key] not in values,
+                 "Exists": key in labels, "DoesNotExist": key not in labels}[operator]
+        if not holds:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict[str, Any], policy_namespace: str, endpoint: Endpoint) -> bool:
+    if "ipBlock" in peer:
+        if isinstance(endpoint, Pod):
+            return False
+        address = ipaddress.ip_address(endpoint)
+        block = peer["ipBlock"]
+        return (address in ipaddress.ip_network(block["cidr"])
+                and not any(address in ipaddress.ip_network(cidr) for cidr in block.get("except", [])))
+    if not isinstance(endpoint, Pod):
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": endpoint.namespace}):
+            return False
+    elif endpoint.namespace != policy_namespace:
+        return False
+    return selects(peer.get("podSelector", {}), endpoint.labels)
+
+
+def _port_matches(ports: list[dict[str, Any]] | None, port: int, protocol: str) -> bool:
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in entry:
+            return True
+        assert isinstance(entry["port"], int), "a named port: the evaluator (and the chart) use numbers"
+        if entry["port"] <= port <= entry.get("endPort", entry["port"]):
+            return True
+    return False
+
+
+def _direction_allows(policies, pod: Pod, direction: str, other: Endpoint, port: int, protocol: str) -> bool:
+    peers_key, rules_key = ("from", "ingress") if direction == "Ingress" else ("to", "egress")
+    selecting = []
+    for policy in policies:
+        spec = policy["spec"]
+        types = spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+        namespace = policy["metadata"].get("namespace", NAMESPACE)
+        if direction in types and namespace == pod.namespace and selects(spec["podSelector"], pod.labels):
+            selecting.append((namespace, spec.get(rules_key) or []))
+    if not selecting:
+        return True
+    return any(_port_matches(rule.get("ports"), port, protocol)
+               and (not rule.get(peers_key) or any(_peer_matches(peer, namespace, other) for peer in rule[peers_key]))
+               for namespace, rules in selecting for rule in rules)
+
+
+def allowed(policies, source: Endpoint, destination: Endpoint, port: int, protocol: str = "TCP") -> bool:
+    """Whether the policies let a connection from source to destination's port through."""
+    if isinstance(source, Pod) and not _direction_allows(policies, source, "Egress", destination, port, protocol):
+        return False
+    return not isinstance(destination, Pod) or _direction_allows(policies, destination, "Ingress", source, port,
+                                                                 protocol)
+
+
+def release_pods(docs) -> dict[str, Pod]:
+    """The pods KubeRay makes from the RayService's templates: the template's labels over KubeRay's defaults, and
+    the node type, group and cluster labels, which KubeRay sets itself."""
+    pods = {}
+    for group, template in pod_templates(docs).items():
+        head = group == "head"
+        pods[group] = Pod(NAMESPACE, {
+            "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator",
+            **template["metadata"]["labels"],
+            "ray.io/is-ray-node": "yes", "ray.io/cluster": f"{FULLNAME}-raycluster-x7k2p",
+            "ray.io/node-type": "head" if head else "worker", "ray.io/group": "headgroup" if head else group})
+    return pods
+
+
+OPERATOR = Pod("kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"})
+PROMETHEUS = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+INGRESS_CONTROLLER = Pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+OUTSIDERS = {
+    "a pod beside the release": Pod(NAMESPACE, {"app": "web"}),
+    "another release of the chart": Pod(NAMESPACE, {"app.kubernetes.io/name": "rayroute", "app.kubernetes.io/instance":
+                                                    "other", "ray.io/node-type": "worker", "ray.io/group": "routers"}),
+    "an operator look-alike elsewhere": Pod("default", {"app.kubernetes.io/name": "kuberay-operator"}),
+    "a pod in another namespace": Pod("team-b", {"app": "batch"}),
+}
+# GCS, dashboard, Ray client, dashboard agent, a worker port, an ephemeral port (Serve's replica gRPC, the engines'
+# stream channels), HAProxy's stats and metrics pages.
+RAY_PORTS = (6379, 8265, 10001, 52365, 10002, 40123, 8404, 9101)
+PUBLIC_ADDRESS, PUBLIC_ADDRESS_V6 = "8.8.8.8", "2606:4700:4700::1111"
+CLUSTER_DNS = "10.96.0.10"
+
+
+def policies_for(scenario: Path | None = None, tmp_path: Path | None = None, **override: Any):
+    """The rendered NetworkPolicies and pods of a scenario (default: the minimal one), with an override."""
+    if not override:
+        docs = rendered(scenario or MINIMAL)
+    else:
+        result = template(scenario or MINIMAL, extra=override, tmp=tmp_path)
+        assert result.returncode == 0, result.stderr
+        docs = tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+    return of_kind(docs, "NetworkPolicy"), release_pods(docs)
+
+
+def test_policy_evaluator_follows_kubernetes_semantics() -> None:
+    web, db = Pod("a", {"app": "web"}), Pod("a", {"app": "db"})
+    elsewhere = Pod("b", {"app": "web"})
+    assert allowed([], web, db, 5432)  # nothing selects db: not isolated
+    deny_all = {"metadata": {"namespace": "a"}, "spec": {"podSelector": {"matchLabels": {"app": "db"}}}}
+    assert not allowed([deny_all], web, db, 5432) and allowed([deny_all], db, web, 80)  # Ingress only, by default
+    from_web = {"metadata": {"namespace": "a"}, "spec": {
+        "podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 5432}]}]}}
+    assert allowed([deny_all, from_web], web, db, 5432)  # policies add up
+    assert not allowed([from_web], web, db, 5433) and not allowed([from_web], web, db, 5432, "UDP")
+    assert not allowed([from_web], elsewhere, db, 5432)  # a podSelector alone: the policy's namespace
+    both = copy.deepcopy(from_web)
+    both["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "b"}},
+                                           "podSelector": {"matchLabels": {"app": "web"}}}]
+    assert allowed([both], elsewhere, db, 5432) and not allowed([both], web, db, 5432)  # both must match
+    assert not allowed([both], Pod("b", {"app": "db"}), db, 5432)
+    egress = {"metadata": {"namespace": "a"}, "spec": {
+        "podSelector": {"matchExpressions": [{"key": "app", "operator": "NotIn", "values": ["db"]}]},
+        "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
+                    "ports": [{"protocol": "TCP", "port": 8000, "endPort": 8999}]}]}}
+    assert allowed([egress], web, "1.2.3.4", 8443) and not allowed([egress], web, "10.1.2.3", 8443)
+    assert not allowed([egress], web, "1.2.3.4", 443) and not allowed([egress], web, db, 8443)
+    assert allowed([egress], db, "10.1.2.3", 22)  # NotIn: db is not selected
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
+def test_ray_ports_are_closed_to_pods_outside_the_release(scenario: Path) -> None:
+    policies, pods = policies_for(scenario)
+    assert policies, "network policies are on by default"
+    for name, pod in pods.items():
+        for other in pods.values():  # Ray needs every port between its pods
+            assert all(allowed(policies, other, pod, port) for port in (*RAY_PORTS, 8000, 8080)), name
+        for who, outsider in OUTSIDERS.items():
+            reachable = [port for port in RAY_PORTS if allowed(policies, outsider, pod, port)]
+            assert not reachable, f"{who} reaches {name} on {reachable}"
+        assert not allowed(policies, OPERATOR, pod, 6379) and not allowed(policies, PROMETHEUS, pod, 8265)
+
+
+def test_the_operator_reaches_the_dashboard(tmp_path: Path) -> None:
+    """KubeRay's operator deploys serveConfigV2 and reads Serve's status through the head's dashboard."""
+    policies, pods = policies_for()
+    assert allowed(policies, OPERATOR, pods["head"], 8265) and allowed(policies, OPERATOR, pods["head"], 8000)
+    assert not any(allowed(policies, OPERATOR, pods["head"], port) for port in (6379, 10001, 52365))
+    assert not allowed(policies, OUTSIDERS["an operator look-alike elsewhere"], pods["head"], 8265)
+    # An operator in a namespace of its own choosing.
+    moved = Pod("ray-system", OPERATOR.labels)
+    assert not allowed(policies, moved, pods["head"], 8265)
+    policies, pods = policies_for(tmp_path=tmp_path, networkPolicy={"operatorFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}},
+         "podSelector": {"matchLabels": OPERATOR.labels}}]})
+    assert allowed(policies, moved, pods["head"], 8265) and not allowed(policies, OPERATOR, pods["head"], 8265)
+
+
+def test_the_api_port_is_open_to_api_from(tmp_path: Path) -> None:
+    """Port 8000 of the pods that serve HTTP (router and GPU pods): from anywhere by default, from apiFrom when set;
+    never the head's, which serves none."""
+    policies, pods = policies_for()
+    serving = [pods[ROUTER_GROUP], pods["gpu"]]
+    for source in (*OUTSIDERS.values(), INGRESS_CONTROLLER, "203.0.113.7"):
+        assert all(allowed(policies, source, pod, 8000) for pod in serving), source
+        assert not allowed(policies, source, pods["head"], 8000), source
+    policies, pods = policies_for(tmp_path=tmp_path, networkPolicy={"apiFrom": [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+         "podSelector": {"matchLabels": INGRESS_CONTROLLER.labels}}]})
+    serving = [pods[ROUTER_GROUP], pods["gpu"]]
+    assert all(allowed(policies, INGRESS_CONTROLLER, pod, 8000) for pod in serving)
+    assert not any(allowed(policies, INGRESS_CONTROLLER, pod, 8265) for pod in serving)
+    for source in (*OUTSIDERS.values(), "203.0.113.7"):
+        assert not any(allowed(policies, source, pod, 8000) for pod in serving), source
+
+
+def test_metrics_are_open_to_the_monitoring_namespace_only() -> None:
+    policies, pods = policies_for()
+    for name, pod in pods.items():
+        assert allowed(policies, PROMETHEUS, pod, 8080), name
+        assert not allowed(policies, PROMETHEUS, pod, 8265), name
+        assert not any(allowed(policies, outsider, pod, 8080) for outsider in OUTSIDERS.values()), name
+        assert not allowed(policies, Pod("monitoring-2", PROMETHEUS.labels), pod, 8080), name
+
+
+def test_engine_pods_reach_dns_the_release_and_public_https_only() -> None:
+    """Engines download weights and fetch clients' media URLs: HTTPS to public addresses, never the cloud's
+    metadata endpoint or the cluster's own addresses (nodes, Services, pods outside the release)."""
+    policies, pods = policies_for()
+    engine = pods["gpu"]
+    assert allowed(policies, engine, PUBLIC_ADDRESS, 443) and allowed(policies, engine, PUBLIC_ADDRESS_V6, 443)
+    for address, port in [("169.254.169.254", 80), ("169.254.169.254", 443), ("10.0.0.5", 443), ("172.20.0.1", 443),
+                          ("192.168.1.10", 443), ("100.64.0.1", 443), ("127.0.0.1", 443), (PUBLIC_ADDRESS, 80),
+                          (PUBLIC_ADDRESS, 22), ("fd00:ec2::254", 80), ("fe80::1", 443)]:
+        assert not allowed(policies, engine, address, port), (address, port)
+    for protocol in ("UDP", "TCP"):
+        assert allowed(policies, engine, CLUSTER_DNS, 53, protocol)
+        assert allowed(policies, engine, "169.254.20.10", 53, protocol)  # a node-local DNS cache
+    assert allowed(policies, engine, pods["head"], 6379) and allowed(policies, engine, pods[ROUTER_GROUP], 40123)
+    assert not any(allowed(policies, engine, outsider, 443) for outsider in OUTSIDERS.values())
+
+
+def test_router_pods_download_only_when_they_may_run_an_engine(tmp_path: Path) -> None:
+    policies, pods = policies_for()  # GPU models only: the routers need DNS and the release's pods
+    routers = pods[ROUTER_GROUP]
+    assert allowed(policies, routers, CLUSTER_DNS, 53, "UDP") and allowed(policies, routers, pods["gpu"], 40123)
+    assert allowed(policies, routers, pods["head"], 6379)
+    assert not allowed(policies, routers, PUBLIC_ADDRESS, 443)
+    assert not any(allowed(policies, routers, outsider, 80) for outsider in OUTSIDERS.values())
+    # A CPU model may run on a router pod (open-endpoint-values has no GPU group), as may pip packages.
+    for docs in (policies_for(CHART / "ci" / "open-endpoint-values.yaml"),
+                 policies_for(tmp_path=tmp_path, python={"packages": ["sentencepiece==0.2.0"]})):
+        policies, pods = docs
+        assert allowed(policies, pods[ROUTER_GROUP], PUBLIC_ADDRESS, 443)
+        assert not allowed(policies, pods[ROUTER_GROUP], "169.254.169.254", 80)
+
+
+def test_the_heads_egress_is_not_restricted() -> None:
+    """Its autoscaler calls the Kubernetes API and its GCS an external Redis: addresses the chart cannot know."""
+    policies, pods = policies_for()
+    assert allowed(policies, pods["head"], "10.96.0.1", 443) and allowed(policies, pods["head"], "10.20.30.40", 6379)
+
+
+def test_network_policies_can_be_turned_off(tmp_path: Path) -> None:
+    policies, pods = policies_for(tmp_path=tmp_path, networkPolicy={"enabled": False})
+    assert not policies
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
@@ -671,7 +1034,7 @@ BAD_VALUES = {
         "no API keys: set apiKeys.existingSecret (or apiKeys.keys), or apiKeys.allowUnauthenticated: true"),
     "short API key": (
         {"apiKeys": {"keys": [{"name": "a", "key": "short"}]}},
-        "at '/apiKeys/keys/0/key': minLength: got 5, want 8"),
+        f"at '/apiKeys/keys/0/key': minLength: got 5, want {MIN_API_KEY_LENGTH}"),
     "route without a gateway": (
         {"httpRoute": {"enabled": True}},
         "httpRoute.parentRefs: name the Gateway the route attaches to"),
@@ -681,6 +1044,21 @@ BAD_VALUES = {
     "unknown top-level value": (
         {"replicas": 3},
         "additional properties 'replicas' not allowed"),
+    "Ray's token authentication turned off": (
+        {"rayAuth": {"enabled": False}},
+        "at '/rayAuth': additional properties 'enabled' not allowed"),
+    "env turning Ray's token authentication off": (  # KubeRay would leave the container's own value
+        {"env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}]},
+        "env: RAY_AUTH_MODE is the chart's to set"),
+    "env putting the Hugging Face token in every pod": (
+        {"env": [{"name": "HF_TOKEN", "value": "hf_not_a_real_token"}]},
+        "env: HF_TOKEN is the chart's to set"),
+    "env moving HAProxy's admin page off the loopback": (
+        {"env": [{"name": "RAYROUTE_HAPROXY_PAGES_HOST", "value": "0.0.0.0"}]},
+        "env: RAYROUTE_HAPROXY_PAGES_HOST is the chart's to set"),
+    "no time limit on request headers": (
+        {"haproxy": {"requestTimeoutSeconds": 0}},
+        "at '/haproxy/requestTimeoutSeconds': minimum: got 0, want 1"),
 }
 
 

@@ -36,7 +36,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-hf-token" (include "rayroute.fullname" .)) .Values.huggingface.existingSecret -}}
 {{- end -}}
 
-{{/* Ray's health endpoints, as KubeRay's own default probes ask them (ray-operator/controllers/ray/utils). */}}
+{{/*
+Ray's health endpoints, as KubeRay's own default probes ask them (ray-operator/controllers/ray/utils). Ray's token
+authentication leaves these paths open (the dashboard's and its agent's public paths; Serve's proxy takes no Ray
+token), so the probes send none; a test checks the paths against the installed Ray's lists.
+*/}}
 {{- define "rayroute.rayletHealth" -}}
 wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success
 {{- end -}}
@@ -50,11 +54,13 @@ wget --tries 1 -T 2 -q -O- http://localhost:8000/-/healthz | grep success
 {{/*
 The environment of every Ray container: Ray Serve's high-throughput mode, as router/launch.py SERVE_ENV sets it
 locally (a test compares them). HAProxy is Serve's HTTP front on every pod: it forwards each request to a router
-replica's own HTTP server, where Serve's Python proxy would relay every streamed token as a Ray item of its own. Its
-stats (8404) and metrics (9101) pages listen inside the pod only; no Service exposes them. Throughput mode sends
-router → engine calls over Serve's direct gRPC channel (its 4 MiB message limit raised to gRPC's maximum: replies
-are as large as clients ask for); user code keeps its own thread and Serve's logs stay on
-stderr, unbuffered (launch.py says why).
+replica's own HTTP server, where Serve's Python proxy would relay every streamed token as a Ray item of its own. Ray's
+template binds its stats page (admin level: it can take servers out) and its metrics page on every interface; the
+image's hook (router/haproxy.py, run by every Python process through a .pth file) rebinds them to the pod's loopback
+and bounds the time a client has to send its request headers, so slow clients cannot hold every connection slot.
+Throughput mode sends router → engine calls over Serve's direct gRPC channel (its 4 MiB message limit raised to
+gRPC's maximum: replies are as large as clients ask for); user code keeps its own thread and Serve's logs stay on
+stderr, unbuffered (launch.py says why). HF_TOKEN is not here: only the GPU pods get it ("rayroute.engineEnv").
 */}}
 {{- define "rayroute.env" -}}
 - name: RAY_SERVE_ENABLE_HA_PROXY
@@ -71,13 +77,10 @@ stderr, unbuffered (launch.py says why).
   value: "1"
 - name: RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE
   value: "1"
-{{- if or .Values.huggingface.existingSecret .Values.huggingface.token }}
-- name: HF_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "rayroute.hfSecret" . }}
-      key: {{ .Values.huggingface.secretKey }}
-{{- end }}
+- name: RAYROUTE_HAPROXY_PAGES_HOST
+  value: "127.0.0.1"
+- name: RAYROUTE_HAPROXY_REQUEST_TIMEOUT_S
+  value: {{ .Values.haproxy.requestTimeoutSeconds | quote }}
 {{- if .Values.modelCache.enabled }}
 - name: HF_HOME
   value: {{ .Values.modelCache.mountPath | quote }}
@@ -85,6 +88,45 @@ stderr, unbuffered (launch.py says why).
 {{- with .Values.env }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+What only the GPU worker pods get: the Hugging Face token, where the engines download weights and adapters. The
+router pods parse every client's request and the head runs Ray's control plane; neither needs it.
+*/}}
+{{- define "rayroute.engineEnv" -}}
+{{- if or .Values.huggingface.existingSecret .Values.huggingface.token }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "rayroute.hfSecret" . }}
+      key: {{ .Values.huggingface.secretKey }}
+{{- end }}
+{{- end -}}
+
+{{/*
+`env` may not set what the chart sets for security (RESERVED_ENV in deployments/kubernetes.py): KubeRay leaves a
+Ray container's RAY_AUTH_MODE and RAY_AUTH_TOKEN alone when the pod spec has them, so one in `env` would turn Ray's
+token authentication off; HF_TOKEN would reach every pod; HAProxy's admin pages would leave the loopback.
+*/}}
+{{- define "rayroute.checkEnv" -}}
+{{- range .Values.env -}}
+{{- if has .name (list "RAY_AUTH_MODE" "RAY_AUTH_TOKEN" "HF_TOKEN" "RAYROUTE_HAPROXY_PAGES_HOST") -}}
+{{- fail (printf "env: %s is the chart's to set (Ray's token comes from rayAuth.existingSecret, HF_TOKEN from huggingface.existingSecret)" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Whether the router pods download anything: a CPU model's replicas may run there (the head has no CPUs for them and
+GPU groups may be absent), and python.packages are installed wherever the applications run.
+*/}}
+{{- define "rayroute.routersDownload" -}}
+{{- $download := gt (len .Values.python.packages) 0 -}}
+{{- range .Values.serve.models -}}
+{{- if eq (dig "accelerator" "gpu" (default dict .resources)) "cpu" }}{{ $download = true }}{{ end -}}
+{{- end -}}
+{{- if $download }}true{{ end -}}
 {{- end -}}
 
 {{/*
@@ -204,4 +246,18 @@ about to reuse (which the client would see as a 502).
 {{- if gt $seconds $longest }}{{ $longest = $seconds }}{{ end -}}
 {{- end -}}
 {{- $longest -}}
+{{- end -}}
+
+{{/*
+The egress every restricted pod keeps: DNS, to any address (the cluster serves it from kube-dns pods or from a
+node-local cache on a link-local address, which no pod selector matches), and the release's pods on any port (Ray).
+*/}}
+{{- define "rayroute.egressBase" -}}
+- ports:
+    - {protocol: UDP, port: 53}
+    - {protocol: TCP, port: 53}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "rayroute.selectorLabels" . | nindent 10 }}
 {{- end -}}
