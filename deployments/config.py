@@ -19,13 +19,14 @@ names are checked against vLLM's own argument classes (:func:`check_engine_args`
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.autoscaling import config_autoscaling, serve_autoscaling_config
 from deployments.replies import field_path
@@ -33,6 +34,40 @@ from deployments.replies import field_path
 # Model ids are what clients type, so allow the usual hub spellings ("Qwen/Qwen2.5-7B-Instruct", "gemma3:27b")
 # but no whitespace or control characters, which would not survive a URL path or a log line intact.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}$")
+# A media domain: a DNS name of two or more letter-digit-hyphen labels, lower case (internationalized names in their
+# xn-- form, as urllib3 gives them to vLLM's check). A last label that is a number (in decimal or hex) makes a URL
+# parser or resolver read the name as an IPv4 address (`127.1`, `2130706433`).
+_HOSTNAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+def _check_media_domain(value: str) -> str:
+    """A hostname as vLLM compares it (urllib3's parse, lower-cased, IDNA-encoded), or ValueError."""
+    host = value.lower()
+    if looks_like_ip(host):
+        raise ValueError(f"{value!r} is an IP address: list hostnames only (media is never fetched from an IP address)")
+    if host.startswith("*."):
+        raise ValueError(f"{value!r}: wildcards are not supported (vLLM matches hostnames exactly); list each host")
+    if not _HOSTNAME.fullmatch(host) or len(host) > 253:
+        raise ValueError(f"{value!r} is not a hostname: give the name only (`images.example.com`), without scheme, "
+                         "port, path or trailing dot, with at least one dot, internationalized names in their xn-- "
+                         "form")
+    return host
+
+
+def looks_like_ip(host: str) -> bool:
+    """An IP address in any form a URL parser or resolver may take as one: ``[::1]``, ``10.0.0.1``, and the
+    shortened and numeric IPv4 forms ``127.1``, ``2130706433``, ``0x7f.1`` (a name whose last label is a number)."""
+    host = host.strip("[]").split("%", 1)[0]
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_NUMERIC_LABEL.fullmatch(host.rstrip(".").rsplit(".", 1)[-1]))
+
+
+# One entry of `allowed_media_domains`: checked, and lower-cased.
+MediaDomain = Annotated[str, AfterValidator(_check_media_domain)]
 
 
 class ConfigError(ValueError):
@@ -147,6 +182,13 @@ class RoutedModel(_Strict):
     drain_timeout_s: float = Field(300, ge=0, description="How long a stopping replica (scale-down, redeploy) "
                                    "lets its requests finish.")
     multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
+    allowed_media_domains: list[MediaDomain] = Field(
+        default_factory=list, description="Required with `multimodal: true` (and only then): the hostnames media "
+        "URLs may name (`image_url`, `audio_url`, `video_url`, Responses `input_image`), each matched exactly and "
+        "case-insensitively, as vLLM matches them: `example.com` does not admit `cdn.example.com`. `data:` URLs "
+        "need none. The router refuses any other URL, an IP address, and a name that resolves to a private, "
+        "loopback or link-local address, before any engine is asked; vLLM gets the list as its "
+        "`allowed_media_domains` and follows no redirect.")
     fallbacks: list[str] = Field(
         default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
         "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "
@@ -173,6 +215,15 @@ class RoutedModel(_Strict):
             _check_model_name(name)
         return adapters
 
+    @model_validator(mode="after")
+    def _media_domains_with_multimodal(self) -> RoutedModel:
+        if self.multimodal and not self.allowed_media_domains:
+            raise ValueError("`allowed_media_domains` is required with `multimodal: true`: list the hostnames media "
+                             "URLs may name (e.g. [images.example.com]); data: URLs need none")
+        if self.allowed_media_domains and not self.multimodal:
+            raise ValueError("`allowed_media_domains` is set but `multimodal` is false: the model takes no media")
+        return self
+
     @property
     def names(self) -> list[str]:
         """Every name this model answers to, the canonical id first."""
@@ -197,6 +248,10 @@ class RoutedModel(_Strict):
 # DeploymentConfig marks them LightWeight or NeedsActorReconfigure). The model's application carries them in its
 # `deployments:` overrides, outside `args` and so outside its code version (deployments/app.py).
 IN_PLACE_FIELDS = frozenset({"autoscaling", "max_ongoing_requests", "max_queued_requests"})
+
+# Every engine process's media fetching: vLLM follows redirects by default, and a redirect from an allowed host
+# could lead anywhere (its own domain check and the router's see only the first URL), so none is followed.
+MEDIA_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 
 
 class ModelConfig(RoutedModel):
@@ -225,11 +280,20 @@ class ModelConfig(RoutedModel):
     def _no_owned_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         # These are derived from other fields; two places for one value is how configs drift apart.
         owned = {"model": "source", "served_model_name": "id/aliases", "tensor_parallel_size": "resources",
-                 "enable_lora": "adapters", "max_loras": "max_adapters_per_replica", "lora_modules": "adapters"}
+                 "enable_lora": "adapters", "max_loras": "max_adapters_per_replica", "lora_modules": "adapters",
+                 "allowed_media_domains": "allowed_media_domains"}
         for key, field in owned.items():
             if key in args:
                 raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")
         return args
+
+    @field_validator("env")
+    @classmethod
+    def _no_owned_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in MEDIA_ENV:
+            if key in env:
+                raise ValueError(f"`{key}` is set by rayroute (media URLs never follow redirects), not in env")
+        return env
 
     def local_source(self) -> Path | None:
         """The source as a local folder, or None when it is a hub id."""
@@ -255,7 +319,31 @@ class ModelConfig(RoutedModel):
         overrides = self.resources.engine_overrides()
         if self.adapters:
             overrides.update(enable_lora=True, max_loras=self.max_adapters_per_replica)
+        if self.allowed_media_domains:  # vLLM's own check of the router's (router/media.py), before any fetch
+            overrides["allowed_media_domains"] = list(self.allowed_media_domains)
         return overrides
+
+    def media_env(self) -> dict[str, str]:
+        """Environment variables of the engine process that govern media fetching (:data:`MEDIA_ENV`)."""
+        return dict(MEDIA_ENV)
+
+
+class RequestLimits(_Strict):
+    """The largest request shapes the routers pass on, checked before a request is parsed into objects or sent to an
+    engine (a 400 in OpenAI's words). Each bounds what one request can make an engine do, or a router parse, whatever
+    its key's limits: without them a single request of 4 MiB holds 200,000 messages, or asks for 128 completions."""
+
+    max_n: int = Field(16, ge=1, le=128, description="Completions per request (`n`). Each is a sequence in the "
+                       "engine's batch: 16 is far more than sampling a few candidates needs, and keeps one request "
+                       "from taking a batch (vLLM runs 256 sequences at once by default). OpenAI allows 128.")
+    max_messages: int = Field(2048, ge=1, description="Chat `messages`: OpenAI's own limit, so no client "
+                              "written for OpenAI is refused here.")
+    max_content_parts: int = Field(64, ge=1, description="Content parts of one message (chat `messages[i].content`,"
+                                   " Responses `input[i].content`). Conversations use a few; vLLM takes few media "
+                                   "items per prompt anyway. More is a generated payload, not a prompt.")
+    max_prompt_items: int = Field(2048, ge=1, description="Prompts in one batch: completions `prompt` and "
+                                  "embeddings `input` lists (of texts or of token lists), Responses `input` items. "
+                                  "2048 is OpenAI's limit for embedding inputs.")
 
 
 class Routers(_Strict):
@@ -263,6 +351,16 @@ class Routers(_Strict):
 
     replicas: int = Field(1, ge=1, description="Router replicas; per-key limits hold across all of them.")
     max_ongoing_requests: int = Field(4096, ge=1, description="Connections one router replica serves at once.")
+    key_limits_unavailable: Literal["refuse", "allow"] = Field(
+        "refuse", description="When the key-limits replica does not answer within a bounded wait (it died, or is "
+        "restarting): `refuse` answers limited keys 503 `limits_unavailable` with Retry-After, so no key exceeds "
+        "its limits; `allow` lets them through without limits (logged once a minute), so an outage of the "
+        "limits costs no traffic. Keys without limits are never affected.")
+    default_completion_tokens: int = Field(
+        1024, ge=1, description="A limited key's request that sets no `max_tokens` (`max_completion_tokens`, "
+        "`max_output_tokens`) reserves this many completion tokens per output against its tokens per minute, at "
+        "most what the key's whole minute leaves after the prompt; the actual count replaces it when the request "
+        "ends. About a long chat answer: lower admits more requests at once, higher holds a burst back better.")
     ray_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each router replica (and the key-limits replica) needs. The Helm chart "
@@ -285,7 +383,9 @@ class RouterArgs(_Strict):
 
     models: list[RoutedModel] = Field(min_length=1)
     routers: Routers = Field(default_factory=Routers)
-    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413.")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get a 413. 4 MiB "
+                                   "holds a prompt of a million tokens, or a few images as base64.")
+    request_limits: RequestLimits = Field(default_factory=RequestLimits)
 
     @model_validator(mode="after")
     def _unique_names(self) -> RouterArgs:
@@ -324,7 +424,7 @@ class ServeArgs(RouterArgs):
         """The router application's args: the routers' settings and each model's :class:`RoutedModel` fields."""
         routed = set(RoutedModel.model_fields)
         return self.model_dump(mode="json", include={"models": {"__all__": routed}, "routers": True,
-                                                      "max_request_bytes": True})
+                                                      "max_request_bytes": True, "request_limits": True})
 
 
 def engine_deployment_name(model_id: str) -> str:

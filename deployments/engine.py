@@ -270,6 +270,8 @@ class VLLMEngine:
     async def _start_vllm(self, model: ModelConfig) -> tuple[Any, dict[str, Any]]:
         """vLLM's engine and its serving object for each endpoint (None where the model serves none). The one
         place vLLM itself is started: the load test's engine (tests/fake_engine.py) replaces only this."""
+        # vLLM reads these when it fetches a media URL (no redirects), in this process; its engine core inherits them.
+        os.environ.update(model.media_env())
         # Imported here: vLLM (and torch) load only in engine replicas, never in the router.
         import ray
         from starlette.datastructures import State

@@ -7,7 +7,12 @@ busy of two random replicas) throws most of vLLM's prefix cache away. Ray Serve 
 keeps a tree of the text each replica was sent and picks the best match while the replicas' queues are within
 ``imbalanced_threshold`` of each other; beyond that it balances load. It reads the prompt from a request object's
 ``messages`` or ``prompt`` attribute; rayroute's engine methods take the OpenAI body as a dict (and the Responses
-API names it ``input``), so reading the dict is all this module adds.
+API names it ``input``), so this module reads the dict.
+
+Bounded: the tree lives in one detached actor per model and, as Ray ships it, keeps every prompt it is sent, whole.
+Here only the prompt's first :data:`PREFIX_MATCH_CHARS` characters are matched and inserted (affinity is about the
+start), and the actor's eviction is on: past :data:`PREFIX_TREE_EVICTION_THRESHOLD_CHARS` per replica it drops the
+least recently used text down to :data:`PREFIX_TREE_EVICTION_TARGET_CHARS`.
 
     models:
       - id: llama-3.1-8b-instruct
@@ -21,6 +26,13 @@ from typing import Any
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 from ray.serve._private.request_router.common import PendingRequest
 
+from deployments.constants import (
+    PREFIX_MATCH_CHARS,
+    PREFIX_TREE_EVICTION_INTERVAL_S,
+    PREFIX_TREE_EVICTION_TARGET_CHARS,
+    PREFIX_TREE_EVICTION_THRESHOLD_CHARS,
+)
+
 # The body fields that hold the prompt, by endpoint: chat, text completions (and embeddings' input), Responses.
 PROMPT_FIELDS = ("messages", "prompt", "input")
 # Replicas count as balanced while their queues differ by fewer requests than this; beyond it, load decides.
@@ -28,15 +40,35 @@ IMBALANCED_THRESHOLD = 8
 
 
 class PrefixCacheRouter(PrefixCacheAffinityRouter):
-    """Ray's prefix-affinity router, reading the prompt from rayroute's dict bodies."""
+    """Ray's prefix-affinity router, reading the start of the prompt from rayroute's dict bodies."""
 
-    def _extract_text_from_request(self, pending_request: PendingRequest) -> str:
+    def _extract_text_from_request(self, pending_request: PendingRequest) -> str | None:
+        """The first :data:`PREFIX_MATCH_CHARS` characters of the prompt's text, or None when the request has none
+        (token ids, only media parts, or a call that is not a request). Ray's router skips prefix matching on None
+        and chooses by load; it must never get ``""`` (it divides by the text's length) or an exception (either ends
+        its routing task, and the request waits for its queue timeout)."""
         for arg in pending_request.args:
             if isinstance(arg, dict):
                 for field in PROMPT_FIELDS:
                     if field in arg:
-                        return self._normalize_prompt_to_string(arg[field])
-        return super()._extract_text_from_request(pending_request)
+                        return _prefix(self._normalize_prompt_to_string(arg[field]))
+        try:
+            return _prefix(super()._extract_text_from_request(pending_request))
+        except ValueError:  # no `messages` or `prompt` attribute either
+            return None
+
+
+def _prefix(text: str | None) -> str | None:
+    return text[:PREFIX_MATCH_CHARS] if text else None
+
+
+def router_kwargs() -> dict[str, Any]:
+    """The arguments Serve passes to :class:`PrefixCacheRouter` (its ``initialize_state``)."""
+    return {"imbalanced_threshold": IMBALANCED_THRESHOLD,
+            "do_eviction": True,
+            "eviction_threshold_chars": PREFIX_TREE_EVICTION_THRESHOLD_CHARS,
+            "eviction_target_chars": PREFIX_TREE_EVICTION_TARGET_CHARS,
+            "eviction_interval_secs": PREFIX_TREE_EVICTION_INTERVAL_S}
 
 
 def request_router_config() -> dict[str, Any]:
@@ -44,5 +76,4 @@ def request_router_config() -> dict[str, Any]:
     from ray.serve.config import RequestRouterConfig
 
     return {"request_router_config": RequestRouterConfig(
-        request_router_class=f"{__name__}.{PrefixCacheRouter.__name__}",
-        request_router_kwargs={"imbalanced_threshold": IMBALANCED_THRESHOLD})}
+        request_router_class=f"{__name__}.{PrefixCacheRouter.__name__}", request_router_kwargs=router_kwargs())}

@@ -81,7 +81,9 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def router_application(config: RouterArgs, engines: dict[str, Any]) -> Application:
-    # One replica, so every router replica sees the same buckets; it holds a few floats per key.
+    # One replica, so every router replica sees the same buckets and slots; it holds a few floats per key and one
+    # small record per request in flight of a limited key. Losing it loses them (a new one starts with full buckets):
+    # the routers' bounded wait on it and `routers.key_limits_unavailable` cover the time until it is back.
     limits = serve.deployment(KeyLimits).options(
         name="key-limits", num_replicas=1, max_ongoing_requests=KEY_LIMITS_MAX_ONGOING, logging_config=SERVE_LOGGING,
         ray_actor_options={"num_cpus": 0, "resources": dict(config.routers.ray_resources)}).bind()

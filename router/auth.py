@@ -6,13 +6,17 @@ comma-separated (each may do everything), or a JSON list of keys (:class:`deploy
 ``RAYROUTE_API_KEYS_FILE`` names a YAML or JSON file holding such a list (a mounted Secret):
 
     - name: team-search                 # shown in logs and metrics instead of the key
-      key: sk-...
+      key: sk-...                       # at least MIN_API_KEY_LENGTH characters; or instead, key_sha256:
+      # key_sha256: 3f0a...               the key's SHA-256 (64 lowercase hex), so the file holds no key
       models: [smollm2-135m-instruct]   # names it may send; others get 403. Omitted: every model
       requests_per_minute: 600          # omitted: no limit
       tokens_per_minute: 200000         # prompt + completion tokens
 
-Every configured key is compared in constant time, and all of them are compared, so neither timing nor position
-tells an attacker how close a guess was.
+A presented key is hashed (SHA-256) and its digest compared in constant time with every configured key's, all of
+them, so neither timing nor position tells an attacker how close a guess was, and a plain key and a hashed one are
+checked alike. A key shorter than :data:`~deployments.constants.MIN_API_KEY_LENGTH` is a config error: a
+placeholder such as ``sk-1234`` would be found by guessing whatever else is done (failed keys are throttled per
+client address too: :mod:`router.auth_throttle`).
 
 Keys rotate without a restart: each router replica re-reads ``RAYROUTE_API_KEYS_FILE`` every
 :data:`~deployments.constants.API_KEYS_RELOAD_S` (:func:`follow_keys_file`), as Kubernetes rewrites a mounted
@@ -24,6 +28,7 @@ allowance in progress.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +39,7 @@ import yaml
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
 from deployments.api_keys import ApiKey
-from deployments.constants import API_KEYS_RELOAD_S
+from deployments.constants import API_KEYS_RELOAD_S, MIN_API_KEY_LENGTH
 from deployments.replies import ErrorReply
 
 API_KEYS_ENV = "RAYROUTE_API_KEYS"
@@ -69,15 +74,19 @@ def parse_api_keys(raw: str, origin: str) -> tuple[ApiKey, ...]:
         return ()
     if origin == API_KEYS_ENV and not raw.startswith("["):
         plain = [key.strip() for key in raw.split(",") if key.strip()]
-        return tuple(ApiKey.model_construct(name=f"key-{i + 1}", key=SecretStr(key), models=None,
-                                            requests_per_minute=None, tokens_per_minute=None)
-                     for i, key in enumerate(plain))
+        for i, key in enumerate(plain):
+            if len(key) < MIN_API_KEY_LENGTH:
+                raise ApiKeyConfigError(f"{origin}: key {i + 1} of {len(plain)} (key-{i + 1}) is shorter than "
+                                        f"{MIN_API_KEY_LENGTH} characters")
+        # Built, not validated: each is a bare key, checked above, and a list of them has nothing else to check.
+        return tuple(ApiKey.model_construct(name=f"key-{i + 1}", key=SecretStr(key)) for i, key in enumerate(plain))
+    entries = None
     try:
         entries = json.loads(raw) if origin == API_KEYS_ENV else yaml.safe_load(raw)
         keys = TypeAdapter(list[ApiKey]).validate_python(entries)
     except (ValueError, yaml.YAMLError) as exc:
         if isinstance(exc, ValidationError):  # its messages can echo input, and the input holds keys
-            details = "; ".join(f"[{'.'.join(map(str, e['loc']))}] {e['msg']}" for e in exc.errors(include_input=False))
+            details = "; ".join(_describe(e, entries) for e in exc.errors(include_input=False))
         else:
             details = type(exc).__name__
         raise ApiKeyConfigError(f"{origin}: not a valid list of API keys: {details}") from None
@@ -85,6 +94,26 @@ def parse_api_keys(raw: str, origin: str) -> tuple[ApiKey, ...]:
     if len(set(names)) != len(names):
         raise ApiKeyConfigError(f"{origin}: API key names must be unique")
     return tuple(keys)
+
+
+def _describe(error: dict, entries: object) -> str:
+    """One validation error, located by the entry's position and, when it has one, its name; never its input (a
+    key), nor a short key's length."""
+    loc = [str(part) for part in error["loc"]]
+    if error["loc"] and isinstance(error["loc"][0], int) and isinstance(entries, list):
+        entry = entries[error["loc"][0]]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(name, str) and 0 < len(name) <= 64:
+            loc[0] += f" ({name})"
+    message = error["msg"]
+    if error["type"] == "too_short" and loc[-1:] == ["key"]:
+        message = f"shorter than {MIN_API_KEY_LENGTH} characters"
+    return f"[{'.'.join(loc)}] {message}"
+
+
+def key_digest(key: str) -> bytes:
+    """What a key is compared by: the SHA-256 of its UTF-8, as a hashed key (``key_sha256``) holds it."""
+    return hashlib.sha256(key.encode()).digest()
 
 
 class ApiKeyAuth:
@@ -95,7 +124,8 @@ class ApiKeyAuth:
 
     def replace(self, keys: tuple[ApiKey, ...]) -> None:
         # One assignment: a request is checked against the old keys or the new ones, never a mix.
-        self._keys = [(key.key.get_secret_value().encode(), key) for key in keys]
+        self._keys = [(key_digest(key.key.get_secret_value()) if key.key is not None
+                       else bytes.fromhex(key.key_sha256), key) for key in keys]
 
     @property
     def names(self) -> list[str]:
@@ -111,10 +141,11 @@ class ApiKeyAuth:
         if scheme.lower() != "bearer" or not presented.strip():
             return ErrorReply(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
                               "invalid_request_error", None, "invalid_api_key")
-        candidate = presented.strip().encode()
+        # Digests are all 32 bytes: compare_digest takes the same time for every key, whatever its length.
+        candidate = key_digest(presented.strip())
         found = None
-        for secret, key in self._keys:
-            if hmac.compare_digest(candidate, secret) and found is None:
+        for digest, key in self._keys:
+            if hmac.compare_digest(candidate, digest) and found is None:
                 found = key
         if found is not None:
             return found

@@ -2,10 +2,12 @@
 
 A request's path through this file: the middleware authenticates and bounds the body (:mod:`router.middleware`)
 → FastAPI parses and checks it against the route's body model (:mod:`router.protocol`) → :meth:`OpenAIRouter.forward`
-finds the model by the ``model`` field (ids and aliases), checks the key may use it and has allowance left
-(:mod:`router.limits`), and calls the engine replica as a Serve stream, within the model's timeouts and retrying
-a failed replica (:mod:`router.dispatch`) → the response starts on the first item: an error, a finished body, or
-the first SSE line followed by the rest as they arrive.
+finds the model by the ``model`` field (ids and aliases), checks the key may use it and admits the request against
+the key's limits, reserving what it may cost (:mod:`router.limits`), and calls the engine replica as a Serve stream,
+within the model's timeouts and retrying a failed replica (:mod:`router.dispatch`) → the response starts on the
+first item: an error, a finished body, or the first SSE line followed by the rest as they arrive → when the request
+ends, however it ends, its reservation is released with the tokens it used (:class:`Hold`). Request caps (list
+lengths, ``n``) are checked on the parsed JSON before the body models are built (:func:`build_http_app`).
 
 The FastAPI app is built in the replica, after the constructor (``__serve_build_asgi_app__``), so its routes,
 middleware and limits come from this deployment's config rather than from a module-level app frozen at import.
@@ -18,17 +20,27 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.types import Receive, Scope, Send
 
 from deployments.api_keys import ApiKey
 from deployments.config import RoutedModel, RouterArgs
+from deployments.constants import (
+    KEY_LIMITS_RETRY_AFTER_S,
+    KEY_LIMITS_TIMEOUT_S,
+    KEY_LIMITS_WARN_EVERY_S,
+    RESERVATION_MARGIN_S,
+)
 from deployments.interface import Endpoint
 from deployments.replies import Chunk, EngineItem, ErrorReply, FullReply
 from router.auth import API_KEYS_FILE_ENV, ApiKeyAuth, follow_keys_file, load_api_keys
@@ -36,6 +48,7 @@ from router.channel_client import Channel, ChannelClient
 from router.dispatch import FALLBACK_CODES, call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
 from router.limits import Admission
+from router.media import check_media_urls, media_urls_allowed
 from router.middleware import API_KEY_KEY, RECORD_KEY, install_middleware
 from router.protocol import (
     NOT_STORED,
@@ -44,6 +57,10 @@ from router.protocol import (
     EmbeddingBody,
     RequestBody,
     ResponsesBody,
+    check_request_caps,
+    completion_tokens_limit,
+    output_count,
+    prompt_tokens_estimate,
     reject_media,
     reject_stateful,
 )
@@ -57,6 +74,52 @@ FALLBACK_FROM_HEADER, FALLBACK_REASON_HEADER = "X-Rayroute-Fallback-From", "X-Ra
 T = TypeVar("T")
 
 logger = logging.getLogger("rayroute.router")
+
+
+class Hold:
+    """A request's admission against its key's limits: the rate-limit headers its answers carry, and the
+    reservation to release when it ends.
+
+    Every way a request ends reaches :meth:`release` (a whole answer, an error reply or raised error, a stream's
+    end, a client that left, a stream never started), and only the first call does anything, so the key's slot and
+    unused tokens come back exactly once. The tokens charged are the request's own count at that moment. Not
+    awaited: no answer waits for the bookkeeping, and a key-limits replica that is gone must not fail a request
+    that is done (its reservation then expires there)."""
+
+    def __init__(self, limits: DeploymentHandle | None = None, reservation: str | None = None,
+                 record: RequestRecord | None = None, headers: dict[str, str] | None = None):
+        self.limits = limits
+        self.reservation = reservation
+        self.record = record
+        self.headers = headers or {}
+
+    def release(self) -> None:
+        if self.reservation is None or self.limits is None or self.record is None:
+            return
+        reservation, self.reservation = self.reservation, None
+        try:
+            self.limits.release.remote(reservation, self.record.prompt_tokens + self.record.completion_tokens)
+        except Exception:
+            logger.warning("could not release a key-limits reservation; it expires on its own", exc_info=True)
+
+
+class HeldStreamingResponse(StreamingResponse):
+    """A stream that, when the response is over, releases its request's :class:`Hold` and cancels its engine call,
+    even if its body never started (the connection was gone when the response began), which its generator's own
+    ``finally`` cannot: a generator never started never runs it."""
+
+    def __init__(self, content: AsyncIterator[str | bytes], hold: Hold, call: DeploymentResponseGenerator,
+                 **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.hold = hold
+        self.call = call
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel(self.call)  # nothing when the relay has ended it already
+            self.hold.release()
 
 
 class OpenAIRouter:
@@ -84,6 +147,7 @@ class OpenAIRouter:
                 self.models[name] = model.as_adapter(name)
                 self.parents[name] = model.id
         self.limits = limits
+        self.limits_warned_at = -float("inf")  # when unreachable key limits were last logged
         self.metrics = GatewayMetrics((name, model.id) for name, model in self.models.items())
         self.auth = ApiKeyAuth(load_api_keys())
         self.keys_follower: asyncio.Task | None = None
@@ -109,30 +173,38 @@ class OpenAIRouter:
                               "model", "model_not_allowed")
         if isinstance(body, ChatCompletionBody) and not model.multimodal:
             reject_media(body)
+        await check_media_urls(body, model)  # media URLs only from the model's allowed domains (router/media.py)
         record: RequestRecord = getattr(request.state, RECORD_KEY)
         record.model, record.served_model = body.model, model.id
-        headers = await self._admit(key)
-        record.dispatched_at = time.perf_counter()
-        self.metrics.started(record)
-        streaming = bool(getattr(body, "stream", False))
+        hold = await self._admit(key, body, model, record)
+        headers = dict(hold.headers)
         try:
-            first, stream, model, since = await self._call(endpoint, model, body, record, key, streaming)
-        except OpenAIError as exc:
-            exc.headers.update(headers)
+            record.dispatched_at = time.perf_counter()
+            self.metrics.started(record)
+            streaming = bool(getattr(body, "stream", False))
+            try:
+                first, stream, model, since = await self._call(endpoint, model, body, record, key, streaming)
+            except OpenAIError as exc:
+                exc.headers.update(headers)
+                raise
+            if record.fallback_from is not None:
+                headers.update({FALLBACK_FROM_HEADER: record.fallback_from,
+                                FALLBACK_REASON_HEADER: record.fallback_reason})
+            record.first_reply_at = time.perf_counter()
+            self.metrics.first_reply(record)
+            if isinstance(first, ErrorReply):
+                hold.release()
+                return error_response(first, headers)
+            record.prompt_tokens, record.completion_tokens = first.prompt_tokens, first.completion_tokens
+            if isinstance(first, FullReply):
+                hold.release()
+                return Response(first.body, media_type="application/json", headers=headers)
+            deadline = since + model.timeouts.total_s
+            return HeldStreamingResponse(self._relay(first, stream, record, deadline, hold), hold, stream,
+                                         media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
+        except BaseException:  # an error raised, or the client left while the engine was asked
+            hold.release()
             raise
-        if record.fallback_from is not None:
-            headers.update({FALLBACK_FROM_HEADER: record.fallback_from, FALLBACK_REASON_HEADER: record.fallback_reason})
-        record.first_reply_at = time.perf_counter()
-        self.metrics.first_reply(record)
-        if isinstance(first, ErrorReply):
-            return error_response(first, headers)
-        record.prompt_tokens, record.completion_tokens = first.prompt_tokens, first.completion_tokens
-        if isinstance(first, FullReply):
-            self._charge(key, record)
-            return Response(first.body, media_type="application/json", headers=headers)
-        deadline = since + model.timeouts.total_s
-        return StreamingResponse(self._relay(first, stream, record, deadline, key), media_type="text/event-stream",
-                                 headers={**_SSE_HEADERS, **headers})
 
     async def _call(self, endpoint: Endpoint, model: RoutedModel, body: RequestBody, record: RequestRecord,
                     key: ApiKey | None, streaming: bool) -> tuple[EngineItem, Any, RoutedModel, float]:
@@ -172,28 +244,82 @@ class OpenAIRouter:
                 reject_media(body)
             except OpenAIError:
                 return False
-        return True
+        return media_urls_allowed(body, model)  # the request's hosts, already resolved by check_media_urls
 
-    async def _admit(self, key: ApiKey | None) -> dict[str, str]:
-        """A limited key's turn: its rate-limit headers, or a 429 when it has used its minute's allowance."""
+    async def _admit(self, key: ApiKey | None, body: RequestBody, model: RoutedModel,
+                     record: RequestRecord) -> Hold:
+        """A limited key's turn: its slot and the request's token reservation taken (:mod:`router.limits`), or a
+        429 saying which limit refused it. The key-limits replica gets a bounded wait; past it, or when the call
+        fails, ``routers.key_limits_unavailable`` decides (:meth:`_limits_unavailable`)."""
         if key is None or not key.limited or self.limits is None:
-            return {}
-        admission: Admission = await self.limits.admit.remote(key.name, key.requests_per_minute,
-                                                              key.tokens_per_minute)
-        if not admission.allowed:
-            raise OpenAIError(429, f"Rate limit reached for `{key.name}` on {admission.limited_by} per minute. "
-                              f"Retry in {admission.retry_after_s:.1f}s.", "rate_limit_error", None,
-                              "rate_limit_exceeded", admission.retry_after_s, dict(admission.headers))
-        return dict(admission.headers)
+            return Hold()
+        tokens = self._reservation(key, body)
+        # Past the longest the request can live (its model's time, then each fallback's), a reservation left
+        # unreleased was held by a router that died.
+        hold_s = model.timeouts.total_s + sum(self.models[name].timeouts.total_s for name in model.fallbacks)
+        call = None
+        reservation = uuid.uuid4().hex  # ours, so that an admission we stop waiting for can be released
+        try:
+            call = self.limits.admit.remote(key.name, key.requests_per_minute, key.tokens_per_minute, tokens,
+                                            key.max_concurrent_requests, hold_s + RESERVATION_MARGIN_S,
+                                            reservation=reservation)
+            async with asyncio.timeout(KEY_LIMITS_TIMEOUT_S):
+                admission: Admission = await call
+        except (TimeoutError, RayError, RayServeException) as exc:  # the replica is slow, gone or unreachable
+            cancel(call)
+            # A slow replica may still admit it: released now, it will hold nothing of the key's when it does.
+            Hold(self.limits, reservation, record).release()
+            return self._limits_unavailable(key, exc)
+        headers = dict(admission.headers)
+        if admission.allowed:
+            return Hold(self.limits, admission.reservation, record, headers)
+        if admission.oversize:
+            raise OpenAIError(429, f"Request too large for `{key.name}` on tokens per minute: limit "
+                              f"{key.tokens_per_minute}, requested {tokens} (the prompt's estimate and the "
+                              "completion tokens it may generate, `n` × `max_tokens`). Reduce the prompt, "
+                              "`max_tokens` or `n`.", "rate_limit_error", None, "rate_limit_exceeded", None, headers)
+        if admission.limited_by == "concurrent":
+            raise OpenAIError(429, f"Too many concurrent requests for `{key.name}`: at most "
+                              f"{key.max_concurrent_requests} at once. Retry when one has finished.",
+                              "rate_limit_error", None, "concurrency_limit_exceeded", admission.retry_after_s,
+                              headers)
+        raise OpenAIError(429, f"Rate limit reached for `{key.name}` on {admission.limited_by} per minute. "
+                          f"Retry in {admission.retry_after_s:.1f}s.", "rate_limit_error", None,
+                          "rate_limit_exceeded", admission.retry_after_s, headers)
 
-    def _charge(self, key: ApiKey | None, record: RequestRecord) -> None:
-        if key is not None and key.tokens_per_minute and self.limits is not None:
-            # Not awaited: the answer need not wait for the bookkeeping.
-            self.limits.charge.remote(key.name, key.tokens_per_minute,
-                                      record.prompt_tokens + record.completion_tokens)
+    def _reservation(self, key: ApiKey, body: RequestBody) -> int:
+        """The tokens the request may cost, reserved against the key's tokens per minute at admission: its
+        prompt's estimate, and for each output its ``max_tokens``, or when unset the configured default, but no
+        more of that than the key's minute leaves after the prompt (the client asked for no particular length, so
+        it is not refused as too large)."""
+        if not key.tokens_per_minute:
+            return 0
+        prompt = prompt_tokens_estimate(body)
+        outputs = output_count(body)
+        asked = completion_tokens_limit(body)
+        if asked is not None:
+            return prompt + outputs * asked
+        default = outputs * self.config.routers.default_completion_tokens
+        return prompt + min(default, max(0, key.tokens_per_minute - prompt))
+
+    def _limits_unavailable(self, key: ApiKey, exc: Exception) -> Hold:
+        """The key-limits replica did not answer: refuse (503, so no key exceeds its limits) or admit without
+        limits, as ``routers.key_limits_unavailable`` says; logged once a period, not once per request."""
+        refuse = self.config.routers.key_limits_unavailable == "refuse"
+        now = time.monotonic()
+        if now - self.limits_warned_at >= KEY_LIMITS_WARN_EVERY_S:
+            self.limits_warned_at = now
+            logger.warning("key limits unavailable (%s); %s limited keys' requests until they answer again",
+                           type(exc).__name__ if not isinstance(exc, TimeoutError)
+                           else f"no answer within {KEY_LIMITS_TIMEOUT_S:g}s",
+                           "refusing" if refuse else "admitting without limits")
+        if refuse:
+            raise OpenAIError(503, "Rate limits cannot be checked right now. Retry shortly.", "server_error", None,
+                              "limits_unavailable", KEY_LIMITS_RETRY_AFTER_S)
+        return Hold()
 
     async def _relay(self, first: Chunk, rest: DeploymentResponseGenerator, record: RequestRecord,
-                     deadline: float, key: ApiKey | None) -> AsyncIterator[str | bytes]:
+                     deadline: float, hold: Hold) -> AsyncIterator[str | bytes]:
         """Pass SSE events through as they arrive, keeping count of tokens: the first came on the Serve call, the
         rest come on the stream's channel (:mod:`router.channel_client`).
 
@@ -247,7 +373,7 @@ class OpenAIRouter:
             if channel is not None:
                 channel.close()
             cancel(rest)
-            self._charge(key, record)
+            hold.release()
 
     @staticmethod
     async def _within(deadline: float, step: Awaitable[T]) -> T:
@@ -291,19 +417,32 @@ def build_http_app(router: OpenAIRouter) -> FastAPI:
     install_error_handlers(app)
     install_middleware(app, router.metrics, router.auth, router.config.max_request_bytes)
 
-    @app.post("/v1/chat/completions")
+    def capped(endpoint: Endpoint) -> Any:
+        """The request caps (``request_limits``) of an endpoint, as a dependency: FastAPI runs dependencies after
+        parsing the JSON (``request.json()`` returns that same parse) and before validating the body model, so an
+        oversized list is refused before a single object is built for it."""
+        async def check(request: Request) -> None:
+            try:
+                raw = await request.json()
+            except ValueError:  # not JSON: the body model's validation says so
+                return
+            check_request_caps(endpoint, raw, router.config.request_limits)
+
+        return Depends(check)
+
+    @app.post("/v1/chat/completions", dependencies=[capped("chat")])
     async def chat_completions(body: ChatCompletionBody, request: Request) -> Response:
         return await router.forward("chat", body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=[capped("completions")])
     async def completions(body: CompletionBody, request: Request) -> Response:
         return await router.forward("completions", body, request)
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", dependencies=[capped("embeddings")])
     async def embeddings(body: EmbeddingBody, request: Request) -> Response:
         return await router.forward("embeddings", body, request)
 
-    @app.post("/v1/responses")
+    @app.post("/v1/responses", dependencies=[capped("responses")])
     async def responses(body: ResponsesBody, request: Request) -> Response:
         reject_stateful(body)
         return await router.forward("responses", body, request)

@@ -2,9 +2,15 @@
 
 Order matters, and :func:`install_middleware` fixes it. The request log is outermost, so every answer, a 401 or
 a 413 too, carries an ``X-Request-Id`` and gets its log line and metrics. Authentication comes next, so a client
-without a valid key learns nothing about the body rules and costs no body read; the size limit runs last, so no
-oversized body is ever parsed. All are plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which would wrap
-every streamed response in an extra task and break the cancellation that aborts engine requests.
+without a valid key learns nothing about the body rules and costs no body read (and one that keeps failing is
+throttled: :mod:`router.auth_throttle`); the size limit runs last, so no oversized body is ever parsed. All are
+plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which would wrap every streamed response in an extra
+task and break the cancellation that aborts engine requests.
+
+Metric labels take values from fixed sets only, whatever a client sends: a request's ``endpoint`` is the template
+of the route it matched (``/v1/models/{model_id}``), or ``other`` when none did, never its path; otherwise every
+made-up URL would be a new time series in every router replica and in Prometheus. The access log keeps the path
+too (``path``, cut to :data:`LOGGED_PATH_CHARS`): which URL a misconfigured client asks for is worth seeing there.
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ import time
 import uuid
 from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.replies import ErrorReply
 from router.auth import CHALLENGE, ApiKeyAuth
+from router.auth_throttle import ClientAddresses, FailedAuthThrottle
 from router.errors import error_response
 from router.telemetry import GatewayMetrics, RequestRecord, access_log
 
@@ -29,6 +37,10 @@ PROTECTED_PREFIX = "/v1/"
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 RECORD_KEY = "rayroute_record"  # where the request's RequestRecord lives in scope["state"]
 API_KEY_KEY = "rayroute_api_key"  # where the caller's ApiKey lives in scope["state"] (absent without auth)
+OTHER_ENDPOINT = "other"  # the endpoint label of a request no route matched
+# The access log keeps a request's path as sent, cut to this many characters: enough for any real route and model
+# id, and a client cannot make a line as long as it likes.
+LOGGED_PATH_CHARS = 256
 
 
 class RequestLogMiddleware:
@@ -45,17 +57,25 @@ class RequestLogMiddleware:
             return
         offered = _header(scope, b"x-request-id")
         request_id = offered if offered and _CLIENT_REQUEST_ID.match(offered) else f"req-{uuid.uuid4().hex}"
-        record = RequestRecord(request_id=request_id, endpoint=scope["path"], model="", served_model="")
+        record = RequestRecord(request_id=request_id, endpoint=route_template(scope), model="", served_model="",
+                               path=scope["path"][:LOGGED_PATH_CHARS])
         scope.setdefault("state", {})[RECORD_KEY] = record
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 record.status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not started:  # Starlette's outermost handler answers 500, outside this middleware
+                record.status = 500
+            raise
         finally:
             record.finished_at = time.perf_counter()
             self.metrics.finished(record)
@@ -63,15 +83,24 @@ class RequestLogMiddleware:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, auth: ApiKeyAuth):
+    """401 for a missing or wrong key, or 429 once its client address has failed too often (``throttle``)."""
+
+    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, throttle: FailedAuthThrottle, addresses: ClientAddresses):
         self.app = app
         self.auth = auth
+        self.throttle = throttle
+        self.addresses = addresses
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX) and self.auth.enabled:
             found = self.auth.check(_header(scope, b"authorization"))
             if isinstance(found, ErrorReply):
-                await error_response(found, CHALLENGE)(scope, receive, send)
+                client = scope.get("client")
+                address = self.addresses(client[0] if client else None, _headers(scope, b"x-forwarded-for"))
+                wait = self.throttle.failed(address)
+                if wait is not None:
+                    found = self.throttle.reply(wait)
+                await error_response(found, CHALLENGE if wait is None else None)(scope, receive, send)
                 return
             scope.setdefault("state", {})[API_KEY_KEY] = found
             record = scope["state"].get(RECORD_KEY)
@@ -119,11 +148,29 @@ class BodySizeLimitMiddleware:
         await error_response(reply)(scope, receive, send)
 
 
-def install_middleware(app: Any, metrics: GatewayMetrics, auth: ApiKeyAuth, max_request_bytes: int) -> None:
+def install_middleware(app: Any, metrics: GatewayMetrics, auth: ApiKeyAuth, max_request_bytes: int,
+                       throttle: FailedAuthThrottle | None = None, addresses: ClientAddresses | None = None) -> None:
+    """``throttle`` and ``addresses``: the failed-key throttle and how a client's address is found behind proxies;
+    by default, as :mod:`deployments.constants` sets them. Each app has its own throttle, so each router replica."""
     # add_middleware wraps what is already there: the last one added runs first. So: log, auth, size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_bytes)
-    app.add_middleware(ApiKeyMiddleware, auth=auth)
+    app.add_middleware(ApiKeyMiddleware, auth=auth, throttle=throttle or FailedAuthThrottle(),
+                       addresses=addresses or ClientAddresses())
     app.add_middleware(RequestLogMiddleware, metrics=metrics)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route the request matches (as Starlette's router will pick it: the first full
+    match, else the first that matches all but the method, which answers 405), or :data:`OTHER_ENDPOINT`. Asked
+    here, before routing, because authentication can answer before the router runs."""
+    partial = None
+    for route in getattr(scope.get("app"), "routes", ()):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return getattr(route, "path_format", OTHER_ENDPOINT)
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return getattr(partial, "path_format", OTHER_ENDPOINT)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -131,3 +178,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+def _headers(scope: Scope, name: bytes) -> list[str]:
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]

@@ -9,10 +9,14 @@ OpenAPI document (``/openapi.json``) says about each route.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.config import RequestLimits
+from deployments.constants import MEDIA_PART_TOKENS, PROMPT_BYTES_PER_TOKEN
+from deployments.interface import Endpoint
 from router.errors import OpenAIError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -122,3 +126,122 @@ def reject_media(body: ChatCompletionBody) -> None:
             if kind:
                 raise OpenAIError(400, f"The model `{body.model}` does not accept {kind}; send text content parts.",
                                   param=f"messages[{i}].content[{j}]", code="model_not_multimodal")
+
+
+# --- request caps ---------------------------------------------------------------------------------------------------
+
+def check_request_caps(endpoint: Endpoint, raw: Any, caps: RequestLimits) -> None:
+    """A 400 in OpenAI's words for a request larger than ``caps`` allow (:class:`deployments.config.RequestLimits`).
+
+    Reads the parsed JSON, before it becomes the body models: building 200,000 message objects costs half a second
+    of a router's CPU, counting them nothing. Anything of the wrong type is left to the body models to refuse."""
+    if not isinstance(raw, dict):
+        return
+    if endpoint == "chat":
+        messages = raw.get("messages")
+        _check_length("messages", messages, caps.max_messages)
+        _check_content_parts("messages", messages, caps.max_content_parts)
+    elif endpoint == "completions":
+        _check_batch("prompt", raw.get("prompt"), caps.max_prompt_items)
+    elif endpoint == "embeddings":
+        _check_batch("input", raw.get("input"), caps.max_prompt_items)
+    elif endpoint == "responses":
+        items = raw.get("input")
+        _check_length("input", items, caps.max_prompt_items)
+        _check_content_parts("input", items, caps.max_content_parts)
+    n = raw.get("n")
+    if endpoint in ("chat", "completions") and type(n) is int and n > caps.max_n:
+        raise OpenAIError(400, f"Invalid 'n': integer above maximum value. Expected a value <= {caps.max_n}, but "
+                          f"got {n} instead.", param="n", code="integer_above_max_value")
+
+
+def _check_length(param: str, value: Any, most: int) -> None:
+    if isinstance(value, list) and len(value) > most:
+        raise OpenAIError(400, f"Invalid '{param}': array too long. Expected an array with maximum length {most}, "
+                          f"but got an array with length {len(value)} instead.", param=param,
+                          code="array_above_max_length")
+
+
+def _check_content_parts(param: str, items: Any, most: int) -> None:
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict):
+            _check_length(f"{param}[{i}].content", item.get("content"), most)
+
+
+def _check_batch(param: str, prompt: Any, most: int) -> None:
+    """A list of texts or of token lists is a batch; a list of token ids is one prompt, however long."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        _check_length(param, prompt, most)
+
+
+# --- what a request may cost ------------------------------------------------------------------------------------------
+
+def prompt_tokens_estimate(body: RequestBody) -> int:
+    """The request's prompt tokens, estimated without a tokenizer (the engine tokenizes): UTF-8 bytes of its text
+    (messages, prompts, inputs, instructions, tools) / :data:`PROMPT_BYTES_PER_TOKEN`, token ids as they are, and
+    :data:`MEDIA_PART_TOKENS` per image, audio or video part. Reserved against the key's tokens per minute until
+    the engine's own count replaces it."""
+    size = _Size()
+    if isinstance(body, ChatCompletionBody):
+        for message in body.messages:
+            size.add(message.content)
+            size.add(message.model_extra)  # tool calls, names
+    elif isinstance(body, CompletionBody):
+        size.add(body.prompt)
+    elif isinstance(body, EmbeddingBody):
+        size.add(body.input)
+    else:
+        size.add(body.input)
+        size.add(body.instructions)
+        size.add(body.tools)
+    size.add((body.model_extra or {}).get("tools"))
+    return size.tokens + math.ceil(size.text_bytes / PROMPT_BYTES_PER_TOKEN)
+
+
+def completion_tokens_limit(body: RequestBody) -> int | None:
+    """The most tokens one output of the request may have, as the client set it (None: unset, or embeddings)."""
+    if isinstance(body, ChatCompletionBody):
+        return body.max_completion_tokens or body.max_tokens
+    if isinstance(body, CompletionBody):
+        return body.max_tokens
+    if isinstance(body, ResponsesBody):
+        return body.max_output_tokens
+    return None
+
+
+def output_count(body: RequestBody) -> int:
+    """How many outputs the request generates: ``n`` of each prompt (a completions batch has several prompts); an
+    embedding request generates none."""
+    if isinstance(body, EmbeddingBody):
+        return 0
+    n = getattr(body, "n", None) or 1
+    if isinstance(body, CompletionBody) and isinstance(body.prompt, list) and body.prompt \
+            and not isinstance(body.prompt[0], int):
+        return n * len(body.prompt)
+    return n
+
+
+class _Size:
+    """Bytes of text and counted tokens in a JSON value, media parts at their fixed estimate."""
+
+    def __init__(self) -> None:
+        self.text_bytes = 0
+        self.tokens = 0
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, str):
+            self.text_bytes += len(value) if value.isascii() else len(value.encode())
+        elif isinstance(value, bool) or value is None:
+            return
+        elif isinstance(value, int):
+            self.tokens += 1  # a token id
+        elif isinstance(value, list):
+            for item in value:
+                self.add(item)
+        elif isinstance(value, dict):
+            if value.get("type") in MEDIA_PARTS or value.get("type") in ("input_image", "input_file"):
+                self.tokens += MEDIA_PART_TOKENS
+                return
+            for key, item in value.items():
+                self.text_bytes += len(key)
+                self.add(item)

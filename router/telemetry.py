@@ -8,6 +8,11 @@ Labels: ``model`` is the name the client sent (an alias stays an alias), ``serve
 it. Token counters move by exactly the ``usage`` clients received; a stream whose client left counts the tokens
 generated until then.
 
+Every label value comes from a fixed set, so no client can make new series: ``model`` and ``served_model`` are
+configured names (empty before a request is routed; :data:`OTHER` for a pair the router was not built with, which
+would be a bug), ``endpoint`` a route's template or ``other`` (:mod:`router.middleware`), ``status_code`` a status
+the router answered with, ``fallback`` a configured name and ``reason`` one of the fallback error codes.
+
 The access log never holds a prompt, an output or a key: ids, model, status, token counts and timings only.
 """
 
@@ -47,6 +52,7 @@ _TOKEN_GAP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 GAP_SAMPLE_EVERY = 8
 _ROUTER_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]
 _MODEL = ("model", "served_model")
+OTHER = "other"  # the model labels of a pair the metrics were not built with
 
 
 class GatewayMetrics:
@@ -82,7 +88,8 @@ class GatewayMetrics:
         # The router keeps the gauges' counts and publishes them every GAUGE_PUBLISH_S (see publish_gauges), every
         # configured model from the start: Ray exports a gauge only while it is being set, so a gauge set when
         # requests start and end would be "No data" on the dashboard whenever a model is idle.
-        models = list(models)  # read twice below: a generator would leave the second dict empty
+        models = list(models)  # read more than once below: a generator would leave the rest empty
+        self._labelled = {*models, ("", "")}  # the only model label pairs; "": not routed (yet)
         self._in_flight: dict[tuple[str, str], int] = dict.fromkeys(models, 0)
         self._waiting: dict[tuple[str, str], int] = dict.fromkeys(models, 0)
         self._publisher: asyncio.Task | None = None
@@ -107,12 +114,13 @@ class GatewayMetrics:
     def first_reply(self, record: RequestRecord) -> None:
         self._move(self._waiting, record, -1)
         if record.first_reply_at is not None:
-            self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=record.tags)
+            self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=self._tags(record))
 
     def fell_back(self, record: RequestRecord, model: str, served_model: str, reason: str) -> None:
         """The request goes to a fallback: it is counted, and from now on it is that model's (its gauges, tokens
         and access-log line)."""
-        self.fallbacks.inc(1, tags={**record.tags, "fallback": model, "reason": reason})
+        fallback = model if (model, served_model) in self._labelled else OTHER
+        self.fallbacks.inc(1, tags={**self._tags(record), "fallback": fallback, "reason": reason})
         self._move(self._in_flight, record, -1)
         self._move(self._waiting, record, -1)
         if record.fallback_from is None:
@@ -125,7 +133,7 @@ class GatewayMetrics:
     def token_gap(self, record: RequestRecord, seconds: float) -> None:
         record.gaps += 1
         if record.gaps % GAP_SAMPLE_EVERY == 1 % GAP_SAMPLE_EVERY:
-            self.inter_token_latency.observe(seconds, tags=record.tags)
+            self.inter_token_latency.observe(seconds, tags=self._tags(record))
 
     def finished(self, record: RequestRecord) -> None:
         """Once per API request, whatever its end: answered, rejected, failed, or abandoned by its client.
@@ -133,7 +141,7 @@ class GatewayMetrics:
         A request rejected before it was routed (bad key, bad body, unknown model) has empty model labels: a
         client's made-up model names must not become label values.
         """
-        tags = record.tags
+        tags = self._tags(record)
         if record.dispatched_at is not None:
             if record.first_reply_at is None:
                 self._move(self._waiting, record, -1)
@@ -146,9 +154,16 @@ class GatewayMetrics:
             self.completion_tokens.inc(record.completion_tokens, tags=tags)
         self.request_duration.observe(record.duration, tags={**tags, "endpoint": record.endpoint})
 
-    @staticmethod
-    def _move(counts: dict[tuple[str, str], int], record: RequestRecord, delta: int) -> None:
-        key = (record.model, record.served_model)
+    def _tags(self, record: RequestRecord) -> dict[str, str]:
+        """The request's model labels: configured names only."""
+        pair = (record.model, record.served_model)
+        if pair not in self._labelled:
+            pair = (OTHER, OTHER)
+        return {"model": pair[0], "served_model": pair[1]}
+
+    def _move(self, counts: dict[tuple[str, str], int], record: RequestRecord, delta: int) -> None:
+        tags = self._tags(record)
+        key = (tags["model"], tags["served_model"])
         counts[key] = counts.get(key, 0) + delta
 
 
@@ -157,9 +172,10 @@ class RequestRecord:
     """One request as the router saw it, filled in as it goes."""
 
     request_id: str
-    endpoint: str
+    endpoint: str  # the route's template, or "other" (a metric label)
     model: str
     served_model: str
+    path: str = ""  # as the client sent it, cut short (the access log's, never a label)
     arrived_at: float = field(default_factory=time.perf_counter)
     dispatched_at: float | None = None
     first_reply_at: float | None = None
@@ -175,10 +191,6 @@ class RequestRecord:
     fallback_reason: str | None = None  # the error code that sent it to the fallback
 
     @property
-    def tags(self) -> dict[str, str]:
-        return {"model": self.model, "served_model": self.served_model}
-
-    @property
     def duration(self) -> float:
         return (self.finished_at or time.perf_counter()) - self.arrived_at
 
@@ -187,7 +199,7 @@ class RequestRecord:
             return None if start is None or end is None else round((end - start) * 1000, 2)
 
         return json.dumps({
-            "request_id": self.request_id, "endpoint": self.endpoint, "model": self.model,
+            "request_id": self.request_id, "endpoint": self.endpoint, "path": self.path, "model": self.model,
             "served_model": self.served_model, "status": self.status, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "ttft_ms": ms(self.arrived_at, self.first_reply_at),
             "duration_ms": ms(self.arrived_at, self.finished_at), "client_disconnected": self.client_disconnected,

@@ -16,6 +16,7 @@ import yaml
 from router.ray_auth import read_token
 from tests.harness import (
     API_KEYS,
+    HASHED_KEY,
     RAY_AUTH_ENV,
     Cluster,
     HarnessError,
@@ -79,6 +80,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     except HarnessError as exc:
         pytest.fail(str(exc))
     # No log line of the whole run, the launcher's or any Ray process's, holds a key, a key's hash or Ray's token.
-    secrets = [entry["key"] for entry in API_KEYS if "key" in entry] + [read_token()]
+    secrets = [entry["key"] for entry in API_KEYS if "key" in entry] + [HASHED_KEY, read_token()]
     leaked = secrets_in_logs([tmp / "serve.log", *logs.rglob("*")], secrets)
     assert not leaked, leaked

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import re
@@ -38,12 +39,16 @@ ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-test-" + "0123456789abcdef"
 LIMITED_KEY = "sk-limited-" + "0123456789"  # may use the default chat and embedding models, 4 requests a minute
 TOKENS_KEY = "sk-tokens-" + "0123456789"  # 60 tokens a minute
+HASHED_KEY = "sk-hashed-" + "0123456789abcdef"  # in the keys file only as its sha256 (key_sha256)
+ROOMY_KEY = "sk-roomy-" + "0123456789abcdef"  # limited, with room: its requests always ask the key-limits replica
 API_KEYS = [
     {"name": "tests", "key": API_KEY},
-    {"name": "other", "key": "sk-other-key"},
+    {"name": "other", "key": "sk-other-key-0123456789"},
     {"name": "limited", "key": LIMITED_KEY, "models": ["smollm2-135m-instruct", "all-minilm-l6-v2"],
      "requests_per_minute": 4},
     {"name": "tokens", "key": TOKENS_KEY, "tokens_per_minute": 60},
+    {"name": "hashed", "key_sha256": hashlib.sha256(HASHED_KEY.encode()).hexdigest()},
+    {"name": "roomy", "key": ROOMY_KEY, "requests_per_minute": 100_000},
 ]
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SECOND_MODEL = "acme/smollm2-135m:copy"  # also the backpressure subject: one request at a time, one queued
@@ -187,7 +192,8 @@ def e2e_config(tmp_path: Path) -> Path:
     first["aliases"] = [ALIAS, METRICS_ALIAS]
     # One compute thread for the copies: with several busy engines on two cores, more would only fight over them.
     one_cpu = {**first["resources"], "cpus": 1}
-    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True, "resources": one_cpu,
+    models.append({**first, "id": SECOND_MODEL, "aliases": [], "multimodal": True,
+                   "allowed_media_domains": ["images.example.com"], "resources": one_cpu,
                    "max_ongoing_requests": 1, "max_queued_requests": 1,
                    "timeouts": {"total_s": TOTAL_TIMEOUT_SECOND_S}})
     # It also holds only 1,024 tokens and falls back to the default model (4,096) for longer prompts.
@@ -357,20 +363,20 @@ class LocalLimits:
         self.limits = KeyLimits()
 
     def __getattr__(self, method: str) -> SimpleNamespace:
-        async def result(*args: Any) -> Any:
-            return getattr(self.limits, method)(*args)
+        async def result(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self.limits, method)(*args, **kwargs)
 
-        def remote(*args: Any) -> Any:
-            return result(*args) if method == "admit" else getattr(self.limits, method)(*args)
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            return result(*args, **kwargs) if method == "admit" else getattr(self.limits, method)(*args, **kwargs)
 
         return SimpleNamespace(remote=remote)
 
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 ROUTER_KEYS = [
-    {"name": "free", "key": "sk-free-0000", "models": ["gpt-4o-mini"], "requests_per_minute": 2},
-    {"name": "tokens", "key": "sk-tokens-00", "tokens_per_minute": 10},
-    {"name": "admin", "key": "sk-admin-000"},
+    {"name": "free", "key": "sk-free-0000-0123456789", "models": ["gpt-4o-mini"], "requests_per_minute": 2},
+    {"name": "tokens", "key": "sk-tokens-00-0123456789", "tokens_per_minute": 10},
+    {"name": "admin", "key": "sk-admin-000-0123456789"},
 ]
 
 
@@ -394,7 +400,7 @@ def router_client(handle: FakeHandle, monkeypatch: Any, others: dict[str, FakeHa
     return TestClient(build_http_app(router), raise_server_exceptions=False)
 
 
-def chat(client: Any, key: str = "sk-admin-000", **body: Any) -> Any:
+def chat(client: Any, key: str = "sk-admin-000-0123456789", **body: Any) -> Any:
     return client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES, **body},
                        headers={"Authorization": f"Bearer {key}"})
 

@@ -21,12 +21,13 @@ from tests.harness import FakeHandle, router_client
 from tests.harness import chat as chat_with_key
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-KEY = "sk-unit"
+KEY = "sk-unit-" + "0123456789abcdef"
+OTHER_KEY = "sk-other-" + "0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 CONFIG = {
     "models": [
         {"id": "chat-a", "aliases": ["gpt-4o-mini"]},
-        {"id": "org/chat-b:v1", "multimodal": True},
+        {"id": "org/chat-b:v1", "multimodal": True, "allowed_media_domains": ["images.example.com"]},
     ],
     "max_request_bytes": 4096,
 }
@@ -51,7 +52,7 @@ def engines() -> dict[str, FakeHandle]:
 
 @pytest.fixture
 def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    monkeypatch.setenv("RAYROUTE_API_KEYS", f"sk-other,{KEY}")
+    monkeypatch.setenv("RAYROUTE_API_KEYS", f"{OTHER_KEY},{KEY}")
     return TestClient(build_http_app(OpenAIRouter(CONFIG, engines)), raise_server_exceptions=False)
 
 
@@ -238,9 +239,10 @@ def test_body_over_the_limit_is_413(client: TestClient, engines) -> None:
 # --- authentication ----------------------------------------------------------------------------------------------
 
 def test_api_keys_from_env() -> None:
-    keys = load_api_keys({"RAYROUTE_API_KEYS": " a, b ,,c "})
+    a, b, c = ("sk-" + letter * 20 for letter in "abc")
+    keys = load_api_keys({"RAYROUTE_API_KEYS": f" {a}, {b} ,,{c} "})
     assert [(k.name, k.key.get_secret_value(), k.models, k.limited) for k in keys] == [
-        ("key-1", "a", None, False), ("key-2", "b", None, False), ("key-3", "c", None, False)]
+        ("key-1", a, None, False), ("key-2", b, None, False), ("key-3", c, None, False)]
     assert load_api_keys({}) == ()
 
 
@@ -256,7 +258,7 @@ def test_bad_credentials_are_401(client: TestClient, header: str | None) -> None
         assert KEY not in response.text
 
 
-@pytest.mark.parametrize("key", ["sk-other", KEY])
+@pytest.mark.parametrize("key", [OTHER_KEY, KEY])
 def test_any_configured_key_passes(client: TestClient, key: str) -> None:
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
@@ -269,8 +271,9 @@ def test_a_rewritten_keys_file_takes_effect_and_a_bad_one_changes_nothing(tmp_pa
 
     from router.auth import ApiKeyAuth, follow_keys_file
 
+    old, ops, new, bad = (f"sk-{which}-key-0123456789" for which in ("old", "ops", "new", "bad"))
     path = tmp_path / "keys.yaml"
-    path.write_text("- {name: team, key: sk-old-key-0001}\n- {name: ops, key: sk-ops-key-0001}\n")
+    path.write_text(f"- {{name: team, key: {old}}}\n- {{name: ops, key: {ops}}}\n")
     auth = ApiKeyAuth(load_api_keys({"RAYROUTE_API_KEYS_FILE": str(path)}))
 
     def allowed(key: str) -> bool:
@@ -279,17 +282,17 @@ def test_a_rewritten_keys_file_takes_effect_and_a_bad_one_changes_nothing(tmp_pa
     async def rotate() -> None:
         follower = asyncio.create_task(follow_keys_file(auth, path, every=0.01))
         await asyncio.sleep(0.05)
-        assert allowed("sk-old-key-0001")
-        path.write_text("- {name: team, key: sk-new-key-0002}\n- {name: ops, key: sk-ops-key-0001}\n")
+        assert allowed(old)
+        path.write_text(f"- {{name: team, key: {new}}}\n- {{name: ops, key: {ops}}}\n")
         await asyncio.sleep(0.05)
-        assert allowed("sk-new-key-0002") and allowed("sk-ops-key-0001") and not allowed("sk-old-key-0001")
-        for broken in ("- {name: team, key: sk-bad-key-0003, models: nope}\n", "- [not a key\n", "", "[]"):
+        assert allowed(new) and allowed(ops) and not allowed(old)
+        for broken in (f"- {{name: team, key: {bad}, models: nope}}\n", "- [not a key\n", "", "[]"):
             path.write_text(broken)
             await asyncio.sleep(0.05)
-            assert allowed("sk-new-key-0002") and auth.names == ["team", "ops"], broken
+            assert allowed(new) and auth.names == ["team", "ops"], broken
         path.unlink()  # unreadable: said once, however many reads fail
         await asyncio.sleep(0.05)
-        assert allowed("sk-new-key-0002")
+        assert allowed(new)
         follower.cancel()
 
     with caplog.at_level(logging.INFO, logger="rayroute.router"):
@@ -409,7 +412,7 @@ def test_an_adapter_is_a_model_answered_by_its_bases_replicas(monkeypatch, acces
     assert [options.get("multiplexed_model_id") for options in base.call_options] == ["chat-a-pirate", None]
     line = json.loads(access_log_lines[0])
     assert (line["model"], line["served_model"]) == ("chat-a-pirate", "chat-a-pirate")  # counted under its name
-    admin = {"Authorization": "Bearer sk-admin-000"}
+    admin = {"Authorization": "Bearer sk-admin-000-0123456789"}
     cards = {card["id"]: card for card in client.get("/v1/models", headers=admin).json()["data"]}
     assert cards["chat-a-pirate"]["parent"] == "chat-a" and "parent" not in cards["chat-a"]
     assert client.get("/v1/models/chat-a-pirate", headers=admin).json()["parent"] == "chat-a"
@@ -421,8 +424,8 @@ def test_a_key_that_may_use_a_base_model_may_not_use_its_adapters(monkeypatch) -
     """Key ``free`` lists ``gpt-4o-mini``, chat-a's alias; an alias is the same model, an adapter is another."""
     base = FakeHandle(echo_answer("chat-a"))
     client = router_client(base, monkeypatch, adapters={"chat-a-pirate": "org/pirate-lora"})
-    assert chat_with_key(client, key="sk-free-0000", model="gpt-4o-mini").status_code == 200
-    refused = chat_with_key(client, key="sk-free-0000", model="chat-a-pirate")
+    assert chat_with_key(client, key="sk-free-0000-0123456789", model="gpt-4o-mini").status_code == 200
+    refused = chat_with_key(client, key="sk-free-0000-0123456789", model="chat-a-pirate")
     assert refused.status_code == 403 and error_of(refused)["code"] == "model_not_allowed"
     assert len(base.calls) == 1
 

@@ -179,7 +179,7 @@ def test_a_key_never_reaches_a_model_through_a_fallback(monkeypatch) -> None:
     client = router_client(FakeHandle.scripted([BackPressureError(num_queued_requests=5, max_queued_requests=5)]),
                            monkeypatch, {"chat-b": fallback}, fallbacks=["chat-b"])
     response = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
-                           headers={"Authorization": "Bearer sk-free-0000"})
+                           headers={"Authorization": "Bearer sk-free-0000-0123456789"})
     assert response.status_code == 429 and response.json()["error"]["code"] == "model_at_capacity"
     assert not fallback.calls
 
@@ -198,19 +198,19 @@ def test_a_fallback_must_be_a_configured_name_not_the_model_itself() -> None:
 
 def test_key_limited_to_some_models_gets_403_for_others(monkeypatch) -> None:
     client = router_client(FakeHandle.scripted(ok()), monkeypatch)
-    response = chat(client, key="sk-free-0000")
+    response = chat(client, key="sk-free-0000-0123456789")
     assert response.status_code == 403
     assert response.json()["error"] == {"message": "This API key may not use the model `chat-a`.",
                                         "type": "permission_error", "param": "model", "code": "model_not_allowed"}
     response = client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
-                           headers={"Authorization": "Bearer sk-free-0000"})
+                           headers={"Authorization": "Bearer sk-free-0000-0123456789"})
     assert response.status_code == 200
 
 
 def test_requests_per_minute_limit(monkeypatch) -> None:
     client = router_client(FakeHandle.scripted(ok()), monkeypatch)
     answers = [client.post("/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES},
-                           headers={"Authorization": "Bearer sk-free-0000"}) for _ in range(3)]
+                           headers={"Authorization": "Bearer sk-free-0000-0123456789"}) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 429]
     assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
     assert answers[0].headers["x-ratelimit-remaining-requests"] == "1"
@@ -227,9 +227,9 @@ def test_requests_per_minute_limit(monkeypatch) -> None:
 
 def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
     client = router_client(FakeHandle.scripted(ok(prompt=6, completion=6)), monkeypatch)
-    first = chat(client, key="sk-tokens-00")
-    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "10"
-    second = chat(client, key="sk-tokens-00")  # 12 used of 10: refused until it refills
+    first = chat(client, key="sk-tokens-00-0123456789", max_tokens=5)  # reserves 1 (the prompt's estimate) + 5
+    assert first.status_code == 200 and first.headers["x-ratelimit-remaining-tokens"] == "4"
+    second = chat(client, key="sk-tokens-00-0123456789", max_tokens=1)  # 12 used of 10: refused until it refills
     assert second.status_code == 429
     assert second.headers["x-ratelimit-remaining-tokens"] == "0"
     assert "tokens per minute" in second.json()["error"]["message"]
@@ -237,8 +237,8 @@ def test_tokens_per_minute_limit_charges_what_was_used(monkeypatch) -> None:
 
 def test_streamed_tokens_are_charged(monkeypatch) -> None:
     client = router_client(FakeHandle.scripted([*stream_of(*"abcdefgh"), Chunk("data: [DONE]\n\n", 3, 8)]), monkeypatch)
-    assert chat(client, key="sk-tokens-00", stream=True).status_code == 200
-    assert chat(client, key="sk-tokens-00", stream=True).status_code == 429  # 3 + 8 > 10
+    assert chat(client, key="sk-tokens-00-0123456789", stream=True).status_code == 200
+    assert chat(client, key="sk-tokens-00-0123456789", stream=True).status_code == 429  # 3 + 8 > 10
 
 
 def test_token_bucket_refills_at_the_per_minute_rate() -> None:
@@ -250,7 +250,8 @@ def test_token_bucket_refills_at_the_per_minute_rate() -> None:
     assert not refused.allowed and refused.limited_by == "requests"
     assert refused.retry_after_s == pytest.approx(1.0)
     assert limits.admit("k", 60, None, now=1.0).allowed  # one a second comes back
-    limits.charge("k", 100, 150, now=1.0)
+    held = limits.admit("k", None, 100, 10, now=1.0)
+    limits.release(held.reservation, 150, now=1.0)  # 150 used of the 10 reserved
     tokens = limits.admit("k", None, 100, now=1.0)
     assert not tokens.allowed and tokens.limited_by == "tokens"
     assert tokens.retry_after_s == pytest.approx(51 * 0.6)  # from -50 to 1 at 100/min
@@ -353,6 +354,7 @@ def test_prefix_router_reads_the_prompt_from_rayroute_bodies(body: dict, text: s
 
 def test_replica_choice_selects_the_deployments_request_router() -> None:
     from deployments.app import engine_deployment
+    from deployments.prefix_routing import router_kwargs
 
     model = {"id": "m", "source": "org/m"}
     default = engine_deployment(ModelConfig.model_validate(model))
@@ -360,4 +362,4 @@ def test_replica_choice_selects_the_deployments_request_router() -> None:
     assert "PowerOfTwo" in str(default._deployment_config.request_router_config.request_router_class)
     assert prefix._deployment_config.request_router_config.request_router_class == (
         "deployments.prefix_routing.PrefixCacheRouter")
-    assert prefix._deployment_config.request_router_config.request_router_kwargs == {"imbalanced_threshold": 8}
+    assert prefix._deployment_config.request_router_config.request_router_kwargs == router_kwargs()

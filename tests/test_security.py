@@ -24,7 +24,7 @@ import pytest
 from router.haproxy import REQUEST_TIMEOUT_S
 from router.ray_auth import read_token
 from tests.big_body import refuse_big_bodies_during_a_stream
-from tests.harness import API_KEY, DEFAULT_MODEL, SECOND_MODEL, Cluster
+from tests.harness import API_KEY, DEFAULT_MODEL, HASHED_KEY, SECOND_MODEL, Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -80,6 +80,12 @@ def test_a_replica_grpc_server_refuses_a_call_without_the_token(cluster: Cluster
     assert with_token not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK), with_token
 
 
+def test_a_key_kept_only_as_its_hash_is_accepted(cluster: Cluster) -> None:
+    response = httpx.get(cluster.base_url + "/v1/models", headers={"Authorization": f"Bearer {HASHED_KEY}"},
+                         timeout=30)
+    assert response.status_code == 200, response.text
+
+
 # --- bounded metric series -------------------------------------------------------------------------------------
 
 def _series(cluster: Cluster) -> set[str]:
@@ -108,8 +114,9 @@ async def _unkeyed_and_unknown(cluster: Cluster, count: int) -> list[int]:
                                              json={"model": made_up, "messages": [{"role": "user", "content": "hi"}]})
         statuses.append(response.status_code)
 
-    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=60,
-                                 limits=httpx.Limits(max_connections=32)) as client:
+    # From an address of its own: its failed keys are throttled (429) and must not throttle other tests' tries.
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2", limits=httpx.Limits(max_connections=32))
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=60, transport=transport) as client:
         await asyncio.gather(*(one(client, i) for i in range(count)))
     return statuses
 
@@ -127,8 +134,9 @@ def _settled_series(cluster: Cluster) -> set[str]:
 
 
 def test_what_a_stranger_sends_grows_no_metric_series(cluster: Cluster) -> None:
-    # Every kind of answer once, so the series it makes (the route `other`, a 401, a 404) exist before counting.
-    asyncio.run(_unkeyed_and_unknown(cluster, 30))
+    # Every kind of answer on both routers, so the series they make (the route `other`, a 401, a 404, the 429 of a
+    # throttled address) exist before counting.
+    asyncio.run(_unkeyed_and_unknown(cluster, 150))
     before = _settled_series(cluster)
     statuses = asyncio.run(_unkeyed_and_unknown(cluster, 10_000))
     after = _settled_series(cluster)
