@@ -89,10 +89,13 @@ def test_a_key_kept_only_as_its_hash_is_accepted(cluster: Cluster) -> None:
 # --- bounded metric series -------------------------------------------------------------------------------------
 
 def _series(cluster: Cluster) -> set[str]:
-    """Every exported series of the router's and Serve's metrics, as ``name{labels}`` without its value."""
+    """Every exported series a client's request could add to, as ``name{labels}`` without its value: the router's
+    metrics, and any of Ray's or Serve's labelled by route, model or status (Serve's and Ray's others, such as an
+    application's status, come and go on their own schedule)."""
     text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
-    return {line.rsplit(" ", 1)[0] for line in text.splitlines()
-            if line.startswith(("ray_rayroute_", "ray_serve_")) and not line.startswith("#")}
+    series = {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+    return {name for name in series
+            if name.startswith("ray_rayroute_") or re.search(r'[{,](route|model|model_name|status_code|code)="', name)}
 
 
 async def _unkeyed_and_unknown(cluster: Cluster, count: int) -> list[int]:
