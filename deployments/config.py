@@ -350,6 +350,11 @@ class Routers(_Strict):
     """The router deployment: every request passes through one of its replicas."""
 
     replicas: int = Field(1, ge=1, description="Router replicas; per-key limits hold across all of them.")
+    trusted_proxy_hops: int = Field(
+        0, ge=0, le=8, description="Proxies in front of the endpoint that every request passes and that append to "
+        "X-Forwarded-For (an ingress controller, a cloud load balancer: 1 each), so that failed keys are throttled "
+        "per client, not per proxy. 0: clients connect to the endpoint itself. Count only proxies every request "
+        "passes: one too many would take an address the client wrote.")
     max_ongoing_requests: int = Field(4096, ge=1, description="Connections one router replica serves at once.")
     key_limits_unavailable: Literal["refuse", "allow"] = Field(
         "refuse", description="When the key-limits replica does not answer within a bounded wait (it died, or is "

@@ -87,10 +87,6 @@ AUTH_FAILURE_IPV6_PREFIX = 64
 # (HAProxy reaches a router over the loopback, or over the cluster's private network from another node or pod;
 # clients reach only HAProxy). From any other peer the peer itself is the client, whatever the header says.
 TRUSTED_PROXY_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
-# Proxies in front of HAProxy that append to X-Forwarded-For as well (a Kubernetes ingress controller, a cloud load
-# balancer): each is one entry further from the end. 0: clients connect to HAProxy itself. Too many would take an
-# entry the client wrote, so count only proxies that every request passes through.
-TRUSTED_PROXY_HOPS = 0
 
 # --- stream channels (deployments/stream_channel.py, router/channel_client.py) -------------------------------
 # How long an offered stream waits for its router to connect; a router that does not come within this has gone.

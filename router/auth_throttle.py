@@ -32,7 +32,6 @@ from deployments.constants import (
     AUTH_FAILURE_IPV6_PREFIX,
     AUTH_FAILURE_MAX_ADDRESSES,
     AUTH_FAILURE_REFILL_S,
-    TRUSTED_PROXY_HOPS,
     TRUSTED_PROXY_NETWORKS,
 )
 from deployments.replies import ErrorReply
@@ -58,7 +57,7 @@ def _ip(text: str) -> Address | None:
 class ClientAddresses:
     """Which address a request came from: ``X-Forwarded-For`` as the trusted proxies wrote it, else the peer."""
 
-    def __init__(self, trusted: Iterable[str] = TRUSTED_PROXY_NETWORKS, hops: int = TRUSTED_PROXY_HOPS):
+    def __init__(self, trusted: Iterable[str] = TRUSTED_PROXY_NETWORKS, hops: int = 0):
         self.trusted = [ipaddress.ip_network(network) for network in trusted]
         self.hops = hops
 

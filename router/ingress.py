@@ -44,6 +44,7 @@ from deployments.constants import (
 from deployments.interface import Endpoint
 from deployments.replies import Chunk, EngineItem, ErrorReply, FullReply
 from router.auth import API_KEYS_FILE_ENV, ApiKeyAuth, follow_keys_file, load_api_keys
+from router.auth_throttle import ClientAddresses
 from router.channel_client import Channel, ChannelClient
 from router.dispatch import FALLBACK_CODES, call_engine, cancel
 from router.errors import OpenAIError, error_response, install_error_handlers
@@ -415,7 +416,8 @@ Router = serve.deployment(serve.ingress()(OpenAIRouter))
 def build_http_app(router: OpenAIRouter) -> FastAPI:
     app = FastAPI(title="rayroute", version="1", summary="OpenAI-compatible API", docs_url=None, redoc_url=None)
     install_error_handlers(app)
-    install_middleware(app, router.metrics, router.auth, router.config.max_request_bytes)
+    install_middleware(app, router.metrics, router.auth, router.config.max_request_bytes,
+                       addresses=ClientAddresses(hops=router.config.routers.trusted_proxy_hops))
 
     def capped(endpoint: Endpoint) -> Any:
         """The request caps (``request_limits``) of an endpoint, as a dependency: FastAPI runs dependencies after

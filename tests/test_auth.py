@@ -194,6 +194,22 @@ def test_behind_haproxy_the_address_it_appended_is_the_client(app) -> None:
     assert haproxy.get("/v1/models", headers=other).status_code == 401  # another client behind the same HAProxy
 
 
+def test_behind_an_ingress_the_routers_config_counts_it(keys_path, monkeypatch) -> None:
+    """``routers.trusted_proxy_hops: 1``: an ingress appends the client's address, HAProxy the ingress's; clients
+    behind the one ingress are told apart by the entry before HAProxy's."""
+    monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
+    monkeypatch.setenv("RAYROUTE_API_KEYS_FILE", str(keys_path))
+    router = OpenAIRouter({**CONFIG, "routers": {"trusted_proxy_hops": 1}}, {"chat-a": FakeHandle(ok)})
+    haproxy = from_address(build_http_app(router), "127.0.0.1")
+
+    def wrong_from(client: str) -> int:
+        headers = {"X-Forwarded-For": f"{client}, 10.1.2.3", "Authorization": f"Bearer {WRONG}"}
+        return haproxy.get("/v1/models", headers=headers).status_code
+
+    assert [wrong_from("203.0.113.60") for _ in range(AUTH_FAILURE_BURST + 1)][-2:] == [401, 429]
+    assert wrong_from("203.0.113.61") == 401  # another client through the same ingress pod (10.1.2.3)
+
+
 @pytest.mark.parametrize(("peer", "forwarded", "hops", "client"), [
     ("127.0.0.1", ["203.0.113.5"], 0, "203.0.113.5"),
     ("127.0.0.1", ["1.2.3.4, 203.0.113.5"], 0, "203.0.113.5"),        # what the client wrote comes first
