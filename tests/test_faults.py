@@ -238,6 +238,7 @@ def _router_pids_of(log: Path, request_id_prefix: str) -> set[str]:
 
 
 def test_tokens_per_minute(cluster: Cluster) -> None:
+    started = time.monotonic()
     first = post_chat(cluster, key=TOKENS_KEY, model=DEFAULT_MODEL, max_tokens=40, ignore_eos=True)
     assert first.status_code == 200
     assert first.headers["x-ratelimit-limit-tokens"] == "60"
@@ -247,10 +248,11 @@ def test_tokens_per_minute(cluster: Cluster) -> None:
     assert second.status_code == 429
     assert second.headers["x-ratelimit-remaining-tokens"] == "0"
     assert "tokens per minute" in second.json()["error"]["message"]
+    elapsed = time.monotonic() - started
     # At one token a second: the overdraft (used - 60) and the 13 tokens the next request reserves (its prompt's
-    # 45 bytes / 4, rounded up, and max_tokens), less what refilled in the moments between the two requests,
-    # rounded up to whole seconds.
-    assert used - 51 <= int(second.headers["retry-after"]) <= used - 46
+    # 45 bytes / 4, rounded up, and max_tokens), rounded up to whole seconds, less what refilled since the first was
+    # admitted (its reservation left the bucket below its capacity, so it refilled while the engine worked).
+    assert used - 47 - elapsed - 1 <= int(second.headers["retry-after"]) <= used - 46
 
 
 # --- autoscaling -------------------------------------------------------------------------------------------------
@@ -434,7 +436,9 @@ def test_changing_one_model_replaces_only_its_replicas(cluster: Cluster) -> None
     unchanged = _replica_actors(cluster)
     assert {d: ids for d, ids in unchanged.items() if d != elastic} == \
         {d: ids for d, ids in after.items() if d != elastic}
-    assert unchanged[elastic] and unchanged[elastic] <= after[elastic]  # (a second replica may have scaled down)
+    # Its replica kept its actor; with max_replicas raised, the engine-load policy may have added one beside it, or
+    # taken a second away.
+    assert unchanged[elastic] & after[elastic]
 
 
 def _replica_actors(cluster: Cluster) -> dict[str, set[str]]:

@@ -144,8 +144,7 @@ def test_what_a_stranger_sends_grows_no_metric_series(cluster: Cluster) -> None:
     statuses = asyncio.run(_unkeyed_and_unknown(cluster, 10_000))
     after = _settled_series(cluster)
     assert set(statuses) <= {401, 404, 405, 429}, sorted(set(statuses))
-    assert after - before == set(), sorted(after - before)[:20]
-    assert len(after) == len(before)
+    assert after - before == set(), sorted(after - before)[:20]  # (Ray drops series left unset: fewer is fine)
 
 
 # --- media URLs ---------------------------------------------------------------------------------------------------
