@@ -53,10 +53,10 @@ $(VENV)/bin/helm: tests/helm_binary.py | setup
 
 # helm/values.schema.json is generated from the pydantic models; test_chart.py fails when it is stale.
 chart-schema: setup
-	$(PY) -m deployments.kubernetes > helm/values.schema.json
+	$(PY) -m deployments.kubernetes.chart_values > helm/values.schema.json
 
 model: setup
-	$(PY) -m deployments.local_models
+	$(PY) -m deployments.dev.local_models
 
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)

@@ -1,4 +1,4 @@
-"""One model's Serve application: its engine deployment, and nothing else.
+"""The engine applications: one per model, its engine deployment and nothing else.
 
 Each served model is an application of its own, so that Serve's declarative deploy (``serve deploy``, KubeRay's
 ``serveConfigV2``) replaces only the replicas of a model whose entry changed. Serve gives every deployment of an
@@ -10,7 +10,8 @@ The options Serve can change on running replicas (scaling, request limits: ``IN_
 ``deployments/config.py``) stay out of ``args``, in the application's ``deployments:`` overrides, which are not part
 of the code version: a new ``max_replicas`` is applied to the running engines instead of replacing them (a GPU
 engine takes minutes to load).
-``router/app.py`` expands a config file into these applications plus the router's; an application entry here is
+``router/app.py`` expands a config file into these applications (:func:`engine_applications`) plus the router's,
+and builds them (:func:`build_engine_apps`) for ``serve run``'s everything-in-one application; an entry here is
 
     {"name": "engine-smollm2-135m-instruct", "route_prefix": null,
      "import_path": "deployments.app:build_engine_app", "args": {"model": {...one entry, less IN_PLACE_FIELDS...}},
@@ -19,13 +20,14 @@ engine takes minutes to load).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
-from deployments.config import IN_PLACE_FIELDS, ModelConfig, check_engine_args
+from deployments.config import IN_PLACE_FIELDS, ModelConfig, ServeArgs, check_engine_args
 from deployments.constants import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S, PLACEMENT_STRATEGY
 from deployments.engine import VLLMEngine
 
@@ -50,6 +52,17 @@ def engine_application(model: ModelConfig) -> dict[str, Any]:
     return {"name": model.app_name, "route_prefix": None, "import_path": IMPORT_PATH,
             "args": {"model": model.model_dump(mode="json", exclude=set(IN_PLACE_FIELDS))},
             "deployments": [{"name": model.deployment_name, **model.in_place_options()}]}
+
+
+def engine_applications(config: ServeArgs, shared: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every model's entry (:func:`engine_application`), each with a copy of ``shared``: the fields of the config
+    file's entry that go to every application (``runtime_env``)."""
+    return [{**engine_application(model), **copy.deepcopy(shared)} for model in config.models]
+
+
+def build_engine_apps(config: ServeArgs) -> dict[str, Application]:
+    """Every model's application, by model id, built from its whole entry (``IN_PLACE_FIELDS`` included)."""
+    return {model.id: build_engine_app({"model": model.model_dump(mode="json")}) for model in config.models}
 
 
 def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> serve.Deployment:

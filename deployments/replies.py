@@ -31,9 +31,13 @@ class Admitted:
     """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ErrorReply:
-    """An error to send instead of a response; the router renders the OpenAI envelope."""
+    """An error to send instead of a response; the router renders the OpenAI envelope.
+
+    Made by the constructor named for its OpenAI ``type``, its parts by keyword, so a call reads as the error a
+    client will see: ``ErrorReply.rate_limit("...", code="rate_limit_exceeded", retry_after_s=3)``.
+    """
 
     status: int
     message: str
@@ -41,6 +45,35 @@ class ErrorReply:
     param: str | None = None
     code: str | None = None
     retry_after_s: float | None = None  # sent as Retry-After (429, 503)
+
+    @classmethod
+    def invalid_request(cls, message: str, *, param: str | None = None, code: str | None = None,
+                        status: int = 400) -> ErrorReply:
+        """The client's request is wrong (OpenAI also answers an unknown model, 404, with this type)."""
+        return cls(status=status, message=message, type="invalid_request_error", param=param, code=code)
+
+    @classmethod
+    def authentication(cls, message: str, *, code: str = "invalid_api_key") -> ErrorReply:
+        return cls(status=401, message=message, type="invalid_request_error", code=code)
+
+    @classmethod
+    def permission(cls, message: str, *, param: str | None = None, code: str | None = None) -> ErrorReply:
+        return cls(status=403, message=message, type="permission_error", param=param, code=code)
+
+    @classmethod
+    def rate_limit(cls, message: str, *, code: str, retry_after_s: float | None = None) -> ErrorReply:
+        return cls(status=429, message=message, type="rate_limit_error", code=code, retry_after_s=retry_after_s)
+
+    @classmethod
+    def timeout(cls, message: str, *, status: int, code: str) -> ErrorReply:
+        """408 when nothing was produced in time (the client may retry), 504 when a started request overran."""
+        return cls(status=status, message=message, type="timeout_error", code=code)
+
+    @classmethod
+    def server(cls, message: str, *, status: int = 500, code: str | None = None,
+               retry_after_s: float | None = None) -> ErrorReply:
+        """This side failed (an engine, or this code): the only kind of reply that is a 5xx."""
+        return cls(status=status, message=message, type="server_error", code=code, retry_after_s=retry_after_s)
 
     def envelope(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -149,7 +182,7 @@ def validation_error(errors: list[dict[str, Any]], body: Any, root: str | None =
         code = "missing_required_parameter"
     else:
         code = "invalid_type" if first["type"].endswith("_type") else "invalid_value"
-    return ErrorReply(400, f"{param}: {message}" if param else message, "invalid_request_error", param or None, code)
+    return ErrorReply.invalid_request(f"{param}: {message}" if param else message, param=param or None, code=code)
 
 
 def field_path(loc: tuple[Any, ...], data: Any, label: Callable[[Any], str | None] | None = None) -> str:
@@ -192,4 +225,4 @@ def from_vllm_error(response: Any, prompt_param: str) -> ErrorReply:
             param = prompt_param
     else:
         kind = "server_error"
-    return ErrorReply(status, error.message, kind, param, code)
+    return ErrorReply(status=status, message=error.message, type=kind, param=param, code=code)

@@ -1,4 +1,5 @@
-"""The Serve applications of a config file: one per model (``deployments/app.py``) and the router's.
+"""The router's Serve application, and a config file's expansion into it and one application per model (those are
+``deployments/app.py``'s).
 
 A config file (``configs/local.yaml``, the chart's ``serve`` values) holds one application entry whose ``args`` are
 rayroute's whole config. :func:`serve_applications` expands it into what Serve deploys, each application with only
@@ -28,7 +29,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from deployments.app import SERVE_LOGGING, build_engine_app, engine_application
+from deployments.app import SERVE_LOGGING, build_engine_apps, engine_applications
 from deployments.config import ConfigError, RouterArgs, load_serve_config, parse_args
 from deployments.constants import KEY_LIMITS_MAX_ONGOING
 from router.ingress import Router
@@ -51,10 +52,9 @@ def serve_applications(app: dict[str, Any]) -> list[dict[str, Any]]:
     config = parse_args(app.get("args"), origin=f"application {app.get('name')!r} args")
     shared = {k: copy.deepcopy(v) for k, v in app.items()
               if k not in ("name", "route_prefix", "import_path", "args", "deployments")}
-    engines = [{**engine_application(model), **copy.deepcopy(shared)} for model in config.models]
     router = {"name": app.get("name", "rayroute"), "route_prefix": app.get("route_prefix", "/"),
               "import_path": ROUTER_IMPORT_PATH, "args": config.router_args(), **shared}
-    return [*engines, router]
+    return [*engine_applications(config, shared), router]
 
 
 def serve_deploy_config(document: dict[str, Any]) -> dict[str, Any]:
@@ -76,8 +76,7 @@ def build_router_app(args: dict[str, Any]) -> Application:
 def build_app(args: dict[str, Any]) -> Application:
     """Everything in one application, for ``serve run`` of a config file as it is (see the module's docstring)."""
     config = parse_args(args, origin="rayroute application args")
-    engines = {model.id: build_engine_app({"model": model.model_dump(mode="json")}) for model in config.models}
-    return router_application(RouterArgs.model_validate(config.router_args()), engines)
+    return router_application(RouterArgs.model_validate(config.router_args()), build_engine_apps(config))
 
 
 def router_application(config: RouterArgs, engines: dict[str, Any]) -> Application:

@@ -139,8 +139,8 @@ class ApiKeyAuth:
         """The key the ``Authorization`` header carries, or the 401 to send."""
         scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
-            return ErrorReply(401, "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
-                              "invalid_request_error", None, "invalid_api_key")
+            return ErrorReply.authentication("You didn't provide an API key. Send it as "
+                                             "`Authorization: Bearer <key>`.")
         # Digests are all 32 bytes: compare_digest takes the same time for every key, whatever its length.
         candidate = key_digest(presented.strip())
         found = None
@@ -149,7 +149,7 @@ class ApiKeyAuth:
                 found = key
         if found is not None:
             return found
-        return ErrorReply(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")
+        return ErrorReply.authentication("Incorrect API key provided.")
 
 
 async def follow_keys_file(auth: ApiKeyAuth, path: Path, every: float = API_KEYS_RELOAD_S) -> None:

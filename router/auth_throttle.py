@@ -120,5 +120,5 @@ class FailedAuthThrottle:
 
     @staticmethod
     def reply(wait_s: float) -> ErrorReply:
-        return ErrorReply(429, "Too many requests with a missing or wrong API key from this address. Retry in "
-                          f"{math.ceil(wait_s)}s.", "rate_limit_error", None, THROTTLED_CODE, wait_s)
+        return ErrorReply.rate_limit("Too many requests with a missing or wrong API key from this address. Retry "
+                                     f"in {math.ceil(wait_s)}s.", code=THROTTLED_CODE, retry_after_s=wait_s)

@@ -32,11 +32,6 @@ from router.telemetry import RequestRecord
 
 logger = logging.getLogger("rayroute.router")
 
-# The answers that mean a model could not take a request at all (full, no replica, a prompt it cannot hold), so a
-# model's fallback may answer instead; any other error would be the same from another model.
-FALLBACK_CODES = frozenset({"model_at_capacity", "model_unavailable", "context_length_exceeded"})
-
-
 async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: RoutedModel, payload: dict[str, Any],
                       record: RequestRecord, streaming: bool, since: float,
                       ) -> tuple[EngineItem, DeploymentResponseGenerator]:
@@ -68,14 +63,15 @@ async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: Route
             raise timeout_error(model, admitted, first_token_deadline < total_deadline) from None
         except BackPressureError as exc:
             cancel(stream)
-            raise OpenAIError(429, f"The model `{payload['model']}` is at capacity: too many requests are "
-                              "queued for it. Retry shortly.", "rate_limit_error", None, "model_at_capacity",
-                              exc.retry_after_s or 1.0) from None
+            raise OpenAIError(ErrorReply.rate_limit(
+                f"The model `{payload['model']}` is at capacity: too many requests are queued for it. Retry "
+                "shortly.", code="model_at_capacity", retry_after_s=exc.retry_after_s or 1.0)) from None
         except RayActorError:
             cancel(stream)
             item = None  # the replica died or cannot be reached
         except StopAsyncIteration:
-            raise OpenAIError(502, "The engine ended the response without output.", "server_error") from None
+            raise OpenAIError(ErrorReply.server("The engine ended the response without output.",
+                                                status=502)) from None
         except BaseException:
             cancel(stream)
             raise
@@ -84,8 +80,8 @@ async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: Route
         cancel(stream)
         failed_after_admission += admitted
         if failed_after_admission > 1:
-            raise OpenAIError(502, "The engine failed while answering this request, twice. It was not "
-                              "retried again.", "server_error", None, "engine_error")
+            raise OpenAIError(ErrorReply.server("The engine failed while answering this request, twice. It was "
+                                                "not retried again.", status=502, code="engine_error"))
         if time.perf_counter() + pause > queue_deadline:
             raise timeout_error(model, False, False)
         logger.warning("retrying a %s request for %s after a replica failure (attempt %d)", endpoint,
@@ -97,14 +93,16 @@ async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: Route
 def timeout_error(model: RoutedModel, admitted: bool, first_token: bool) -> OpenAIError:
     timeouts = model.timeouts
     if not admitted:
-        return OpenAIError(503, f"No replica of `{model.id}` could take the request within "
-                           f"{timeouts.queue_s:g}s (starting up or busy). Retry later.", "server_error", None,
-                           "model_unavailable", UNAVAILABLE_RETRY_AFTER_S)
+        return OpenAIError(ErrorReply.server(
+            f"No replica of `{model.id}` could take the request within {timeouts.queue_s:g}s (starting up or "
+            "busy). Retry later.", status=503, code="model_unavailable", retry_after_s=UNAVAILABLE_RETRY_AFTER_S))
     if first_token:
-        return OpenAIError(408, f"The model `{model.id}` produced no token within {timeouts.first_token_s:g}s.",
-                           "timeout_error", None, "first_token_timeout")
-    return OpenAIError(504, f"The request to `{model.id}` did not finish within {timeouts.total_s:g}s.",
-                       "timeout_error", None, "request_timeout")
+        return OpenAIError(ErrorReply.timeout(
+            f"The model `{model.id}` produced no token within {timeouts.first_token_s:g}s.", status=408,
+            code="first_token_timeout"))
+    return OpenAIError(ErrorReply.timeout(
+        f"The request to `{model.id}` did not finish within {timeouts.total_s:g}s.", status=504,
+        code="request_timeout"))
 
 
 def cancel(stream: DeploymentResponseGenerator | None) -> None:

@@ -26,19 +26,17 @@ _TYPE_BY_STATUS = {401: "invalid_request_error", 403: "permission_error", 404: "
 
 
 class OpenAIError(Exception):
-    """Raise anywhere in the router to answer with this error."""
+    """Raise anywhere in the router to answer with ``reply`` (and ``headers``, e.g. rate-limit counts)."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, retry_after_s: float | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.reply = ErrorReply(status, message, type, param, code, retry_after_s)
+    def __init__(self, reply: ErrorReply, *, headers: dict[str, str] | None = None):
+        super().__init__(reply.message)
+        self.reply = reply
         self.headers = headers or {}
 
     @classmethod
     def model_not_found(cls, model: str) -> OpenAIError:
-        return cls(404, f"The model `{model}` does not exist or you do not have access to it.",
-                   "invalid_request_error", "model", "model_not_found")
+        return cls(ErrorReply.invalid_request(f"The model `{model}` does not exist or you do not have access to it.",
+                                              param="model", code="model_not_found", status=404))
 
 
 def error_response(reply: ErrorReply, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -59,7 +57,7 @@ def install_error_handlers(app: FastAPI) -> None:
         fallback = "invalid_request_error" if exc.status_code < 500 else "server_error"
         kind = _TYPE_BY_STATUS.get(exc.status_code, fallback)
         code = "unknown_url" if exc.status_code == 404 else None
-        return error_response(ErrorReply(exc.status_code, str(exc.detail), kind, None, code),
+        return error_response(ErrorReply(status=exc.status_code, message=str(exc.detail), type=kind, code=code),
                               getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -70,15 +68,15 @@ def install_error_handlers(app: FastAPI) -> None:
         broken = next((e for e in errors if e["type"] == "json_invalid"), None)
         if broken is not None:
             detail = broken.get("ctx", {}).get("error", broken["msg"])
-            return error_response(ErrorReply(400, f"The request body is not valid JSON: {detail}",
-                                             "invalid_request_error", None, "invalid_json"))
+            return error_response(ErrorReply.invalid_request(f"The request body is not valid JSON: {detail}",
+                                                             code="invalid_json"))
         if any(not e["loc"] for e in errors):  # no body, or JSON that is not an object
-            return error_response(ErrorReply(400, "The request body must be a JSON object.",
-                                             "invalid_request_error", None, "invalid_json"))
+            return error_response(ErrorReply.invalid_request("The request body must be a JSON object.",
+                                                             code="invalid_json"))
         return error_response(validation_error(errors, exc.body))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error in the router")
-        return error_response(ErrorReply(500, "The server had an error while processing your request.",
-                                         "server_error", None, "internal_error"))
+        return error_response(ErrorReply.server("The server had an error while processing your request.",
+                                                code="internal_error"))

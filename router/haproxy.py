@@ -15,9 +15,10 @@ It runs in whichever process renders the config (Serve's proxy actor), set by en
   multi-node cluster gives each node a loopback address of its own);
 - ``RAYROUTE_HAPROXY_REQUEST_TIMEOUT_S``: ``timeout http-request`` (default :data:`REQUEST_TIMEOUT_S`).
 
-Locally every Ray worker runs :func:`install_import_hook` as its setup hook (``router.launch``); in the chart's image
-a ``.pth`` file runs it in every Python process (``helm/image/Dockerfile``), since KubeRay starts Serve without a
-runtime environment of ours. Importing this module costs nothing: the hook patches Ray's template module only when
+Locally every Ray worker runs :func:`install_import_hook` as its setup hook (:data:`WORKER_SETUP_HOOK`, in
+``router.launch``'s runtime env), with the settings of :func:`local_env`; in the chart's image a ``.pth`` file runs
+it in every Python process (``helm/image/Dockerfile``), since KubeRay starts Serve without a runtime environment of
+ours. Importing this module costs nothing: the hook patches Ray's template module only when
 something imports it.
 """
 
@@ -35,6 +36,12 @@ REQUEST_TIMEOUT_ENV = "RAYROUTE_HAPROXY_REQUEST_TIMEOUT_S"
 # A client has this long to send a request's headers (and the first request on a new connection): a real client
 # sends them in one packet; a connection that trickles or stalls is let go instead of holding a slot.
 REQUEST_TIMEOUT_S = 10
+
+# Ray's own settings of HAProxy's two pages.
+STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
+METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
+# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook).
+WORKER_SETUP_HOOK = "router.haproxy.install_import_hook"
 
 TEMPLATES_MODULE = "ray.serve._private.haproxy_templates"
 MANAGER_MODULE = "ray.serve._private.haproxy"
@@ -119,3 +126,14 @@ def install_import_hook() -> None:
         _patch_loaded(loaded)
     elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
+
+
+def local_env(host: str) -> dict[str, str]:
+    """HAProxy's settings on a local cluster serving on ``host`` (part of every Ray process's environment): the HTTP
+    front and both pages bind the serving host, the pages on free ports, so two clusters on one machine do not
+    collide. The pages never face the network, even when the API does (``HOST=0.0.0.0``)."""
+    from router.ports import free_port  # not at the top: importing this module stays free (the image's .pth)
+
+    pages_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return {HOST_ENV: host, PAGES_HOST_ENV: pages_host,
+            STATS_PORT_ENV: str(free_port(pages_host)), METRICS_PORT_ENV: str(free_port(pages_host))}

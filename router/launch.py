@@ -5,28 +5,27 @@
 Ctrl-C (or SIGTERM) shuts Serve down and stops the Ray processes this started. The file's application is
 deployed as the applications ``router/app.py`` expands it into, through Serve's declarative deploy, as KubeRay
 deploys the chart's.
+
+What it uses: HAProxy's settings and setup hook (``router/haproxy.py``), free ports for HAProxy's pages
+(``router/ports.py``), and ending what Ray's shutdown left running (``router/processes.py``); the tests start and
+stop clusters with the same functions.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import random
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from deployments.config import ConfigError, ServeArgs, load_serve_config, local_path
 from deployments.stream_channel import CHANNEL_HOST_ENV
-from router import haproxy
+from router import haproxy, processes
 from router.auth import API_KEYS_ENV, API_KEYS_FILE_ENV
 from router.ray_auth import RAY_AUTH_ENV, TOKEN_ENV, ensure_private_token
 
@@ -61,58 +60,17 @@ SERVE_ENV = {
 
 def ray_process_env(host: str) -> dict[str, str]:
     """What a local cluster's Ray processes start with: Ray's token authentication; HAProxy as Serve's HTTP front,
-    bound with its two pages to the serving host (:mod:`router.haproxy`), its pages on free ports, so two clusters
-    on one machine do not collide; engine replicas' stream channels on the loopback interface, since routers and
-    engines share the machine."""
-    # The pages never face the network, even when the API does (HOST=0.0.0.0).
-    pages_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    return {**SERVE_ENV, **RAY_AUTH_ENV, haproxy.HOST_ENV: host, haproxy.PAGES_HOST_ENV: pages_host,
-            CHANNEL_HOST_ENV: "127.0.0.1",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(pages_host)),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(pages_host))}
-
-
-# Ray's workers bind ports 10002-19999 (its min/max_worker_port); everything else a cluster starts binds ports the
-# OS assigns from its ephemeral range (Linux: /proc/sys/net/ipv4/ip_local_port_range, 32768 up by default).
-_FREE_PORTS_FROM = 20000
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now, for a server that starts later: chosen between Ray's worker ports and the ephemeral range.
-    A port the OS picked from the ephemeral range can be handed to another of the cluster's processes before the
-    server binds it (HAProxy then dies with "address already in use"); one below that range is never handed out."""
-    bind_host = host if host not in ("0.0.0.0", "::") else ""
-    ephemeral_from = _ephemeral_ports_from()
-    for _ in range(200 if ephemeral_from > _FREE_PORTS_FROM else 0):
-        port = random.randrange(_FREE_PORTS_FROM, ephemeral_from)
-        with socket.socket() as sock:
-            try:
-                sock.bind((bind_host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:  # an unusual ephemeral range: let the OS choose
-        sock.bind((bind_host, 0))
-        return sock.getsockname()[1]
-
-
-def _ephemeral_ports_from() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-# Every worker of a local cluster runs this first (Ray's worker_process_setup_hook): see router/haproxy.py.
-WORKER_SETUP_HOOK = "router.haproxy.install_import_hook"
+    bound with its two pages to the serving host (:func:`router.haproxy.local_env`); engine replicas' stream
+    channels on the loopback interface, since routers and engines share the machine."""
+    return {**SERVE_ENV, **RAY_AUTH_ENV, **haproxy.local_env(host), CHANNEL_HOST_ENV: "127.0.0.1"}
 
 
 def ray_runtime_env() -> dict[str, Any]:
     """The job runtime env of every local cluster (``make serve``, the load and node-failure scripts): replicas
     import `router` and `deployments` from this checkout, also where it is not pip-installed, and every worker runs
-    the setup hook."""
+    HAProxy's setup hook."""
     return {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-            "worker_process_setup_hook": WORKER_SETUP_HOOK}
+            "worker_process_setup_hook": haproxy.WORKER_SETUP_HOOK}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,16 +144,12 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
     )
 
     def stop() -> None:
-        # Ray stops the processes it knows; vLLM's engine-core processes are children of replicas, and one left
-        # behind by a replica that died mid-shutdown would hold its memory forever. Whatever this process started,
-        # directly or not, and is still alive after Ray's own shutdown is ended here.
-        started = psutil.Process().children(recursive=True)
+        # Whatever this process started, directly or not, and is still alive 20 s after Ray's own shutdown is ended
+        # (an engine core left behind by a replica that died mid-shutdown: router/processes.py).
+        started = processes.descendants()
         serve.shutdown()
         ray.shutdown()
-        _, alive = psutil.wait_procs(started, timeout=20)
-        for process in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
+        processes.reap(started, timeout=20)
 
     try:
         serve.start(http_options={"host": host, "port": port},

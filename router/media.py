@@ -43,6 +43,7 @@ from urllib3.util import parse_url
 
 from deployments.config import RoutedModel, looks_like_ip
 from deployments.constants import MAX_MEDIA_URLS, MEDIA_RESOLVE_TIMEOUT_S
+from deployments.replies import ErrorReply
 from router.errors import OpenAIError
 from router.protocol import ChatCompletionBody, EmbeddingBody, RequestBody, ResponsesBody
 
@@ -128,8 +129,9 @@ async def check_media_urls(body: RequestBody, model: RoutedModel) -> None:
     hosts: dict[str, str] = {}  # host → the param of its first URL
     for count, (param, url) in enumerate(media_urls(body), start=1):
         if count > MAX_MEDIA_URLS:
-            raise OpenAIError(400, f"The request names more than {MAX_MEDIA_URLS} media URLs; send fewer, or send "
-                              "media inline as data: URLs.", param=param, code=TOO_MANY)
+            raise OpenAIError(ErrorReply.invalid_request(
+                f"The request names more than {MAX_MEDIA_URLS} media URLs; send fewer, or send media inline as "
+                "data: URLs.", param=param, code=TOO_MANY))
         why, host = _refusal(url, model)
         if why is not None:
             raise _not_allowed(param, why)
@@ -152,7 +154,8 @@ async def check_media_urls(body: RequestBody, model: RoutedModel) -> None:
 
 
 def _not_allowed(param: str, why: str) -> OpenAIError:
-    return OpenAIError(400, f"The media URL at `{param}` {why}.", param=param, code=NOT_ALLOWED)
+    return OpenAIError(ErrorReply.invalid_request(f"The media URL at `{param}` {why}.", param=param,
+                                                  code=NOT_ALLOWED))
 
 
 async def resolve_host(host: str) -> list[str]:

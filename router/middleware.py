@@ -143,8 +143,8 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        reply = ErrorReply(413, f"The request body is larger than the limit of {self.max_bytes} bytes.",
-                           "invalid_request_error", None, "request_too_large")
+        reply = ErrorReply.invalid_request(f"The request body is larger than the limit of {self.max_bytes} bytes.",
+                                           code="request_too_large", status=413)
         await error_response(reply)(scope, receive, send)
 
 

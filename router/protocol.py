@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.config import RequestLimits
 from deployments.constants import MEDIA_PART_TOKENS, PROMPT_BYTES_PER_TOKEN
 from deployments.interface import Endpoint
+from deployments.replies import ErrorReply
 from router.errors import OpenAIError
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -111,11 +112,11 @@ def reject_stateful(body: ResponsesBody) -> None:
     """A clear 400 for what needs stored responses (a previous response, a conversation, background runs)."""
     for param in ("previous_response_id", "conversation"):
         if getattr(body, param) is not None:
-            raise OpenAIError(400, f"`{param}` is not supported: {NOT_STORED}", param=param,
-                              code="unsupported_parameter")
+            raise OpenAIError(ErrorReply.invalid_request(f"`{param}` is not supported: {NOT_STORED}", param=param,
+                                                         code="unsupported_parameter"))
     if body.background:
-        raise OpenAIError(400, f"Background responses are not supported: {NOT_STORED}", param="background",
-                          code="unsupported_parameter")
+        raise OpenAIError(ErrorReply.invalid_request(f"Background responses are not supported: {NOT_STORED}",
+                                                     param="background", code="unsupported_parameter"))
 
 
 def reject_media(body: ChatCompletionBody) -> None:
@@ -124,8 +125,9 @@ def reject_media(body: ChatCompletionBody) -> None:
         for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
             kind = MEDIA_PARTS.get(part.get("type"))
             if kind:
-                raise OpenAIError(400, f"The model `{body.model}` does not accept {kind}; send text content parts.",
-                                  param=f"messages[{i}].content[{j}]", code="model_not_multimodal")
+                raise OpenAIError(ErrorReply.invalid_request(
+                    f"The model `{body.model}` does not accept {kind}; send text content parts.",
+                    param=f"messages[{i}].content[{j}]", code="model_not_multimodal"))
 
 
 # --- request caps ---------------------------------------------------------------------------------------------------
@@ -151,15 +153,16 @@ def check_request_caps(endpoint: Endpoint, raw: Any, caps: RequestLimits) -> Non
         _check_content_parts("input", items, caps.max_content_parts)
     n = raw.get("n")
     if endpoint in ("chat", "completions") and type(n) is int and n > caps.max_n:
-        raise OpenAIError(400, f"Invalid 'n': integer above maximum value. Expected a value <= {caps.max_n}, but "
-                          f"got {n} instead.", param="n", code="integer_above_max_value")
+        raise OpenAIError(ErrorReply.invalid_request(
+            f"Invalid 'n': integer above maximum value. Expected a value <= {caps.max_n}, but got {n} instead.",
+            param="n", code="integer_above_max_value"))
 
 
 def _check_length(param: str, value: Any, most: int) -> None:
     if isinstance(value, list) and len(value) > most:
-        raise OpenAIError(400, f"Invalid '{param}': array too long. Expected an array with maximum length {most}, "
-                          f"but got an array with length {len(value)} instead.", param=param,
-                          code="array_above_max_length")
+        raise OpenAIError(ErrorReply.invalid_request(
+            f"Invalid '{param}': array too long. Expected an array with maximum length {most}, but got an array "
+            f"with length {len(value)} instead.", param=param, code="array_above_max_length"))
 
 
 def _check_content_parts(param: str, items: Any, most: int) -> None:

@@ -95,9 +95,16 @@ class GatewayMetrics:
         self._publisher: asyncio.Task | None = None
 
     def publish_gauges(self) -> None:
-        """Start publishing the gauges, if not yet; on the event loop that serves the requests."""
+        """Start publishing the gauges, if not yet: on the event loop that serves the requests, so from there (the
+        router app's lifespan, :meth:`router.ingress.OpenAIRouter.running`), never from a constructor."""
         if self._publisher is None:
             self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
+
+    async def stop_publishing(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.cancel()
+            await asyncio.wait([publisher])
 
     async def _publish_forever(self) -> None:
         while True:
@@ -107,28 +114,23 @@ class GatewayMetrics:
             await asyncio.sleep(GAUGE_PUBLISH_S)
 
     def started(self, record: RequestRecord) -> None:
-        self.publish_gauges()
-        self._move(self._in_flight, record, +1)
-        self._move(self._waiting, record, +1)
+        self._move(self._in_flight, self._pair(record), +1)
+        self._move(self._waiting, self._pair(record), +1)
 
     def first_reply(self, record: RequestRecord) -> None:
-        self._move(self._waiting, record, -1)
+        self._move(self._waiting, self._pair(record), -1)
         if record.first_reply_at is not None:
             self.time_to_first_token.observe(record.first_reply_at - record.arrived_at, tags=self._tags(record))
 
     def fell_back(self, record: RequestRecord, model: str, served_model: str, reason: str) -> None:
-        """The request goes to a fallback: it is counted, and from now on it is that model's (its gauges, tokens
-        and access-log line)."""
-        fallback = model if (model, served_model) in self._labelled else OTHER
-        self.fallbacks.inc(1, tags={**self._tags(record), "fallback": fallback, "reason": reason})
-        self._move(self._in_flight, record, -1)
-        self._move(self._waiting, record, -1)
-        if record.fallback_from is None:
-            record.fallback_from = record.model
-        record.fallback_reason = reason
-        record.model, record.served_model = model, served_model
-        self._move(self._in_flight, record, +1)
-        self._move(self._waiting, record, +1)
+        """The request goes to the fallback ``model`` (served by ``served_model``): counted under the model it was
+        asked of, and its gauges move to the fallback's. Only counts: the record, still the asked model's here, is
+        rewritten by :func:`router.fallbacks.fall_back`, which calls this first."""
+        to = self._labels(model, served_model)
+        self.fallbacks.inc(1, tags={**self._tags(record), "fallback": to[0], "reason": reason})
+        for counts in (self._in_flight, self._waiting):
+            self._move(counts, self._pair(record), -1)
+            self._move(counts, to, +1)
 
     def token_gap(self, record: RequestRecord, seconds: float) -> None:
         record.gaps += 1
@@ -144,8 +146,8 @@ class GatewayMetrics:
         tags = self._tags(record)
         if record.dispatched_at is not None:
             if record.first_reply_at is None:
-                self._move(self._waiting, record, -1)
-            self._move(self._in_flight, record, -1)
+                self._move(self._waiting, self._pair(record), -1)
+            self._move(self._in_flight, self._pair(record), -1)
             self.router_overhead.observe(record.dispatched_at - record.arrived_at, tags=tags)
         self.requests.inc(1, tags={**tags, "endpoint": record.endpoint, "status_code": str(record.status)})
         if record.prompt_tokens:
@@ -154,17 +156,20 @@ class GatewayMetrics:
             self.completion_tokens.inc(record.completion_tokens, tags=tags)
         self.request_duration.observe(record.duration, tags={**tags, "endpoint": record.endpoint})
 
-    def _tags(self, record: RequestRecord) -> dict[str, str]:
-        """The request's model labels: configured names only."""
-        pair = (record.model, record.served_model)
-        if pair not in self._labelled:
-            pair = (OTHER, OTHER)
-        return {"model": pair[0], "served_model": pair[1]}
+    def _labels(self, model: str, served_model: str) -> tuple[str, str]:
+        """A (model, served_model) pair as labels: configured names only."""
+        return (model, served_model) if (model, served_model) in self._labelled else (OTHER, OTHER)
 
-    def _move(self, counts: dict[tuple[str, str], int], record: RequestRecord, delta: int) -> None:
-        tags = self._tags(record)
-        key = (tags["model"], tags["served_model"])
-        counts[key] = counts.get(key, 0) + delta
+    def _pair(self, record: RequestRecord) -> tuple[str, str]:
+        return self._labels(record.model, record.served_model)
+
+    def _tags(self, record: RequestRecord) -> dict[str, str]:
+        model, served_model = self._pair(record)
+        return {"model": model, "served_model": served_model}
+
+    @staticmethod
+    def _move(counts: dict[tuple[str, str], int], pair: tuple[str, str], delta: int) -> None:
+        counts[pair] = counts.get(pair, 0) + delta
 
 
 @dataclass

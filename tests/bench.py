@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("You are reviewing a city guide. Summarise, in plain prose, what a first-time visitor to Lyon should "
           "know about its old town, its food, its two rivers, the hill of Fourvière, getting around by metro and "
           "tram, the best season to visit, and how many days to plan. Keep a friendly tone and avoid lists. ") * 2
-# Per model: the local folder (built by deployments.local_models) and the output length of every request.
+# Per model: the local folder (built by deployments.dev.local_models) and the output length of every request.
 MODELS = {"tiny": ("smollm2-tiny", 128), "smollm2": ("smollm2-135m-instruct", 64)}
 SERVERS = ("rayroute", "vllm")
 # Processes of the path, by a marker in their command line: Serve's proxy and replicas (routers, engine replica).

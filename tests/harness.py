@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,7 +31,9 @@ import httpx
 import psutil
 import yaml
 
-from router.launch import free_port
+from deployments.replies import Chunk
+from router import processes
+from router.ports import free_port
 from router.ray_auth import RAY_AUTH_ENV  # conftest sets it before any test module imports Ray
 
 __all__ = ["free_port", "RAY_AUTH_ENV"]  # the launcher's, shared
@@ -264,11 +267,12 @@ def start_serve_in_process(address: str, port: int, serve_options: dict[str, Any
 
 def stop_serve_in_process(reap: bool = True) -> None:
     """Serve, then Ray, then (``reap``) anything this process started that is still alive, as router/launch.py
-    does. A script with a ``ray.cluster_utils.Cluster`` passes ``reap=False`` and shuts its raylets down itself."""
+    does (router/processes.py). A script with a ``ray.cluster_utils.Cluster`` passes ``reap=False`` and shuts its
+    raylets down itself."""
     import ray
     from ray import serve
 
-    started = psutil.Process().children(recursive=True)
+    started = processes.descendants()
     # Only with this process's own cluster up: serve.shutdown() without one would connect to whichever cluster it
     # finds on the machine (another session's) and shut that down.
     running = ray.is_initialized()
@@ -278,10 +282,7 @@ def stop_serve_in_process(reap: bool = True) -> None:
         ray.shutdown()
     if not reap:
         return
-    # After a failed start nothing will stop on its own.
-    for process in still_running(started, timeout=20 if running else 0):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
+    processes.reap(started, timeout=20 if running else 0)  # after a failed start nothing will stop on its own
 
 
 # --- the router without Ray: stand-ins for Serve handles, for unit tests --------------------------------------
@@ -291,7 +292,11 @@ class Hang:
 
 
 class FakeStream:
-    """A Serve streaming call's response: yields its steps; a :class:`Hang` waits forever, an exception is raised."""
+    """A Serve streaming call's response: yields its steps; a :class:`Hang` waits forever, an exception is raised.
+
+    As the engine's streams do (:mod:`deployments.stream_channel`), a stream's first chunk names a channel and the
+    steps after it come on that channel: a :class:`FakeChannel` that :class:`FakeChannels` opens. So a script is
+    written as the events in order, and the router relays them the one way it relays a real engine's."""
 
     def __init__(self, steps: list[Any]):
         self.steps = list(steps)
@@ -310,12 +315,75 @@ class FakeStream:
         if isinstance(step, BaseException):
             self.failed = step
             raise step
+        if isinstance(step, Chunk) and step.channel is None:
+            url = f"{FAKE_CHANNEL_SCHEME}{next(_channel_ids)}"
+            _offered[url] = FakeChannel(self.steps)
+            self.steps = []
+            return replace(step, channel=url)
         return step
 
     def cancel(self) -> None:
         self.cancelled = True
         if self.failed is not None:  # as Ray's handle does: cancelling a failed call raises its error again
             raise self.failed
+
+
+FAKE_CHANNEL_SCHEME = "fake-channel://"
+_channel_ids = itertools.count()
+_offered: dict[str, FakeChannel] = {}  # by URL, until the router opens it
+
+
+class FakeChannel:
+    """A stream's channel (:class:`router.channel_client.Channel`) playing a script's steps after its first chunk:
+    each chunk's text with its counts; a :class:`Hang` waits until the stream runs out of time (:meth:`expire`);
+    an exception is raised as a broken channel's error is."""
+
+    def __init__(self, steps: list[Any]):
+        self.steps = list(steps)
+        self.prompt_tokens = self.completion_tokens = 0
+        self.expired = asyncio.Event()
+        self.closed = False
+
+    async def read(self) -> bytes:
+        while self.steps:
+            step = self.steps.pop(0)
+            if isinstance(step, Hang):
+                await self.expired.wait()
+            if self.expired.is_set():
+                raise TimeoutError
+            if isinstance(step, BaseException):
+                raise step
+            self.prompt_tokens, self.completion_tokens = step.prompt_tokens, step.completion_tokens
+            if step.data:
+                return step.data.encode()
+        return b""
+
+    def expire(self) -> None:
+        self.expired.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeChannels:
+    """The router's channel client (:class:`router.channel_client.ChannelClient`) for :class:`FakeStream`'s
+    channels; any other URL (a real channel server's) is opened by a real client."""
+
+    def __init__(self) -> None:
+        self.real: Any = None
+
+    async def open(self, url: str) -> Any:
+        if url.startswith(FAKE_CHANNEL_SCHEME):
+            return _offered.pop(url)
+        if self.real is None:
+            from router.channel_client import ChannelClient
+
+            self.real = ChannelClient()
+        return await self.real.open(url)
+
+    async def close(self) -> None:
+        if self.real is not None:
+            await self.real.close()
 
 
 class FakeHandle:
@@ -396,7 +464,8 @@ def router_client(handle: FakeHandle, monkeypatch: Any, others: dict[str, FakeHa
 
     monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(ROUTER_KEYS))
     others = others or {}
-    router = OpenAIRouter(router_config(tuple(others), **model), {"chat-a": handle, **others}, LocalLimits())
+    router = OpenAIRouter(router_config(tuple(others), **model), {"chat-a": handle, **others}, LocalLimits(),
+                          channels=FakeChannels())
     return TestClient(build_http_app(router), raise_server_exceptions=False)
 
 
@@ -412,7 +481,7 @@ def sse_events(text: str) -> list[Any]:
 def model_entry(document: dict, folder: str) -> dict:
     """The config's first model with its engine settings, served from ``folder`` under that folder's name (without
     the first model's adapters, which are made for its weights)."""
-    from deployments.local_models import ensure_model
+    from deployments.dev.local_models import ensure_model
 
     first = document["applications"][0]["args"]["models"][0]
     return {**first, "id": folder, "aliases": [], "adapters": {}, "source": str(ensure_model(folder)),
@@ -550,59 +619,18 @@ def stop_and_check(process: subprocess.Popen, log: Path) -> None:
 
     if ray.is_initialized():  # the tests' own connection, opened by Cluster.engine_info
         ray.shutdown()
-    try:
-        started = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        started = []
-    # The Ray processes are daemonized away from the launcher's tree, but stay in its session.
-    session = [p for p in psutil.process_iter() if _session_of(p) == process.pid]
+    started = processes.launched_by(process.pid)  # its tree and its session, where Ray's daemons are
     process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise HarnessError(f"the launcher did not stop within 120s of Ctrl-C:\n{tail(log)}") from None
-    alive = still_running(set(started) | set(session), timeout=60)
+    alive = processes.still_running(started, timeout=60)
     if alive:
-        names = [f"{p.pid}:{_name(p)}" for p in alive]
+        names = [processes.describe(p) for p in alive]
         os.killpg(process.pid, signal.SIGKILL)
         raise HarnessError(f"processes left running after Ctrl-C: {names}")
-
-
-def still_running(processes: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """The processes not gone within ``timeout`` seconds (a zombie counts as gone).
-
-    Polls rather than use ``psutil.wait_procs``: its ``pidfd_open`` wait raised ``FileNotFoundError`` in CI for a
-    process caught while exiting. The kernel answers ENOENT for a pid that is no thread-group leader's; psutil 7.2
-    expects only ESRCH there.
-    """
-    deadline = time.monotonic() + timeout
-    alive = [p for p in processes if _running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if _running(p)]
-    return alive
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _session_of(proc: psutil.Process) -> int | None:
-    try:
-        return os.getsid(proc.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _name(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())[:80]
-    except psutil.Error:
-        return "?"
 
 
 def tail(path: Path, lines: int = 60) -> str:

@@ -1,7 +1,7 @@
 """A node leaving gracefully under load: a head and three worker raylets on this machine
 (``ray.cluster_utils.Cluster``), the default model's two replicas on two of the workers, steady streaming and
 non-streaming traffic, and one engine's worker drained the way the chart's ``preStop`` hook drains a pod
-(``python -m deployments.node_drain``), then removed.
+(``python -m deployments.kubernetes.node_drain``), then removed.
 
 Run by tests/test_node_failure.py in its own process, like tests/node_failure.py; prints one JSON report on its last
 line:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             thread.start()
         time.sleep(8)  # traffic on both replicas
         report["drain_started"] = drain_started = time.monotonic()
-        hook = subprocess.run([sys.executable, "-m", "deployments.node_drain", "--address", cluster.address,
+        hook = subprocess.run([sys.executable, "-m", "deployments.kubernetes.node_drain", "--address", cluster.address,
                                "--node-id", victim, "--deadline-s", str(DRAIN_DEADLINE_S)],
                               cwd=ROOT, capture_output=True, text=True, timeout=DRAIN_DEADLINE_S + 60)
         report["drain_seconds"] = time.monotonic() - drain_started

@@ -70,7 +70,7 @@ def test_the_adapter_answers_as_transformers_and_peft_do(cluster: Cluster, refer
     client = cluster.client()
     ids, text = served_tokens(client, PIRATE_ADAPTER, stream)
     assert len(ids) == TOKENS and ids == reference[PIRATE_ADAPTER]
-    assert text.startswith("Ahoy!"), text  # what the adapter was trained to say (deployments/local_models.py)
+    assert text.startswith("Ahoy!"), text  # what the adapter was trained to say (deployments/dev/local_models.py)
     base_ids, base_text = served_tokens(client, DEFAULT_MODEL, stream)
     assert base_ids == reference[DEFAULT_MODEL] != ids
     assert not base_text.startswith("Ahoy"), base_text

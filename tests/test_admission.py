@@ -24,7 +24,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
 
-import router.ingress
+import router.admission
 import router.limits
 from deployments.config import RequestLimits, RouterArgs, parse_args
 from deployments.constants import MEDIA_PART_TOKENS, RESERVATION_MARGIN_S, RESERVATION_SWEEP_S
@@ -32,7 +32,7 @@ from deployments.replies import Admitted, Chunk, ErrorReply, FullReply
 from router.ingress import OpenAIRouter, build_http_app
 from router.limits import KeyLimits
 from router.protocol import ChatCompletionBody, prompt_tokens_estimate
-from tests.harness import FakeHandle, Hang, LocalLimits
+from tests.harness import FakeChannels, FakeHandle, Hang, LocalLimits
 
 KEYS = {
     "plain": {"name": "plain", "key": "sk-plain-000000000000000"},
@@ -77,7 +77,7 @@ def make_router(monkeypatch, engine: FakeHandle, limits: Any = None, others: dic
     monkeypatch.setenv("RAYROUTE_API_KEYS", json.dumps(list(KEYS.values())))
     others = others or {}
     args = {"models": [{"id": "chat-a", **model}, *({"id": name} for name in others)], **(config or {})}
-    return OpenAIRouter(args, {"chat-a": engine, **others}, limits)
+    return OpenAIRouter(args, {"chat-a": engine, **others}, limits, channels=FakeChannels())
 
 
 def client_of(router_: OpenAIRouter) -> TestClient:
@@ -212,7 +212,7 @@ STREAM = [Admitted(), Chunk('data: {"t": 1}\n\n', 4, 1), Chunk('data: {"t": 2}\n
 
 @pytest.mark.parametrize(("script", "stream", "status", "tokens"), [
     (ok(prompt=3, completion=2), False, 200, 5),
-    ([Admitted(), ErrorReply(400, "too long", "invalid_request_error", "messages", "context_length_exceeded")],
+    ([Admitted(), ErrorReply.invalid_request("too long", param="messages", code="context_length_exceeded")],
      False, 400, 0),
     ([BackPressureError(num_queued_requests=1, max_queued_requests=1)], False, 429, 0),  # raised after admission
     ([Admitted(), ActorDiedError()], False, 502, 0),
@@ -446,7 +446,7 @@ class UnansweringLimits:
 @pytest.mark.parametrize("policy", ["refuse", "allow"])
 def test_unreachable_key_limits_follow_the_policy_never_a_hang(monkeypatch, caplog, hang: bool,
                                                                policy: str) -> None:
-    monkeypatch.setattr(router.ingress, "KEY_LIMITS_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(router.admission, "KEY_LIMITS_TIMEOUT_S", 0.2)
     limits = UnansweringLimits(hang)
     engine = FakeHandle.scripted(ok())
     client = client_of(make_router(monkeypatch, engine, limits,

@@ -90,6 +90,32 @@ def test_a_router_does_not_start_with_a_short_key(monkeypatch: pytest.MonkeyPatc
         OpenAIRouter(CONFIG, {"chat-a": FakeHandle(ok)})
 
 
+def test_the_router_follows_its_keys_file_while_its_app_runs(router: OpenAIRouter, app, keys_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Built, the router starts nothing; its app's lifespan (Serve runs it when the replica starts) follows the
+    keys file, and stops following it when the app stops."""
+    import functools
+    import time
+
+    from router import ingress
+
+    monkeypatch.setattr(ingress, "follow_keys_file", functools.partial(follow_keys_file, every=0.01))
+    rotated = "sk-rotated-" + "0123456789abcdef"
+    assert router.keys_follower is None
+    with TestClient(app) as client:
+        follower = router.keys_follower
+        assert follower is not None and not follower.done()
+        keys_path.write_text(keys_yaml(f"{{name: plain, key: {rotated}}}"))
+        statuses = []
+        for _ in range(100):
+            statuses = [chat(client, key=key).status_code for key in (rotated, KEY)]
+            if statuses == [200, 401]:
+                break
+            time.sleep(0.02)
+        assert statuses == [200, 401]
+    assert router.keys_follower is None and follower.cancelled()
+
+
 def test_keys_of_the_minimum_length_are_taken() -> None:
     (key,) = load_api_keys({"RAYROUTE_API_KEYS": "k" * MIN_API_KEY_LENGTH})
     assert key.key.get_secret_value() == "k" * MIN_API_KEY_LENGTH

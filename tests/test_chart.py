@@ -45,17 +45,16 @@ from deployments.config import (
     parse_args,
 )
 from deployments.constants import MIN_API_KEY_LENGTH
-from deployments.kubernetes import (
-    RESERVED_ENV,
+from deployments.kubernetes.chart_values import (
     ROUTER_GROUP,
     ROUTER_RESOURCE,
     ROUTER_START_SECONDS,
     ChartValues,
-    HAProxy,
     WorkerGroup,
     WorkerSettings,
     values_json_schema,
 )
+from deployments.kubernetes.security_values import RESERVED_ENV, HAProxy
 from router.auth import API_KEYS_FILE_ENV, load_api_keys
 from router.haproxy import PAGES_HOST_ENV, REQUEST_TIMEOUT_ENV, REQUEST_TIMEOUT_S
 from router.launch import SERVE_ENV
@@ -225,7 +224,7 @@ def test_helm_is_the_pinned_release() -> None:
 
 def test_values_schema_is_generated_from_the_config_models() -> None:
     committed = json.loads((CHART / "values.schema.json").read_text())
-    assert committed == values_json_schema(), "run: python -m deployments.kubernetes > helm/values.schema.json"
+    assert committed == values_json_schema(), "run: make chart-schema"
 
 
 def test_values_yaml_states_the_models_defaults() -> None:
@@ -425,7 +424,7 @@ def test_pods_are_hardened_and_probed(scenario: Path) -> None:
                                                 values["workerDefaults"])
                 drain = group.replicaStartSeconds + longest_drain
             hook = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-            assert hook == ["python", "-m", "deployments.node_drain", "--deadline-s", str(int(drain))], name
+            assert hook == ["python", "-m", "deployments.kubernetes.node_drain", "--deadline-s", str(int(drain))], name
             assert spec["terminationGracePeriodSeconds"] == int(drain) + 30, name
     pdbs = {pdb["metadata"]["name"].rsplit("-", 1)[1]: pdb["spec"] for pdb in of_kind(docs, "PodDisruptionBudget")}
     if values["podDisruptionBudget"]["enabled"]:

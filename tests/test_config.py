@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from deployments.config import ConfigError, ServeArgs, check_engine_args, load_serve_config, parse_args
-from deployments.local_models import MODELS_DIR
+from deployments.dev.local_models import MODELS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 GOOD = {"models": [{"id": "m1", "source": "org/model"}]}
@@ -250,9 +250,30 @@ def test_launcher_names_a_missing_model_folder(tmp_path: Path) -> None:
 def test_free_ports_are_never_ones_the_os_hands_out_meanwhile() -> None:
     """A port chosen for a server that starts later (HAProxy's pages, a scenario's HTTP port) lies below the OS's
     ephemeral range, from which a starting cluster's other processes take theirs (a clash failed a CI run)."""
-    from router.launch import _ephemeral_ports_from, free_port
+    from router.ports import _ephemeral_ports_from, free_port
 
     assert all(20000 <= free_port() < _ephemeral_ports_from() for _ in range(50))
+
+
+def test_stopping_kills_what_outlives_the_wait_and_counts_zombies_as_gone() -> None:
+    """router/processes.py, which the launcher's stop and the tests' check share."""
+    import subprocess
+
+    from router import processes
+
+    exited = subprocess.Popen(["true"])
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        started = [p for p in processes.descendants() if p.pid in (exited.pid, sleeper.pid)]
+        assert len(started) == 2
+        # `true` ends as a zombie (not waited for yet): gone; `sleep` outlives the wait and is killed.
+        assert processes.reap(started, timeout=1) == [p for p in started if p.pid == sleeper.pid]
+        assert sleeper.wait(timeout=10) == -9
+        assert processes.still_running(started, timeout=0) == []
+    finally:
+        sleeper.kill()
+        exited.wait()
+        sleeper.wait()
 
 
 def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:

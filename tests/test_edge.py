@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from deployments.replies import Admitted, Chunk, ErrorReply, FullReply, validation_error
 from router.auth import load_api_keys
 from router.ingress import OpenAIRouter, build_http_app
-from tests.harness import FakeHandle, router_client
+from tests.harness import FakeChannels, FakeHandle, router_client
 from tests.harness import chat as chat_with_key
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -53,7 +53,8 @@ def engines() -> dict[str, FakeHandle]:
 @pytest.fixture
 def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
     monkeypatch.setenv("RAYROUTE_API_KEYS", f"{OTHER_KEY},{KEY}")
-    return TestClient(build_http_app(OpenAIRouter(CONFIG, engines)), raise_server_exceptions=False)
+    return TestClient(build_http_app(OpenAIRouter(CONFIG, engines, channels=FakeChannels())),
+                      raise_server_exceptions=False)
 
 
 def post(client: TestClient, path: str, body: Any, **kwargs: Any):
@@ -122,8 +123,8 @@ def test_stream_passes_through_unchanged(client: TestClient) -> None:
 
 
 def test_engine_error_reply_becomes_the_envelope(engines, monkeypatch: pytest.MonkeyPatch) -> None:
-    engines["chat-a"].answer = lambda *_: [ErrorReply(400, "too long", "invalid_request_error", "messages",
-                                                      "context_length_exceeded")]
+    engines["chat-a"].answer = lambda *_: [ErrorReply.invalid_request("too long", param="messages",
+                                                                      code="context_length_exceeded")]
     monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
     client = TestClient(build_http_app(OpenAIRouter(CONFIG, engines)))
     response = client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES})
@@ -428,38 +429,3 @@ def test_a_key_that_may_use_a_base_model_may_not_use_its_adapters(monkeypatch) -
     refused = chat_with_key(client, key="sk-free-0000-0123456789", model="chat-a-pirate")
     assert refused.status_code == 403 and error_of(refused)["code"] == "model_not_allowed"
     assert len(base.calls) == 1
-
-
-@pytest.mark.parametrize(("status", "trigger", "running", "ready"), [
-    ("HEALTHY", "CONFIG_UPDATE_COMPLETED", 1, True),
-    ("UPDATING", "CONFIG_UPDATE_STARTED", 1, True),   # a redeploy: the old replica still serves
-    ("UPDATING", "CONFIG_UPDATE_STARTED", 0, False),  # first start
-    ("UNHEALTHY", "REPLICA_STARTUP_FAILED", 0, False),
-    ("HEALTHY", "DOWNSCALE_COMPLETED", 0, True),      # scaled to zero
-    ("UPSCALING", "AUTOSCALING", 0, True),            # starting on demand, as from zero
-])
-def test_readiness_reads_each_models_deployment_in_its_own_application(
-        client: TestClient, monkeypatch: pytest.MonkeyPatch, status: str, trigger: str, running: int,
-        ready: bool) -> None:
-    from types import SimpleNamespace
-
-    import router.ingress
-
-    def deployment(status: str, trigger: str, running: int) -> SimpleNamespace:
-        return SimpleNamespace(status=status, status_trigger=trigger, replica_states={"RUNNING": running} if running
-                               else {})
-
-    applications = {  # one application per model (router/app.py), each named as its engine deployment
-        "engine-chat-a": SimpleNamespace(deployments={"engine-chat-a": deployment(status, trigger, running)}),
-        "engine-org_chat-b_v1": SimpleNamespace(deployments={
-            "engine-org_chat-b_v1": deployment("HEALTHY", "CONFIG_UPDATE_COMPLETED", 1)}),
-        "rayroute": SimpleNamespace(deployments={"OpenAIRouter": deployment("HEALTHY", "UNSPECIFIED", 2)}),
-    }
-    monkeypatch.setattr(router.ingress.serve, "status", lambda: SimpleNamespace(applications=applications))
-    response = client.get("/ready")
-    if ready:
-        assert (response.status_code, response.json()) == (200, {"status": "ready"})
-    else:
-        assert (response.status_code, response.json()) == (503, {"status": "starting", "waiting_for": ["chat-a"]})
-    del applications["engine-org_chat-b_v1"]  # not deployed (yet): waited for
-    assert client.get("/ready").json()["waiting_for"][-1] == "org/chat-b:v1"

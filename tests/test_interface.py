@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engine import ENDPOINTS, VLLMEngine
+from deployments.endpoints import ENDPOINTS
+from deployments.engine import VLLMEngine
 from deployments.interface import ENDPOINT_NAMES, EngineReplica
 from tests.fake_engine import FakeEngine
 

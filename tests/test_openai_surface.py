@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -524,12 +525,14 @@ def test_llamaindex(cluster: Cluster, client: openai.OpenAI) -> None:
 
 # --- 10. bad input cannot hurt it --------------------------------------------------------------------------------
 
-def test_property_based_requests_find_no_server_error(cluster: Cluster, client: openai.OpenAI) -> None:
-    """Schemathesis generates requests, valid and not, from the app's own OpenAPI document."""
+def test_property_based_requests_find_no_server_error(cluster: Cluster, client: openai.OpenAI,
+                                                     tmp_path: Path) -> None:
+    """Schemathesis generates requests, valid and not, from the app's own OpenAPI document. It runs in a temporary
+    folder: it writes its example cache (``.schemathesis/``) where it runs."""
     command = [str(clients_python().parent / "st"), "run", cluster.base_url + "/openapi.json",
                "--checks", "not_a_server_error", "--max-examples", "40", "--seed", "20261126",
                "--request-timeout", "120", "-H", f"Authorization: Bearer {API_KEY}", "--url", cluster.base_url]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200, check=False,
                             env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
                                  "RAYROUTE_FUZZ_CHAT_MODELS": f"{DEFAULT_MODEL},{SECOND_MODEL},{ALIAS}",
                                  "RAYROUTE_FUZZ_EMBEDDING_MODELS": EMBEDDING_MODEL, "PYTHONPATH": str(ROOT)})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from deployments.engine import TokenCount
 from deployments.replies import StreamRewriter
+from deployments.vllm_hooks import TokenCount
 
 
 def event(choices: list[dict], usage: dict | None = None) -> str:
@@ -87,7 +87,7 @@ def test_responses_announcements_go_out_with_the_engines_first_output() -> None:
     the first chunk, so the first chunk (TTFT, the first-token timeout, retries) is the engine's first output."""
     import asyncio
 
-    from deployments.engine import _typed_events
+    from deployments.endpoints import typed_events
 
     class Event(SimpleNamespace):
         def model_dump_json(self, **_: object) -> str:
@@ -104,7 +104,7 @@ def test_responses_announcements_go_out_with_the_engines_first_output() -> None:
             closed.append(True)
 
     async def collect() -> list[str]:
-        return [chunk async for chunk in _typed_events(vllm_events())]
+        return [chunk async for chunk in typed_events(vllm_events())]
 
     chunks = asyncio.run(collect())
     assert [chunk.count("event: ") for chunk in chunks] == [3, 1, 1]

@@ -18,8 +18,8 @@ from ray.serve.exceptions import BackPressureError
 from deployments.autoscaling import KV_CACHE, RUNNING, WAITING, EngineLoadPolicy, serve_autoscaling_config
 from deployments.config import Autoscaling, ModelConfig
 from deployments.constants import STALL_TIMEOUT_S
-from deployments.engine import EngineProgress
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, ErrorReply, FullReply
+from deployments.vllm_hooks import EngineProgress
 from router.limits import KeyLimits, duration
 from tests.harness import MESSAGES, FakeHandle, Hang, chat, router_client, sse_events
 
@@ -87,7 +87,7 @@ def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> Non
 
 def test_replica_that_died_before_admitting_is_retried(monkeypatch) -> None:
     engine = FakeHandle.scripted([ActorDiedError()],
-                                 [ErrorReply(503, "gone", "server_error", None, ENGINE_UNAVAILABLE)],
+                                 [ErrorReply.server("gone", status=503, code=ENGINE_UNAVAILABLE)],
                                  ok('{"answer": 1}'))
     response = chat(router_client(engine, monkeypatch))
     assert response.status_code == 200 and response.json() == {"answer": 1}
@@ -124,8 +124,8 @@ def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) 
 
 # --- fallbacks ----------------------------------------------------------------------------------------------------
 
-CONTEXT_TOO_LONG = ErrorReply(400, "This model's maximum context length is 8 tokens.", "invalid_request_error",
-                              "messages", "context_length_exceeded")
+CONTEXT_TOO_LONG = ErrorReply.invalid_request("This model's maximum context length is 8 tokens.", param="messages",
+                                              code="context_length_exceeded")
 
 
 @pytest.mark.parametrize(("primary", "reason"), [
@@ -157,7 +157,7 @@ def test_fallbacks_are_tried_in_order_and_other_errors_do_not_fall_back(monkeypa
     response = chat(client)
     assert response.status_code == 200 and len(second.calls) == 1 and len(third.calls) == 1
     assert response.headers["x-rayroute-fallback-from"] == "chat-a"
-    bad_request = ErrorReply(400, "bad", "invalid_request_error", "temperature", "invalid_value")
+    bad_request = ErrorReply.invalid_request("bad", param="temperature", code="invalid_value")
     unused = FakeHandle.scripted(ok())
     client = router_client(FakeHandle.scripted([Admitted(), bad_request]), monkeypatch, {"chat-b": unused},
                            fallbacks=["chat-b"])

@@ -18,7 +18,7 @@ import pytest
 from deployments.replies import Admitted, Chunk
 from deployments.stream_channel import ChannelClosed, StreamChannel, write_event
 from router.channel_client import ChannelClient, ChannelError
-from router.launch import free_port
+from router.ports import free_port
 from tests.harness import FakeHandle, chat, router_client, sse_events
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 import string
+import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -156,10 +158,27 @@ def test_a_request_that_fails_unhandled_is_counted_as_the_500_it_gets(router: Op
     def broken(endpoint: str, body: dict) -> list[Any]:
         raise RuntimeError("engine handle broke")
 
-    router.handles["chat-a"] = FakeHandle(broken)
+    router.routes["chat-a"] = replace(router.routes["chat-a"], handle=FakeHandle(broken))
     client = TestClient(build_http_app(router), raise_server_exceptions=False)
     response = client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                            json={"model": "chat-a", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 500
     assert {dict(tags)["status_code"] for name, tags in series if name == "requests"} == {"500"}
     assert json.loads(access_log_lines[-1])["status"] == 500
+
+
+def test_the_gauges_are_published_while_the_app_runs(router: OpenAIRouter) -> None:
+    """Built, the router publishes nothing (no event loop yet); its app's lifespan publishes every configured name's
+    gauges from the start, and stops with the app."""
+    series = recorded(router.metrics)
+    assert router.metrics._publisher is None
+    with TestClient(build_http_app(router)):
+        publisher = router.metrics._publisher
+        assert publisher is not None and not publisher.done()
+        for _ in range(100):
+            if {"in_flight", "waiting"} <= {name for name, _ in series}:
+                break
+            time.sleep(0.01)
+    published = {(name, dict(tags)["model"]) for name, tags in series}
+    assert published == {(gauge, model) for gauge in ("in_flight", "waiting") for model, _ in CONFIGURED}
+    assert router.metrics._publisher is None and publisher.done()

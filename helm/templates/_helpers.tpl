@@ -105,9 +105,10 @@ router pods parse every client's request and the head runs Ray's control plane; 
 {{- end -}}
 
 {{/*
-`env` may not set what the chart sets for security (RESERVED_ENV in deployments/kubernetes.py): KubeRay leaves a
-Ray container's RAY_AUTH_MODE and RAY_AUTH_TOKEN alone when the pod spec has them, so one in `env` would turn Ray's
-token authentication off; HF_TOKEN would reach every pod; HAProxy's admin pages would leave the loopback.
+`env` may not set what the chart sets for security (RESERVED_ENV in deployments/kubernetes/security_values.py):
+KubeRay leaves a Ray container's RAY_AUTH_MODE and RAY_AUTH_TOKEN alone when the pod spec has them, so one in `env`
+would turn Ray's token authentication off; HF_TOKEN would reach every pod; HAProxy's admin pages would leave the
+loopback.
 */}}
 {{- define "rayroute.checkEnv" -}}
 {{- range .Values.env -}}

@@ -1,6 +1,6 @@
 """Drain this pod's Ray node before Kubernetes stops it; the chart's worker pods run it as their ``preStop`` hook:
 
-    python -m deployments.node_drain --deadline-s 1200
+    python -m deployments.kubernetes.node_drain --deadline-s 1200
 
 Why: a worker pod asked to stop (a scale-down, an eviction, a node upgrade) would otherwise take its engine replicas
 with it and cut their streams when Kubernetes' grace period ends. Asked first, Ray marks the node draining (``ray

