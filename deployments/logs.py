@@ -53,8 +53,8 @@ def serve_log_handlers_kept() -> Iterator[None]:
     vLLM sets up its logging with ``logging.config.dictConfig``, which closes every logging handler of the process,
     Serve's among them: the replica logger's ``MemoryHandler`` loses its file. Serve notices only when a restarted
     controller recovers the replica (after the head's loss) and reads the log file's path from that handler: it
-    fails, and Serve replaces a healthy engine (measured in tests/head_failure.py: every engine restarted, requests
-    waited 45 s). A closed file handler reopens on its next line; the memory handler needs its file back.
+    fails, and Serve replaces a healthy engine (measured by the head-failure scenario: every engine restarted,
+    requests waited 45 s). A closed file handler reopens on its next line; the memory handler needs its file back.
     """
     serve_logger = logging.getLogger(SERVE_LOGGER)
     targets = [(handler, handler.target) for handler in serve_logger.handlers

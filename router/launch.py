@@ -23,7 +23,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from deployments.config import ConfigError, ServeArgs, load_serve_config, local_path
+from deployments.config import ConfigError, ServeArgs, load_serve_config
+from deployments.model_config import local_path
 from deployments.stream_channel import CHANNEL_HOST_ENV
 from router import haproxy, processes
 from router.auth import API_KEYS_ENV, API_KEYS_FILE_ENV

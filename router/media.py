@@ -41,8 +41,9 @@ from typing import Any
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from deployments.config import RoutedModel, looks_like_ip
+from deployments.config import RoutedModel
 from deployments.constants import MAX_MEDIA_URLS, MEDIA_RESOLVE_TIMEOUT_S
+from deployments.names import looks_like_ip
 from deployments.replies import ErrorReply
 from router.errors import OpenAIError
 from router.protocol import ChatCompletionBody, EmbeddingBody, RequestBody, ResponsesBody

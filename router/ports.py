@@ -1,5 +1,5 @@
 """Picking a port for a server that starts later: HAProxy's pages on a local cluster (:mod:`router.haproxy`), and the
-tests' and scripts' API, metrics and dashboard ports (``tests/harness.py``)."""
+tests' and scripts' API, metrics and dashboard ports (``tests/e2e/harness.py``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Making sure a local cluster's processes are gone once it stops: the launcher's own stop (``router/launch.py``),
-an in-process cluster's stop and the tests' check that Ctrl-C left nothing behind (``tests/harness.py``).
+an in-process cluster's stop and the tests' check that Ctrl-C left nothing behind (``tests/e2e/harness.py``).
 
 Ray stops the processes it knows; vLLM's engine-core processes are children of replicas, and one left behind by a
 replica that died mid-shutdown would hold its memory forever. So whoever stops a cluster notes what it started

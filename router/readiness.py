@@ -1,9 +1,10 @@
 """``/ready``: whether every model that is meant to be running has a replica running.
 
-Who asks: ``make serve``'s launcher (:mod:`router.launch`) waits on it before it prints the curl to try, and the test
-harness before it starts the tests. Not the chart's pod probes: they use Serve's own ``/-/healthz``, since a router
-pod keeps serving every model it can place even while one model lacks the GPUs for a replica, and a failing probe
-would take all of them away.
+Who asks: the test harness and scripts before they send traffic, and operators or load balancers that want to know
+the configured capacity is up. ``make serve``'s launcher (:mod:`router.launch`) waits for Serve's applications to be
+RUNNING instead, which needs the same replicas. Not the chart's pod probes: they use Serve's own ``/-/healthz``,
+since a router pod keeps serving every model it can place even while one model lacks the GPUs for a replica, and
+a failing probe would take all of them away.
 
 What it means: 200 when every model whose deployment keeps at least one replica (its ``min_replicas`` as Serve
 applies it, ≥ 1) has one RUNNING, or its deployment is HEALTHY; else 503 naming the models waited for. A model

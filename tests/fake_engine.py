@@ -1,4 +1,4 @@
-"""The real engine replica with vLLM replaced: what the load test (:mod:`tests.load`) puts behind the router.
+"""The real engine replica with vLLM replaced: what the load test (:mod:`tests.scenarios.load`) puts behind the router.
 
 The load test measures the path around the engine: Serve, the router, the Ray hops, and the engine replica's own
 code. So this is :class:`deployments.engine.VLLMEngine` itself (request validation by vLLM's own request models,
