@@ -7,8 +7,8 @@ version replaces each replica: with every model in one application's ``args``, c
 ``max_num_seqs`` restarted every engine and router (measured; see the README's failure table).
 
 The options Serve can change on running replicas (scaling, request limits: ``IN_PLACE_FIELDS`` in
-``deployments/config.py``) stay out of ``args``, in the application's ``deployments:`` overrides, which are not part
-of the code version: a new ``max_replicas`` is applied to the running engines instead of replacing them (a GPU
+``deployments/model_config.py``) stay out of ``args``, in the application's ``deployments:`` overrides, which are
+not part of the code version: a new ``max_replicas`` is applied to the running engines instead of replacing them (a GPU
 engine takes minutes to load).
 ``router/app.py`` expands a config file into these applications (:func:`engine_applications`) plus the router's,
 and builds them (:func:`build_engine_apps`) for ``serve run``'s everything-in-one application; an entry here is

@@ -79,7 +79,7 @@ SERVE_FIELDS = ("min_replicas", "max_replicas", "target_ongoing_requests", "upsc
 
 
 def serve_autoscaling_config(autoscaling: Any) -> dict[str, Any]:
-    """A model's ``autoscaling`` section (:class:`deployments.config.Autoscaling`) as Ray Serve's
+    """A model's ``autoscaling`` section (:class:`deployments.model_config.Autoscaling`) as Ray Serve's
     ``autoscaling_config``."""
     config: dict[str, Any] = {key: getattr(autoscaling, key) for key in SERVE_FIELDS}
     if autoscaling.policy == "engine_load":

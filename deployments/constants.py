@@ -1,6 +1,6 @@
 """Rayroute's fixed policies, in one place: what Serve and the router do when replicas are slow, stuck or gone.
 
-These are not per-model settings (those are in :mod:`deployments.config`, with their defaults): they are choices
+These are not per-model settings (those are in :mod:`deployments.model_config`, with their defaults): they are choices
 that hold for every model, each with the reason for its value. ``router/`` reads them from here too.
 """
 

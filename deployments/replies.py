@@ -102,9 +102,8 @@ class Chunk:
     """SSE text for the client: one event (``data: ...\n\n``), or several when they were made faster than the
     path carried them; and the request's token usage so far, including every token in ``data``.
 
-    A stream's first chunk names its ``channel``: the URL where the rest of its events follow as bytes (see
-    :mod:`deployments.stream_channel`); the Serve call then ends with a chunk without data, carrying the counts of
-    every token the stream made."""
+    A stream's first chunk names its ``channel``: the URL where the rest of its events follow as bytes, each framed
+    with the counts so far (see :mod:`deployments.stream_channel`); the Serve call then ends with no further item."""
 
     data: str
     prompt_tokens: int = 0

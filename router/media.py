@@ -19,7 +19,7 @@ costs at most as many lookups as the list has names, and at most :data:`MAX_MEDI
 are parsed by urllib3's ``parse_url``, the parser vLLM uses, so both see the same host.
 
 The engine checks again: vLLM gets the list as its own ``allowed_media_domains`` and follows no redirect
-(``deployments/config.py``), so a redirect from an allowed host leads nowhere. What is left: an allowed host's DNS
+(``deployments/model_config.py``), so a redirect from an allowed host leads nowhere. What is left: an allowed host's DNS
 answering the engine differently from the router a moment before (rebinding), which only the owner of an allowed
 domain can do.
 

@@ -81,7 +81,7 @@ async def relay(first: Chunk, call: DeploymentResponseGenerator, record: Request
                 last = now
                 record.prompt_tokens, record.completion_tokens = channel.prompt_tokens, channel.completion_tokens
                 yield text
-        await within(deadline, _end_of(call, record))
+        await within(deadline, _end_of(call))
     except TimeoutError:
         record.status = 504
         yield ErrorReply.timeout(f"The stream did not finish within {deadline - record.arrived_at:g}s.",
@@ -103,12 +103,11 @@ async def relay(first: Chunk, call: DeploymentResponseGenerator, record: Request
         hold.release()
 
 
-async def _end_of(call: DeploymentResponseGenerator, record: RequestRecord) -> None:
-    """Read the Serve call to its end. It carries no events (they all came on the channel); a chunk on it, if
-    any, only brings the stream's final counts."""
-    async for item in call:
-        if isinstance(item, Chunk):
-            record.prompt_tokens, record.completion_tokens = item.prompt_tokens, item.completion_tokens
+async def _end_of(call: DeploymentResponseGenerator) -> None:
+    """Read the Serve call to its end: it carries nothing after the first chunk (every later event, with the counts
+    so far, came on the channel), but until it ends Serve counts the request as ongoing on its replica."""
+    async for _ in call:
+        pass
 
 
 async def within(deadline: float, step: Awaitable[T]) -> T:

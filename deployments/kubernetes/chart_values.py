@@ -1,6 +1,7 @@
 """The Helm chart's values (``helm/values.yaml``): the Serve args of ``configs/`` plus the Kubernetes cluster around
 them. ``helm/values.schema.json`` is generated from these models, so Helm rejects a bad value with the same rules
-that reject it in a config file. After changing a model here, in ``security_values.py`` or in ``config.py``:
+that reject it in a config file. After changing a model here, in ``security_values.py``, ``config.py`` or
+``model_config.py``:
 
     python -m deployments.kubernetes.chart_values > helm/values.schema.json     # what `make chart-schema` runs
 
@@ -9,7 +10,7 @@ renders it into the RayService's ``serveConfigV2``. Everything else is named the
 what is plain Kubernetes (resources, tolerations, affinity, security contexts) is passed through unchanged and
 checked against Kubernetes' own schemas when the chart is tested.
 
-Each model's replicas are Ray placement groups (see :class:`deployments.config.Resources`); the Ray autoscaler
+Each model's replicas are Ray placement groups (see :class:`deployments.model_config.Resources`); the Ray autoscaler
 adds pods to the worker group that can hold them, so a model that needs 2 GPUs per replica needs a worker group
 whose pods have 2. The chart fails to render when no group fits, instead of leaving replicas pending forever.
 

@@ -132,7 +132,7 @@ GPU groups may be absent), and python.packages are installed wherever the applic
 
 {{/*
 Every GPU model must fit on one pod of some worker group: a replica is one STRICT_PACK placement group of
-tensor_parallel_size x gpus_per_worker GPUs (deployments/config.py Resources), and a replica that fits no group
+tensor_parallel_size x gpus_per_worker GPUs (deployments/model_config.py Resources), and a replica that fits no group
 would stay pending forever. The defaults below are the config schema's.
 */}}
 {{- define "rayroute.checkPlacement" -}}
@@ -180,7 +180,7 @@ would stay pending forever. The defaults below are the config schema's.
 serveConfigV2: .Values.serve (a config file's args) as router/app.py's serve_applications expands it, with the
 routers pinned to the router pods (see rayservice.yaml's routers group): one application per model, whose args are
 that model's entry less what Serve changes in place (in the application's `deployments:` overrides), and the
-router application, whose args are each model's routed fields (RoutedModel in deployments/config.py) and the rest
+router application, whose args are each model's routed fields (RoutedModel in deployments/model_config.py) and the rest
 of .Values.serve. So a change to one model's entry replaces only that model's replicas, and one to its scaling none.
 tests/test_chart.py compares this with serve_applications.
 */}}
@@ -193,7 +193,7 @@ tests/test_chart.py compares this with serve_applications.
 {{- with .Values.python.packages -}}
 {{- $_ = set $shared "runtime_env" (dict "pip" .) -}}
 {{- end -}}
-{{- /* The defaults of the fields Serve changes in place (Autoscaling and ModelConfig in deployments/config.py;
+{{- /* The defaults of the fields Serve changes in place (Autoscaling and ModelConfig in deployments/model_config.py;
 Helm cannot read values.schema.json, and tests/test_chart.py fails when these differ from them). */ -}}
 {{- $scalingDefaults := dict "min_replicas" 1 "max_replicas" 1 "policy" "requests" "target_ongoing_requests" 16 "target_kv_cache_usage" 0.8 "upscale_delay_s" 30 "downscale_delay_s" 300 "look_back_period_s" 30 -}}
 {{- $limitDefaults := dict "max_ongoing_requests" 64 "max_queued_requests" 256 -}}
@@ -202,7 +202,7 @@ Helm cannot read values.schema.json, and tests/test_chart.py fails when these di
 {{- range $args.models -}}
 {{- $model := . -}}
 {{- $name := printf "engine-%s" (regexReplaceAll "[^A-Za-z0-9._-]" .id "_") -}}
-{{- /* IN_PLACE_FIELDS (deployments/config.py) go in the deployment's overrides, as ModelConfig.in_place_options. */ -}}
+{{- /* IN_PLACE_FIELDS (deployments/model_config.py) go in the deployment's overrides, as ModelConfig.in_place_options. */ -}}
 {{- $scaling := deepCopy $scalingDefaults -}}
 {{- range $key, $value := default dict .autoscaling }}{{ $_ := set $scaling $key $value }}{{ end -}}
 {{- $options := dict "name" $name "autoscaling_config" (pick $scaling "min_replicas" "max_replicas" "target_ongoing_requests" "upscale_delay_s" "downscale_delay_s" "look_back_period_s") -}}

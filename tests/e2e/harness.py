@@ -56,6 +56,7 @@ PIRATE_ADAPTER = "smollm2-pirate"  # the default model's adapter (configs/local.
 UNPLACEABLE_MODEL = "needs-a-gpu"  # min_replicas 0 and a GPU this machine lacks: no replica ever starts
 QUEUE_TIMEOUT_UNPLACEABLE_S = 3
 TOTAL_TIMEOUT_SECOND_S = 40  # SECOND_MODEL's requests end after this long
+ELASTIC_DRAIN_TIMEOUT_S = 120  # how long a stopping ELASTIC_MODEL replica may drain
 ROUTER_REPLICAS = 2
 ALIAS = "gpt-4o-mini"
 METRICS_ALIAS = "metrics-probe"  # a name only the metrics tests use, so their counters see no other traffic
@@ -193,7 +194,8 @@ def e2e_config(tmp_path: Path) -> Path:
                    "max_ongoing_requests": 1, "max_queued_requests": 1,
                    "timeouts": {"total_s": TOTAL_TIMEOUT_SECOND_S}})
     # It also holds only 1,024 tokens and falls back to the default model (4,096) for longer prompts.
-    models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu, "drain_timeout_s": 120,
+    models.append({**first, "id": ELASTIC_MODEL, "aliases": [], "resources": one_cpu,
+                   "drain_timeout_s": ELASTIC_DRAIN_TIMEOUT_S,
                    "engine_args": {**first["engine_args"], "max_model_len": 1024}, "fallbacks": [DEFAULT_MODEL],
                    "autoscaling": {"policy": "engine_load", "min_replicas": 1, "max_replicas": 2,
                                    "target_ongoing_requests": 2, "upscale_delay_s": 2, "downscale_delay_s": 20,
