@@ -1,7 +1,6 @@
 """The Helm chart's values (``helm/values.yaml``): the Serve args of ``configs/`` plus the Kubernetes cluster around
 them. ``helm/values.schema.json`` is generated from these models, so Helm rejects a bad value with the same rules
-that reject it in a config file. After changing a model here, in ``security_values.py``, ``config.py`` or
-``model_config.py``:
+that reject it in a config file. After changing a model here, in ``security_values.py`` or the config schema:
 
     python -m deployments.kubernetes.chart_values > helm/values.schema.json     # what `make chart-schema` runs
 

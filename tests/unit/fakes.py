@@ -351,3 +351,18 @@ def sha256(text: str) -> str:
 def keys_yaml(*entries: str) -> str:
     """A keys file (YAML) listing ``entries``."""
     return "".join(f"- {entry}\n" for entry in entries)
+
+
+# --- a router whose keys come from a keys file (its fixtures are in conftest.py) --------------------------------
+
+KEYED_KEY = "sk-auth-" + "0123456789abcdef"
+KEYED_HASHED = "sk-hashed-" + "fedcba9876543210"  # in the keys file only as its sha256
+KEYED_WRONG = "sk-wrong-" + "0123456789abcdef"
+KEYED_CONFIG = {"models": [{"id": "chat-a", "aliases": ["gpt-4o-mini"]}]}
+
+
+def answer_with_model(endpoint: str, body: dict) -> list:
+    """An engine script: a whole answer naming the model it was asked for."""
+    from deployments.replies import Admitted, FullReply
+
+    return [Admitted(), FullReply(json.dumps({"model": body["model"]}), 1, 1)]

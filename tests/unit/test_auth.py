@@ -15,39 +15,13 @@ from fastapi.testclient import TestClient
 from deployments.constants import AUTH_FAILURE_BURST, MIN_API_KEY_LENGTH
 from deployments.replies import ErrorReply
 from router.auth import ApiKeyAuth, ApiKeyConfigError, follow_keys_file, load_api_keys, parse_api_keys
-from router.ingress import OpenAIRouter, build_http_app
+from router.ingress import OpenAIRouter
+from tests.unit.fakes import KEYED_CONFIG as CONFIG
+from tests.unit.fakes import KEYED_HASHED as HASHED
+from tests.unit.fakes import KEYED_KEY as KEY
+from tests.unit.fakes import KEYED_WRONG as WRONG
 from tests.unit.fakes import FakeHandle, chat, from_address, keys_yaml, sha256
-
-KEY = "sk-auth-" + "0123456789abcdef"
-HASHED = "sk-hashed-" + "fedcba9876543210"
-WRONG = "sk-wrong-" + "0123456789abcdef"
-CONFIG = {"models": [{"id": "chat-a", "aliases": ["gpt-4o-mini"]}]}
-
-
-def ok(endpoint: str, body: dict) -> list:
-    from deployments.replies import Admitted, FullReply
-
-    return [Admitted(), FullReply(json.dumps({"model": body["model"]}), 1, 1)]
-
-
-@pytest.fixture
-def keys_path(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.yaml"
-    path.write_text(keys_yaml(f"{{name: plain, key: {KEY}}}", f"{{name: hashed, key_sha256: {sha256(HASHED)}}}"))
-    return path
-
-
-@pytest.fixture
-def router(keys_path: Path, monkeypatch: pytest.MonkeyPatch) -> OpenAIRouter:
-    monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
-    monkeypatch.setenv("RAYROUTE_API_KEYS_FILE", str(keys_path))
-    return OpenAIRouter(CONFIG, {"chat-a": FakeHandle(ok)})
-
-
-@pytest.fixture
-def app(router: OpenAIRouter):
-    return build_http_app(router)
-
+from tests.unit.fakes import answer_with_model as ok
 
 # --- reading and following keys -------------------------------------------------------------------------------------
 

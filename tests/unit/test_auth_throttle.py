@@ -4,45 +4,17 @@ address read behind HAProxy and an ingress."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from deployments.constants import AUTH_FAILURE_BURST, AUTH_FAILURE_REFILL_S
 from router.auth_throttle import THROTTLED_CODE, ClientAddresses, FailedAuthThrottle
 from router.ingress import OpenAIRouter, build_http_app
-from tests.unit.fakes import FakeHandle, chat, from_address, keys_yaml, sha256
-
-KEY = "sk-auth-" + "0123456789abcdef"
-HASHED = "sk-hashed-" + "fedcba9876543210"
-WRONG = "sk-wrong-" + "0123456789abcdef"
-CONFIG = {"models": [{"id": "chat-a", "aliases": ["gpt-4o-mini"]}]}
-
-
-def ok(endpoint: str, body: dict) -> list:
-    from deployments.replies import Admitted, FullReply
-
-    return [Admitted(), FullReply(json.dumps({"model": body["model"]}), 1, 1)]
-
-
-@pytest.fixture
-def keys_path(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.yaml"
-    path.write_text(keys_yaml(f"{{name: plain, key: {KEY}}}", f"{{name: hashed, key_sha256: {sha256(HASHED)}}}"))
-    return path
-
-
-@pytest.fixture
-def router(keys_path: Path, monkeypatch: pytest.MonkeyPatch) -> OpenAIRouter:
-    monkeypatch.delenv("RAYROUTE_API_KEYS", raising=False)
-    monkeypatch.setenv("RAYROUTE_API_KEYS_FILE", str(keys_path))
-    return OpenAIRouter(CONFIG, {"chat-a": FakeHandle(ok)})
-
-
-@pytest.fixture
-def app(router: OpenAIRouter):
-    return build_http_app(router)
+from tests.unit.fakes import KEYED_CONFIG as CONFIG
+from tests.unit.fakes import KEYED_HASHED as HASHED
+from tests.unit.fakes import KEYED_KEY as KEY
+from tests.unit.fakes import KEYED_WRONG as WRONG
+from tests.unit.fakes import FakeHandle, chat, from_address
+from tests.unit.fakes import answer_with_model as ok
 
 
 class Clock:

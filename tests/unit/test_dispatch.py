@@ -15,17 +15,7 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, ErrorReply
-from tests.unit.fakes import FakeHandle, Hang, chat, edge_client, edge_engines, ok, post, router_client
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
+from tests.unit.fakes import FakeHandle, Hang, chat, ok, post, router_client
 
 
 @pytest.mark.parametrize(("path", "body", "endpoint"), [

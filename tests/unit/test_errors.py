@@ -10,17 +10,7 @@ from deployments.replies import ErrorReply
 from router.ingress import OpenAIRouter, build_http_app
 from tests.unit.fakes import EDGE_AUTH as AUTH
 from tests.unit.fakes import EDGE_CONFIG as CONFIG
-from tests.unit.fakes import MESSAGES, FakeHandle, edge_client, edge_engines, error_of
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
+from tests.unit.fakes import MESSAGES, error_of
 
 
 def test_engine_error_reply_becomes_the_envelope(engines, monkeypatch: pytest.MonkeyPatch) -> None:

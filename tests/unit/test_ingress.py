@@ -16,23 +16,10 @@ from tests.unit.fakes import (
     LocalLimits,
     chat,
     client_of,
-    edge_client,
-    edge_engines,
     make_router,
     ok,
     router_client,
 )
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
-
 
 HI = [{"role": "user", "content": "hi"}]  # a prompt estimated at 1 token (2 bytes / 4, rounded up)
 

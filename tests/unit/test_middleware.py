@@ -15,18 +15,7 @@ from tests.unit.fakes import EDGE_AUTH as AUTH
 from tests.unit.fakes import EDGE_CONFIG as CONFIG
 from tests.unit.fakes import EDGE_KEY as KEY
 from tests.unit.fakes import EDGE_OTHER_KEY as OTHER_KEY
-from tests.unit.fakes import MESSAGES, FakeHandle, edge_client, edge_engines, error_of, post
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
-
+from tests.unit.fakes import MESSAGES, error_of, post
 
 # --- request ids and the access log ---------------------------------------------------------------------------------
 

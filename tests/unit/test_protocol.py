@@ -11,17 +11,7 @@ from fastapi.testclient import TestClient
 from deployments.constants import MEDIA_PART_TOKENS
 from router.protocol import ChatCompletionBody, prompt_tokens_estimate
 from tests.unit.fakes import EDGE_AUTH as AUTH
-from tests.unit.fakes import MESSAGES, FakeHandle, edge_client, edge_engines, error_of, post
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
+from tests.unit.fakes import MESSAGES, error_of, post
 
 
 def test_body_is_forwarded_as_sent(client: TestClient, engines) -> None:

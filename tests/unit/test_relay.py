@@ -27,23 +27,11 @@ from tests.unit.fakes import (
     FakeHandle,
     Hang,
     chat,
-    edge_client,
-    edge_engines,
     event,
     router_client,
     sse_events,
     stream_of,
 )
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
 
 
 def test_stream_passes_through_unchanged(client: TestClient) -> None:

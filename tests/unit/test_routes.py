@@ -11,18 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.unit.fakes import EDGE_AUTH as AUTH
-from tests.unit.fakes import MESSAGES, FakeHandle, echo_answer, edge_client, edge_engines, error_of, post, router_client
+from tests.unit.fakes import MESSAGES, FakeHandle, echo_answer, error_of, post, router_client
 from tests.unit.fakes import chat as chat_with_key
-
-
-@pytest.fixture
-def engines() -> dict[str, FakeHandle]:
-    return edge_engines()
-
-
-@pytest.fixture
-def client(engines: dict[str, FakeHandle], monkeypatch: pytest.MonkeyPatch) -> TestClient:
-    return edge_client(engines, monkeypatch)
 
 
 @pytest.mark.parametrize(("name", "served_by"), [("chat-a", "chat-a"), ("gpt-4o-mini", "chat-a"),
