@@ -361,7 +361,7 @@ def peak_overlap(spans: list[tuple[float, float]]) -> int:
 
 def run_level(pool: ProcessPoolExecutor, base_url: str, markers: dict[str, str], name: str, concurrency: int,
               rounds: int, opts: argparse.Namespace) -> Level:
-    from tests import load  # by module name, so the pool's process can import it (this file may be __main__)
+    from tests.scenarios import load  # by module name, so the pool's process can import it (this file may be __main__)
 
     processes = find_processes(markers)
     idle = rss(processes)
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     import multiprocessing
 
-    from tests import load
+    from tests.scenarios import load
 
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     levels: list[Level] = []
