@@ -366,3 +366,12 @@ def answer_with_model(endpoint: str, body: dict) -> list:
     from deployments.replies import Admitted, FullReply
 
     return [Admitted(), FullReply(json.dumps({"model": body["model"]}), 1, 1)]
+
+
+HI = [{"role": "user", "content": "hi"}]  # a prompt estimated at 1 token (2 bytes / 4, rounded up)
+
+
+def post_as(client: Any, key: str, path: str = "/v1/chat/completions", **body: Any) -> Any:
+    """A request to the admission router (:func:`make_router`) with one of :data:`KEYS`' keys."""
+    body = {"model": "chat-a", **({"messages": HI} if path == "/v1/chat/completions" else {}), **body}
+    return client.post(path, json=body, headers={"Authorization": f"Bearer {KEYS[key]['key']}"})

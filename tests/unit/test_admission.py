@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import ClientDisconnect
@@ -33,6 +32,7 @@ from deployments.replies import Admitted, Chunk, ErrorReply
 from router.ingress import build_http_app
 from router.limits import KeyLimits
 from tests.unit.fakes import (
+    HI,
     KEYS,
     MESSAGES,
     FakeHandle,
@@ -40,22 +40,13 @@ from tests.unit.fakes import (
     LocalLimits,
     chat,
     client_of,
+    error_of,
     make_router,
     ok,
     router_client,
     stream_of,
 )
-
-HI = [{"role": "user", "content": "hi"}]  # a prompt estimated at 1 token (2 bytes / 4, rounded up)
-
-
-def post(client: TestClient, key: str, path: str = "/v1/chat/completions", **body: Any):
-    body = {"model": "chat-a", **({"messages": HI} if path == "/v1/chat/completions" else {}), **body}
-    return client.post(path, json=body, headers={"Authorization": f"Bearer {KEYS[key]['key']}"})
-
-
-def error_of(response) -> dict:
-    return response.json()["error"]
+from tests.unit.fakes import post_as as post
 
 
 class CountingLimits(KeyLimits):

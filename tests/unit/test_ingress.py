@@ -4,33 +4,22 @@ body model is built, a key kept to its models, and the OpenAPI document of what 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.unit.fakes import (
-    KEYS,
+    HI,
     MESSAGES,
     FakeHandle,
     LocalLimits,
     chat,
     client_of,
+    error_of,
     make_router,
     ok,
     router_client,
 )
-
-HI = [{"role": "user", "content": "hi"}]  # a prompt estimated at 1 token (2 bytes / 4, rounded up)
-
-
-def post(client: TestClient, key: str, path: str = "/v1/chat/completions", **body: Any):
-    body = {"model": "chat-a", **({"messages": HI} if path == "/v1/chat/completions" else {}), **body}
-    return client.post(path, json=body, headers={"Authorization": f"Bearer {KEYS[key]['key']}"})
-
-
-def error_of(response) -> dict:
-    return response.json()["error"]
+from tests.unit.fakes import post_as as post
 
 
 def test_openapi_document_describes_the_routes(client: TestClient) -> None:
