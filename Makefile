@@ -9,6 +9,9 @@ CONFIG ?= configs/local.yaml
 CLIENTS_VENV ?= .venv-clients
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# The set-up steps are independent downloads and builds (the project's venv, the clients' venv, Debian packages):
+# they run side by side (quietly, so their lines rarely mix). A recipe's own lines, the tests', run in order.
+MAKEFLAGS += --jobs=4
 
 .PHONY: setup model clients prometheus redis helm chart-schema serve test test-quick lint bench load clean
 
@@ -41,7 +44,8 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # The head-failure test keeps Ray's GCS state in a real Redis (GCS fault tolerance), as the chart's gcsFaultTolerance.
-redis:
+# After prometheus: two apt-gets at once would fight over dpkg's lock.
+redis: | prometheus
 	@command -v redis-server >/dev/null || { \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
 

@@ -31,6 +31,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from deployments.autoscaling import config_autoscaling
 from deployments.model_config import IN_PLACE_FIELDS, ModelConfig, RoutedModel, Strict
 from deployments.replies import field_path
+from deployments.vllm_arguments import vllm_argument_names
 
 
 class ConfigError(ValueError):
@@ -180,25 +181,14 @@ def expanded_model_entry(app: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_engine_args(model: ModelConfig) -> None:
-    """Reject engine argument names that neither vLLM's engine nor its OpenAI front end knows.
-
-    Imports vLLM, so it runs where engines are built rather than in :func:`parse_args`.
-    """
+    """Reject engine argument names that neither vLLM's engine nor its OpenAI front end knows (read from vLLM's
+    installed source, so it runs where engines are built rather than in :func:`parse_args`)."""
     unknown = sorted(set(model.engine_args) - vllm_argument_names())
     if unknown:
         raise ConfigError(
             f"models[{model.id}].engine_args: unknown vLLM argument(s) {', '.join(unknown)}"
             " (use the `vllm serve` flag names with underscores, e.g. max_model_len)"
         )
-
-
-def vllm_argument_names() -> set[str]:
-    import dataclasses
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import FrontendArgs
-
-    return {f.name for cls in (AsyncEngineArgs, FrontendArgs) for f in dataclasses.fields(cls)}
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:

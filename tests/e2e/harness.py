@@ -62,6 +62,10 @@ ALIAS = "gpt-4o-mini"
 METRICS_ALIAS = "metrics-probe"  # a name only the metrics tests use, so their counters see no other traffic
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 MAX_REQUEST_BYTES = 1024 * 1024
+# For a test cluster's stop. Serve keeps a stopping router replica reachable this long so that load balancers can
+# drop it first (30 s by default, on every stop); nothing balances a test cluster's routers but its own HAProxy,
+# which retries a refused connection on another replica.
+QUICK_STOP_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
 STARTUP_TIMEOUT_S = float(os.environ.get("RAYROUTE_TEST_STARTUP_TIMEOUT", "600"))
 
 

@@ -22,7 +22,7 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
     real."""
     import httpx
 
-    from tests.e2e.harness import launched
+    from tests.e2e.harness import QUICK_STOP_ENV, launched
 
     local = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())["applications"][0]["args"]["models"][0]
     model = {**local, "engine_args": {**local["engine_args"], "kv_cache_memory_bytes": 256 * 1024 * 1024}}
@@ -42,7 +42,7 @@ def test_rendered_serve_config_serves_on_a_local_ray_cluster(tmp_path: Path) -> 
     secret = next(d for d in of_kind(docs, "Secret") if d["metadata"]["name"] == volume["secretName"])
     keys_file = tmp_path / item["path"]
     keys_file.write_bytes(base64.b64decode(secret["data"][item["key"]]))
-    env = {**os.environ, API_KEYS_FILE_ENV: str(keys_file), "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, API_KEYS_FILE_ENV: str(keys_file), "RAY_DEDUP_LOGS": "0", **QUICK_STOP_ENV}
     env.pop("RAYROUTE_API_KEYS", None)
 
     with launched(config, tmp_path / "serve.log", env) as cluster:

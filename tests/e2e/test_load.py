@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.e2e.harness import QUICK_STOP_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 STREAMS = 1000
 # Streams long enough that every one is still receiving when the last one starts: the engine's cadence, not the
@@ -42,11 +44,11 @@ def test_router_holds_1000_concurrent_streams(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     # The script starts a cluster of its own; a RAY_ADDRESS set for this process's connection must not leak into
     # it, nor keys configured for the session's cluster.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAYROUTE_API_KEYS", "RAYROUTE_API_KEYS_FILE")}
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("RAY_ADDRESS", "RAYROUTE_API_KEYS", "RAYROUTE_API_KEYS_FILE")}, **QUICK_STOP_ENV}
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.scenarios.load", "--streams", str(STREAMS), "--tokens", str(TOKENS),
-         "--interval", str(TOKEN_INTERVAL_S), "--baseline", "1",
+         "--interval", str(TOKEN_INTERVAL_S), "--baseline", "0",
          "--stream-timeout", str(STREAM_TIMEOUT_S), "--json", str(out)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
