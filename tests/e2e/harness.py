@@ -66,6 +66,13 @@ MAX_REQUEST_BYTES = 1024 * 1024
 # drop it first (30 s by default, on every stop); nothing balances a test cluster's routers but its own HAProxy,
 # which retries a refused connection on another replica.
 QUICK_STOP_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+# For the shared cluster's routing. Before it sends a request, Serve's router asks candidate replicas their queue
+# length and waits 0.1 s for the answer (doubling to 1 s); on two cores busy with engines an answer can take longer,
+# and a request whose first choice did not answer in time is routed again among all replicas. For an adapter that
+# first choice is the replica holding it, so under load the adapter-placement test saw a request land on the other
+# replica (which then loaded the adapter, evicting its own). Deadlines a busy machine meets keep Serve's choice.
+PROBE_DEADLINE_ENV = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1",
+                      "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5"}
 STARTUP_TIMEOUT_S = float(os.environ.get("RAYROUTE_TEST_STARTUP_TIMEOUT", "600"))
 
 
