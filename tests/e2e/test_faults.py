@@ -8,6 +8,7 @@ redeploy, so they run after every other test (conftest orders them last).
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import threading
@@ -152,8 +153,14 @@ def test_keys_rotate_without_a_restart(cluster: Cluster) -> None:
     original = path.read_text()
     old, new = "sk-rotate-old-0123456789", "sk-rotate-new-0123456789"
 
+    def replace(text: str) -> None:
+        # Whole, as Kubernetes swaps a Secret's files: a write in place could be read half done (an empty file).
+        staged = path.with_name(path.name + ".new")
+        staged.write_text(text)
+        os.replace(staged, path)
+
     def write(key: str) -> None:
-        path.write_text(yaml.safe_dump([*API_KEYS, {"name": "rotating", "key": key, "requests_per_minute": 1}]))
+        replace(yaml.safe_dump([*API_KEYS, {"name": "rotating", "key": key, "requests_per_minute": 1}]))
 
     # From an address of its own: its many refused tries (the new key before its reload, the old one after) are
     # throttled after a burst (a 429 instead of the 401), and must not throttle other tests' wrong keys.
@@ -183,7 +190,7 @@ def test_keys_rotate_without_a_restart(cluster: Cluster) -> None:
         wait_for(lambda: accepted(new) == [200] * 6 and refused(old), 60, "the key rotated")
         over = post_chat(cluster, key=new, model=DEFAULT_MODEL, max_tokens=1)
         assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
-        path.write_text("- {name: rotating, key: [not a key\n")
+        replace("- {name: rotating, key: [not a key\n")
         time.sleep(API_KEYS_RELOAD_S + 5)
         assert accepted(new) == [200] * 6 and accepted(API_KEY) == [200] * 6
         stop.set()
@@ -193,7 +200,7 @@ def test_keys_rotate_without_a_restart(cluster: Cluster) -> None:
     finally:
         stop.set()
         tries.close()
-        path.write_text(original)
+        replace(original)
 
 
 def test_requests_per_minute_hold_across_router_replicas(cluster: Cluster) -> None:
