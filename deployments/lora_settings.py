@@ -8,7 +8,8 @@ of adapters are memory nobody uses. So the rank is the smallest vLLM accepts tha
 adapter given as a hub id cannot be read before it is loaded: with one, the rank stays vLLM's default unless
 ``engine_args`` sets ``max_lora_rank``.
 
-    lora_engine_args({"smollm2-pirate": "~/.cache/rayroute/models/smollm2-pirate"}, max_per_replica=4)
+    lora_engine_args({"smollm2-pirate": Path("~/.cache/rayroute/models/smollm2-pirate").expanduser()},
+                     max_per_replica=4)
     # {"enable_lora": True, "max_loras": 1, "max_lora_rank": 8}
 """
 
@@ -28,7 +29,7 @@ def lora_engine_args(adapters: dict[str, Path | None], max_per_replica: int) -> 
         return {}
     args: dict[str, Any] = {"enable_lora": True, "max_loras": min(max_per_replica, len(adapters))}
     ranks = [adapter_rank(folder) if folder is not None else None for folder in adapters.values()]
-    if ranks and None not in ranks:
+    if None not in ranks:
         widest = max(ranks)
         args["max_lora_rank"] = next((r for r in VLLM_LORA_RANKS if r >= widest), widest)
     return args
