@@ -172,12 +172,14 @@ def start_rayroute(document: dict, model: dict, workdir: Path, log: Path) -> Ser
     return Server("rayroute", cluster.process, cluster.base_url)
 
 
-def start_bare_vllm(model: dict, log: Path, name: str = "vllm") -> Server:
-    """vLLM's own server, with the engine arguments rayroute derives for the model as `vllm serve` flags, and its
-    adapters as ``--lora-modules``; ``vllm-nolora`` serves the same model with none (so LoRA off)."""
+def start_bare_vllm(model: dict, log: Path, lora: bool = True) -> Server:
+    """vLLM's own server (``vllm``), with the engine arguments rayroute derives for the model as `vllm serve`
+    flags, and its adapters as ``--lora-modules``; with ``lora=False`` (``vllm-nolora``) the same model with none,
+    so LoRA off."""
     from deployments.config import ModelConfig
 
-    config = ModelConfig.model_validate(model if name == "vllm" else {**model, "adapters": {}})
+    name = "vllm" if lora else "vllm-nolora"
+    config = ModelConfig.model_validate(model if lora else {**model, "adapters": {}})
     port = free_port()
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", config.resolved_source,
                "--served-model-name", config.id, "--host", "127.0.0.1", "--port", str(port)]
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 for server in wanted:
                     log = opts.out / f"{name}-{server}.log"
                     servers[server] = (start_rayroute(document, model, Path(tmp), log) if server == "rayroute"
-                                       else start_bare_vllm(model, log, server))
+                                       else start_bare_vllm(model, log, lora=server == "vllm"))
                 for server in servers.values():  # warm-up, not counted
                     run_block(server, model["id"], tokens, 2, 2)
                 for label, served in targets.items():

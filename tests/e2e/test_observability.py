@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -165,6 +166,35 @@ def test_token_counters_equal_the_usage_clients_received(cluster: Cluster, prome
         before["prompt_tokens"] + prompt)
     assert prometheus.wait_for(counter(model, "completion_tokens"), before["completion_tokens"] + completion) == (
         before["completion_tokens"] + completion)
+
+
+def test_finished_streams_leave_nothing_ongoing_and_nothing_cancelled(cluster: Cluster,
+                                                                      prometheus: Prometheus) -> None:
+    """Serve must see every finished stream's call end: at the routers' handles, whose counts autoscaling goes by,
+    and at the engine replica, whose count replica choice goes by; and count none of them as failed or cancelled
+    (the router cancels a call only when its stream did not finish)."""
+    deployment = engine_deployment_name(DEFAULT_MODEL)
+    at_handles = f'sum(ray_serve_num_ongoing_requests_at_replicas{{deployment="{deployment}"}})'
+    at_replica = f'sum(ray_serve_replica_processing_queries{{deployment="{deployment}"}})'
+    failed = f'sum(ray_serve_deployment_error_counter_total{{deployment="{deployment}"}})'
+    failed_before = prometheus.settled(failed)
+    started = time.time()
+    body = {"model": DEFAULT_MODEL, "messages": ASK, "stream": True, "max_tokens": 48, "ignore_eos": True}
+
+    def stream(_: int) -> tuple[int, str]:
+        with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", json=body, headers=AUTH,
+                          timeout=300) as response:
+            return response.status_code, [line for line in response.iter_lines() if line][-1]
+
+    with ThreadPoolExecutor(8) as pool:
+        ends = list(pool.map(stream, range(16)))
+    assert ends == [(200, "data: [DONE]")] * 16
+    # Not vacuous: both counts were seen above zero while the streams ran.
+    assert prometheus.had_data(f"{at_handles} > 0", since=started)
+    assert prometheus.had_data(f"{at_replica} > 0", since=started)
+    assert prometheus.wait_for(at_handles, 0) == 0
+    assert prometheus.wait_for(at_replica, 0) == 0
+    assert prometheus.settled(failed) == failed_before
 
 
 def test_abandoned_stream_counts_what_was_generated(cluster: Cluster, prometheus: Prometheus) -> None:

@@ -44,11 +44,13 @@ class FakeStream:
         self.steps = list(steps)
         self.cancelled = False
         self.failed: BaseException | None = None
+        self.read = 0  # items the router took, its end included
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def __anext__(self) -> Any:
+        self.read += 1
         if not self.steps:
             raise StopAsyncIteration
         step = self.steps.pop(0)

@@ -94,3 +94,46 @@ def test_a_finished_answer_names_the_model_as_the_client_did_with_its_usage() ->
     assert json.loads(reply.body)["model"] == "alias"
     # The replica's serving object still answers under vLLM's name: the alias was this request's only.
     assert engine._serving["chat"].models.model_name() == "canonical"
+
+
+def test_a_stream_is_one_serve_item_after_admitted_and_the_rest_on_its_channel() -> None:
+    """Every Serve item costs CPU at both ends, so a stream's events after the first go on its channel; and a stream
+    that breaks off after its first event raises on its Serve call, where the router reads it (the channel itself
+    only ends)."""
+    from deployments.stream_channel import StreamChannel
+    from deployments.vllm_hooks import TokenCount
+    from router.channel_client import ChannelClient
+    from tests.unit.fakes import event
+
+    async def vllm_events(fail: bool):
+        for text in "abc":
+            yield event(text)
+        if fail:
+            raise RuntimeError("vLLM's serving layer broke off")
+
+    async def relayed(fail: bool) -> tuple[str, BaseException | None]:
+        engine = replica()
+        engine.channel = StreamChannel()
+        await engine.channel.start("127.0.0.1")
+        client = ChannelClient()
+        try:
+            stream = engine._stream(vllm_events(fail), TokenCount(), fix_tool_calls=False)
+            first = await anext(stream)
+            rest = asyncio.ensure_future(anext(stream, None))  # the replica writes the rest on the channel
+            channel = await client.open(first.channel)
+            texts = [first.data]
+            while text := await channel.read():
+                texts.append(text.decode())
+            raised = None
+            try:
+                assert await rest is None  # no second Serve item
+            except RuntimeError as exc:
+                raised = exc
+            return "".join(texts), raised
+        finally:
+            await client.close()
+            await engine.channel.stop()
+
+    assert asyncio.run(relayed(fail=False)) == (event("a") + event("b") + event("c"), None)
+    text, raised = asyncio.run(relayed(fail=True))
+    assert text == event("a") + event("b") + event("c") and isinstance(raised, RuntimeError)

@@ -122,6 +122,10 @@ def test_events_after_the_first_come_from_the_channel(replica_channel, monkeypat
     assert [json.loads(e)["t"] for e in sse_events(response.text)] == ["a", "b", "c"]
     (line,) = [json.loads(text) for text in access_log_lines]
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 3)
+    # Three Serve items per stream and no more: Admitted, the first event, the call's end (read, so Serve's counts
+    # and the next request's replica choice see it at once; leaving it unread cost the next stream's TTFT).
+    (call,) = engine.streams
+    assert call.read == 3
 
 
 def test_a_channel_that_cannot_be_opened_ends_the_stream_with_an_error_event(monkeypatch) -> None:

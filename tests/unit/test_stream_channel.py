@@ -60,6 +60,44 @@ def test_a_stream_is_written_to_the_one_router_that_opens_it() -> None:
     asyncio.run(main())
 
 
+def test_streams_one_after_another_share_one_kept_alive_connection() -> None:
+    """A finished stream's connection goes back to the router's pool: the next stream to the same replica costs
+    no new connection at either end. The router reads the response to its end, then closes its channel as the relay
+    does."""
+    connections = set()
+
+    class Counting(StreamChannel):
+        async def _connect(self, request):
+            connections.add(id(request.transport))
+            return await super()._connect(request)
+
+    async def main() -> None:
+        channel = Counting()
+        await channel.start("127.0.0.1")
+        client = ChannelClient()
+        try:
+            for _ in range(3):
+                link = channel.offer()
+
+                async def replica(link=link) -> None:
+                    response = await link.writer()
+                    await write_event(response, event("a"), 5, 1)
+                    link.close()
+
+                writing = asyncio.create_task(replica())
+                router_end = await client.open(link.url)
+                while await router_end.read():
+                    pass
+                router_end.close()
+                await writing
+        finally:
+            await client.close()
+            await channel.stop()
+
+    asyncio.run(main())
+    assert len(connections) == 1
+
+
 def test_a_router_that_drops_the_channel_stops_the_replicas_writes() -> None:
     """What aborts the engine request when a client leaves: the replica's next write fails."""
 
