@@ -282,11 +282,13 @@ def report(rows: list[dict], out: Path) -> None:
         for server, style in (("rayroute", "-"), ("vllm", "--"), ("vllm-nolora", ":")):
             rs = sorted((r for r in rows if r["model"] == model and r["server"] == server),
                         key=lambda r: r["concurrency"])
+            if not rs:
+                continue
             axes[1].plot([r["concurrency"] for r in rs], [r["ttft_p50_ms"] for r in rs], style, marker="o",
                          label=f"{model} {server}")
     axes[0].axhline(0.95, color="grey", linewidth=0.8, linestyle=":")
     axes[0].set(xlabel="concurrent streams", ylabel="rayroute / bare vLLM tokens/s", xscale="log",
-                title="Throughput kept", ylim=(0, 1.1))
+                title="Throughput kept", ylim=(0, 1.25))
     axes[1].set(xlabel="concurrent streams", ylabel="TTFT p50 (ms)", xscale="log", yscale="log",
                 title="Time to first token")
     for axis in axes:
