@@ -19,8 +19,9 @@ from tests.unit.fakes import event
 
 
 @contextlib.asynccontextmanager
-async def replica_and_router() -> AsyncIterator[tuple[StreamChannel, ChannelClient]]:
-    channel = StreamChannel()
+async def replica_and_router(channel_class: type[StreamChannel] = StreamChannel,
+                             ) -> AsyncIterator[tuple[StreamChannel, ChannelClient]]:
+    channel = channel_class()
     await channel.start("127.0.0.1")
     client = ChannelClient()
     try:
@@ -64,18 +65,15 @@ def test_streams_one_after_another_share_one_kept_alive_connection() -> None:
     """A finished stream's connection goes back to the router's pool: the next stream to the same replica costs
     no new connection at either end. The router reads the response to its end, then closes its channel as the relay
     does."""
-    connections = set()
+    connections = set()  # the router's end of each connection the replica accepted: (address, port)
 
     class Counting(StreamChannel):
         async def _connect(self, request):
-            connections.add(id(request.transport))
+            connections.add(request.transport.get_extra_info("peername"))
             return await super()._connect(request)
 
     async def main() -> None:
-        channel = Counting()
-        await channel.start("127.0.0.1")
-        client = ChannelClient()
-        try:
+        async with replica_and_router(Counting) as (channel, client):
             for _ in range(3):
                 link = channel.offer()
 
@@ -90,9 +88,6 @@ def test_streams_one_after_another_share_one_kept_alive_connection() -> None:
                     pass
                 router_end.close()
                 await writing
-        finally:
-            await client.close()
-            await channel.stop()
 
     asyncio.run(main())
     assert len(connections) == 1
