@@ -131,15 +131,18 @@ class Server:
         self.name, self.process, self.base_url = name, process, base_url
 
     def path_processes(self) -> list[psutil.Process]:
-        root = psutil.Process(self.process.pid)
         if self.name != "rayroute":
-            return [root]  # the API server; its children are the engine core and its workers
+            return [psutil.Process(self.process.pid)]  # the API server; its children are the engine core and workers
+        return self.session_processes(RAYROUTE_PATH_MARKERS)
+
+    def session_processes(self, markers: tuple[str, ...]) -> list[psutil.Process]:
+        """The processes of the server's session whose command line holds one of ``markers``: Ray's processes are
+        daemonized out of the launcher's tree but stay in its session."""
         found = []
-        # Ray's processes are daemonized out of the launcher's tree but stay in its session.
         for proc in psutil.process_iter(["cmdline"]):
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 command = " ".join(proc.info["cmdline"] or ())
-                if os.getsid(proc.pid) == self.process.pid and any(m in command for m in RAYROUTE_PATH_MARKERS):
+                if os.getsid(proc.pid) == self.process.pid and any(m in command for m in markers):
                     found.append(proc)
         return found
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -51,10 +50,9 @@ def engine_processes(server: Server) -> list[psutil.Process]:
     if server.name != "rayroute":
         return psutil.Process(server.process.pid).children(recursive=True)
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for core in server.session_processes(("EngineCore",)):
         with contextlib.suppress(psutil.Error):
-            if os.getsid(proc.pid) == server.process.pid and "EngineCore" in " ".join(proc.info["cmdline"] or ()):
-                found += [proc, *proc.children(recursive=True)]
+            found += [core, *core.children(recursive=True)]
     return found
 
 
@@ -89,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="requests per stream slot in one block")
     opts = parser.parse_args(argv)
     folder, tokens = MODELS["tiny"]
-    model = model_entry(yaml.safe_load(opts.config.read_text()), folder)
+    document = yaml.safe_load(opts.config.read_text())
+    model = model_entry(document, folder)
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp)
-        rayroute = start_rayroute(yaml.safe_load(opts.config.read_text()), model, logs, logs / "rayroute.log")
+        rayroute = start_rayroute(document, model, logs, logs / "rayroute.log")
         try:
             bare = start_bare_vllm(model, logs / "vllm.log")
             try:
