@@ -28,7 +28,7 @@ from ray.serve import Application
 from ray.serve.schema import LoggingConfig
 
 from deployments.config import IN_PLACE_FIELDS, ModelConfig, ServeArgs, check_engine_args
-from deployments.constants import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S, PLACEMENT_STRATEGY
+from deployments.constants import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S
 from deployments.engine import VLLMEngine
 
 IMPORT_PATH = "deployments.app:build_engine_app"
@@ -77,7 +77,7 @@ def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> se
             "runtime_env": {"env_vars": {**model.resources.engine_env(), **model.env}},
         },
         placement_group_bundles=model.resources.placement_group_bundles(),
-        placement_group_strategy=PLACEMENT_STRATEGY,
+        placement_group_strategy=model.resources.placement_strategy(),
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).

@@ -22,6 +22,7 @@ already expanded into applications. One model's entry is :mod:`deployments.model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -182,13 +183,24 @@ def expanded_model_entry(app: dict[str, Any]) -> dict[str, Any]:
 
 def check_engine_args(model: ModelConfig) -> None:
     """Reject engine argument names that neither vLLM's engine nor its OpenAI front end knows (read from vLLM's
-    installed source, so it runs where engines are built rather than in :func:`parse_args`)."""
+    installed source, so it runs where engines are built rather than in :func:`parse_args`), and parallel sizes that
+    do not split a local model evenly."""
     unknown = sorted(set(model.engine_args) - vllm_argument_names())
     if unknown:
         raise ConfigError(
             f"models[{model.id}].engine_args: unknown vLLM argument(s) {', '.join(unknown)}"
             " (use the `vllm serve` flag names with underscores, e.g. max_model_len)"
         )
+    try:
+        model.resources.check_engine_args(model.engine_args)
+    except ValueError as exc:
+        raise ConfigError(f"models[{model.id}].resources: {exc}") from None
+    local = model.local_source()
+    if local is not None and (local / "config.json").is_file():  # a hub model's is checked by vLLM as it starts
+        try:
+            model.resources.check_fits(json.loads((local / "config.json").read_text()))
+        except ValueError as exc:
+            raise ConfigError(f"models[{model.id}].resources: {exc}") from None
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:

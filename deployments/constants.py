@@ -15,8 +15,9 @@ HEALTH_CHECK_TIMEOUT_S = 30.0
 # Generous, because one prefill of a long prompt on a big model is one long step.
 STALL_TIMEOUT_S = 120.0
 # A replica's placement group (the replica and its tensor-parallel workers) is all on one node: NVLink, not the
-# network, between the shards of one model.
+# network, between the shards of one model. With pipeline stages it may span nodes, filling each before the next.
 PLACEMENT_STRATEGY = "STRICT_PACK"
+PIPELINE_PLACEMENT_STRATEGY = "PACK"
 
 # --- metrics (router/telemetry.py, deployments/engine.py) --------------------------------------------------------
 # How often gauges are published when nothing else sets them: Ray drops a gauge not set for two export intervals,

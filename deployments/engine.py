@@ -48,7 +48,7 @@ from deployments.replies import (
     validation_error,
 )
 from deployments.stream_channel import CHANNEL_HOST_ENV, ChannelClosed, StreamChannel, write_event
-from deployments.vllm_hooks import EngineProgress, TokenCount, for_request, ray_metrics, start_vllm
+from deployments.vllm_hooks import EngineProgress, TokenCount, for_request, ray_metrics, ray_workers, start_vllm
 
 logger = logging.getLogger("rayroute.engine")
 
@@ -232,7 +232,9 @@ class VLLMEngine:
         return self.progress.load(self.engine.get_num_unfinished_requests())
 
     async def engine_info(self) -> dict[str, Any]:
-        """What the tests and operators ask a replica: its platform and how many requests it is running."""
+        """What the tests and operators ask a replica: its platform, its workers and where they run, and how many
+        requests it is running."""
+        import ray
         from vllm.platforms import current_platform
 
         return {
@@ -240,6 +242,8 @@ class VLLMEngine:
             "pid": os.getpid(),  # the replica's process; vLLM's engine core is its child
             "platform": current_platform.device_type,
             "running_requests": self.engine.get_num_unfinished_requests(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "workers": ray_workers(self.engine),  # empty: one worker, in the engine core
             # The adapters Serve counts as held here, and how many adapter loads this replica has done.
             "adapters": self.adapters.held() if self.adapters else [],
             "adapter_loads": self.adapters.loads if self.adapters else 0,

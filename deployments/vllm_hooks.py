@@ -168,8 +168,12 @@ async def start_vllm(model: ModelConfig, stat_logger: Callable[[Any, int], Any],
     )
     frontend_args = FrontendArgs(**frontend_kwargs)
     vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-    # Tensor-parallel workers go into the bundles this replica's placement group reserved for them.
+    # A replica of several workers: they go into the bundles its placement group reserved for them. vLLM's engine
+    # core, a process of its own, starts them after connecting to Ray (ray.init), which must find this cluster, not
+    # start one of its own.
     vllm_config.parallel_config.placement_group = ray.util.get_current_placement_group()
+    if model.resources.workers > 1:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     engine = AsyncLLM.from_vllm_config(
         vllm_config,
         usage_context=UsageContext.OPENAI_API_SERVER,
@@ -186,6 +190,22 @@ async def start_vllm(model: ModelConfig, stat_logger: Callable[[Any, int], Any],
     await init_app_state(engine, state, args, supported_tasks=await engine.get_supported_tasks())
     serving = {name: getattr(state, endpoint.serving_attribute, None) for name, endpoint in ENDPOINTS.items()}
     return engine, serving, state.openai_serving_models
+
+
+def ray_workers(engine: Any) -> list[dict[str, Any]]:
+    """The engine's workers that Ray runs (a replica of several workers: :class:`deployments.replica_resources.
+    Resources`), each with its Ray actor name (vLLM's: ``vllm_Worker_<engine instance>_TP<rank>_PP<stage>``), process
+    and node; empty for an engine whose one worker runs in its own engine core."""
+    config = getattr(engine, "vllm_config", None)
+    if config is None or config.parallel_config.distributed_executor_backend != "ray":
+        return []
+    # vLLM's engine core, not this replica, owns the worker actors; they are found by the name vLLM gives them.
+    from ray._private.state import actors
+
+    prefix = f"vllm_Worker_{config.instance_id}"
+    found = [info for info in actors(actor_state_name="ALIVE").values() if info["Name"].startswith(prefix)]
+    return sorted(({"name": info["Name"], "pid": info["Pid"], "node_id": info["Address"]["NodeID"]}
+                   for info in found), key=lambda worker: worker["name"])
 
 
 def ray_metrics(engine: Any) -> Any:

@@ -121,6 +121,7 @@ def start(document: dict[str, Any], config: ServeArgs, host: str, port: int, met
 
     context = ray.init(
         num_cpus=logical_cpus(config),
+        num_gpus=cpu_worker_places(config) or None,  # None: Ray counts the machine's GPUs
         resources=router_resources(config),
         # Ray's dashboard takes job submissions: only on the loopback, only when asked for, always behind the token.
         include_dashboard=dashboard_port is not None,
@@ -181,6 +182,13 @@ def logical_cpus(config: ServeArgs) -> int:
         for m in config.models
     )
     return max(os.cpu_count() or 1, math.ceil(needed))
+
+
+def cpu_worker_places(config: ServeArgs) -> int:
+    """Logical GPUs for the workers of CPU models with more than one: each worker's place in its replica's group
+    (see :class:`deployments.replica_resources.Resources`), for every model at its most replicas."""
+    return sum(m.resources.workers * max(m.autoscaling.max_replicas, 1)
+               for m in config.models if m.resources.accelerator == "cpu" and m.resources.workers > 1)
 
 
 def router_resources(config: ServeArgs) -> dict[str, float]:

@@ -9,9 +9,9 @@ renders it into the RayService's ``serveConfigV2``. Everything else is named the
 what is plain Kubernetes (resources, tolerations, affinity, security contexts) is passed through unchanged and
 checked against Kubernetes' own schemas when the chart is tested.
 
-Each model's replicas are Ray placement groups (see :class:`deployments.model_config.Resources`); the Ray autoscaler
-adds pods to the worker group that can hold them, so a model that needs 2 GPUs per replica needs a worker group
-whose pods have 2. The chart fails to render when no group fits, instead of leaving replicas pending forever.
+Each model's replicas are Ray placement groups (see :class:`deployments.replica_resources.Resources`); the Ray
+autoscaler adds pods to the group that can hold them, so a model whose pipeline stage needs 2 GPUs needs a group
+whose pods have 2, and pods for all its stages. The chart refuses values no group fits (their replicas would pend).
 
 The values that guard the cluster (secrets, network policies, HAProxy's pages, reserved variables) are in
 :mod:`deployments.kubernetes.security_values`; here are the pods, their exposure and monitoring, and the whole.

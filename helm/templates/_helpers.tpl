@@ -131,25 +131,50 @@ GPU groups may be absent), and python.packages are installed wherever the applic
 {{- end -}}
 
 {{/*
-Every GPU model must fit on one pod of some worker group: a replica is one STRICT_PACK placement group of
-tensor_parallel_size x gpus_per_worker GPUs (deployments/model_config.py Resources), and a replica that fits no group
-would stay pending forever. The defaults below are the config schema's.
+Every model's replica must fit the worker groups, or it would stay pending forever. A replica is one Ray placement
+group (deployments/replica_resources.py Resources): tensor_parallel_size x pipeline_parallel_size workers of
+gpus_per_worker GPUs. A stage's tensor-parallel workers share a node (without stages, STRICT_PACK keeps the whole
+group on one), so one stage must fit on one pod of a group; stages may span pods, so that group's pods, at most
+maxReplicas of them, must hold every stage. On `cpu`, vLLM places a replica's workers by a logical GPU resource that
+only the local launcher declares (router/launch.py), so a CPU model has one worker here. The defaults below are the
+config schema's.
 */}}
 {{- define "rayroute.checkPlacement" -}}
 {{- $groups := include "rayroute.workerGroups" . | fromYamlArray -}}
 {{- range $i, $model := .Values.serve.models -}}
 {{- $resources := default dict $model.resources -}}
-{{- if eq (default "gpu" $resources.accelerator) "gpu" -}}
-{{- $need := mulf (default 1 $resources.tensor_parallel_size) (default 1 $resources.gpus_per_worker) -}}
+{{- $tp := int (default 1 $resources.tensor_parallel_size) -}}
+{{- $pp := int (default 1 $resources.pipeline_parallel_size) -}}
+{{- if eq (default "gpu" $resources.accelerator) "cpu" -}}
+{{- if gt (mul $tp $pp) 1 -}}
+{{- fail (printf "serve.models[%d] (%s) has %d workers (tensor_parallel_size x pipeline_parallel_size) on accelerator: cpu, which the chart's pods cannot run: vLLM places CPU workers by a logical GPU resource that only the local launcher declares. Serve it on GPUs (accelerator: gpu), or with one worker" $i $model.id (mul $tp $pp)) -}}
+{{- end -}}
+{{- else -}}
+{{- $need := mulf $tp (default 1 $resources.gpus_per_worker) -}}
 {{- $type := default "" $resources.accelerator_type -}}
+{{- $ofType := ternary (printf " of type %s" $type) "" (ne $type "") -}}
+{{- $andType := ternary (printf " and acceleratorType: %s" $type) "" (ne $type "") -}}
 {{- $fits := false -}}
+{{- $best := dict -}}
 {{- range $groups -}}
 {{- if and (ge (float64 .gpus) $need) (or (not $type) (eq $type (default "" .acceleratorType))) -}}
+{{- $perPod := int (floor (divf .gpus $need)) -}}
+{{- $holds := mul $perPod (int .maxReplicas) -}}
+{{- if ge $holds $pp -}}
 {{- $fits = true -}}
+{{- else if gt $holds (int (default 0 $best.holds)) -}}
+{{- $best = dict "name" .name "perPod" $perPod "pods" (int .maxReplicas) "holds" $holds -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if not $fits -}}
-{{- fail (printf "serve.models[%d] (%s) needs %v GPU(s)%s on one pod, but no workerGroups entry has them: add a group with gpus: %v%s" $i $model.id $need (ternary (printf " of type %s" $type) "" (ne $type "")) (ceil $need) (ternary (printf " and acceleratorType: %s" $type) "" (ne $type ""))) -}}
+{{- if eq $pp 1 -}}
+{{- fail (printf "serve.models[%d] (%s) needs %v GPU(s)%s on one pod, but no workerGroups entry has them: add a group with gpus: %v%s" $i $model.id $need $ofType (ceil $need) $andType) -}}
+{{- else if not $best -}}
+{{- fail (printf "serve.models[%d] (%s) needs %v GPU(s)%s on one pod for each of its %d pipeline stages, but no workerGroups entry has them: add a group with gpus: %v (or a multiple)%s and maxReplicas: %d" $i $model.id $need $ofType $pp (ceil $need) $andType $pp) -}}
+{{- else -}}
+{{- fail (printf "serve.models[%d] (%s) needs %d pipeline stages of %v GPU(s)%s, each on one pod, but no workerGroups entry holds them all: workerGroups %s holds %d of them (%d per pod x maxReplicas %d); raise its maxReplicas to %d, or give its pods more GPUs" $i $model.id $pp $need $ofType $best.name $best.holds $best.perPod $best.pods (div (add $pp $best.perPod -1) $best.perPod)) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}

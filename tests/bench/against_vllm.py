@@ -196,7 +196,9 @@ def start_bare_vllm(model: dict, log: Path, lora: bool = True) -> Server:
             command += [flag, json.dumps(value) if isinstance(value, dict | list) else str(value)]
     # The same compute threads as the replica gets: Ray sets OMP_NUM_THREADS from the replica's CPUs.
     threads = str(int(config.resources.replica_actor_resources()["num_cpus"]))
-    env = {**os.environ, **config.resources.engine_env(), **config.env, "OMP_NUM_THREADS": threads}
+    # vLLM's own CPU platform (the replica's differs only in running Ray workers, which one worker does not use).
+    device = {"VLLM_TARGET_DEVICE": "cpu"} if config.resources.accelerator == "cpu" else {}
+    env = {**os.environ, **device, **config.env, "OMP_NUM_THREADS": threads}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -4,44 +4,11 @@ engines is most of what each would cost alone), one test per phase on that run's
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-
-import psutil
 import pytest
 
-from tests.e2e.harness import ROOT
+from tests.e2e.harness import run_scenario
 
 pytestmark = pytest.mark.e2e
-
-
-def run_scenario(module: str) -> dict:
-    """Run ``python -m <module>`` in its own process and session; its report (the last line of its output), with
-    the end of its output under ``output``."""
-    process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                               env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-    try:
-        output, _ = process.communicate(timeout=1800)
-    finally:
-        # Whatever the scenario left (a raylet, an engine core orphaned by its node's loss) ends with it.
-        for leftover in [p for p in psutil.process_iter() if _session(p) == process.pid]:
-            leftover.send_signal(signal.SIGKILL)
-    try:
-        report = json.loads(output.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        pytest.fail(f"{module} printed no report (exit {process.returncode}):\n{output[-6000:]}")
-    return {**report, "output": output[-6000:]}
-
-
-def _session(process: psutil.Process) -> int | None:
-    try:
-        return os.getsid(process.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
 
 
 @pytest.fixture(scope="module")

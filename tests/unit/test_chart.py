@@ -359,9 +359,9 @@ def test_values_validate_with_the_config_models(scenario: Path) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
 def test_every_gpu_model_fits_a_worker_group(scenario: Path) -> None:
-    """Each GPU replica (one STRICT_PACK placement group) fits one pod of some group, and the routers fit only the
-    router pods (never the head, never a GPU pod), so Ray's autoscaler can always place them and GPU pods can
-    always scale down."""
+    """Each GPU replica (one placement group) fits some group: a pipeline stage's GPUs on one pod, every stage on
+    the group's pods; and the routers fit only the router pods (never the head, never a GPU pod), so Ray's
+    autoscaler can always place them and GPU pods can always scale down."""
     docs = rendered(scenario)
     spec = cluster_spec(docs)
     args = serve_args(docs)
@@ -377,16 +377,20 @@ def test_every_gpu_model_fits_a_worker_group(scenario: Path) -> None:
         gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu", 0)
         declared = json.loads(json.loads(group["rayStartParams"].get("resources", '"{}"')))
         assert ROUTER_RESOURCE not in declared
-        groups.append((gpus, declared))
+        groups.append((gpus, declared, group["maxReplicas"]))
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert spec["enableInTreeAutoscaling"] is True
     for model in args.models:
-        if model.resources.accelerator != "gpu":
+        resources = model.resources
+        if resources.accelerator != "gpu":
+            assert resources.workers == 1, model.id  # CPU workers need a logical GPU no pod here declares
             continue
-        bundles = model.resources.placement_group_bundles()
-        need = sum(bundle.get("GPU", 0) for bundle in bundles)
+        bundles = resources.placement_group_bundles()
+        stages = resources.pipeline_parallel_size
+        stage = sum(bundle.get("GPU", 0) for bundle in bundles) / stages
         custom = {k for bundle in bundles for k in bundle if k not in ("CPU", "GPU")}
-        assert any(gpus >= need and custom <= set(declared) for gpus, declared in groups), model.id
+        assert any(gpus >= stage and (gpus // stage) * pods >= stages and custom <= set(declared)
+                   for gpus, declared, pods in groups), model.id
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=_ids)
@@ -1014,6 +1018,29 @@ BAD_VALUES = {
         {"serve": {"models": [{"id": "m1", "source": "org/m", "resources": {"accelerator_type": "H100"}}]}},
         "serve.models[0] (m1) needs 1 GPU(s) of type H100 on one pod, but no workerGroups entry has them: add a "
         "group with gpus: 1 and acceleratorType: H100"),
+    "tensor parallel wider than a group's pods, however many": (  # a stage never spans pods
+        {"serve": {"models": [{"id": "big", "source": "org/big", "resources": {"tensor_parallel_size": 8}}]},
+         "workerGroups": [{"name": "gpu4", "gpus": 4, "maxReplicas": 4}]},
+        "serve.models[0] (big) needs 8 GPU(s) on one pod, but no workerGroups entry has them: add a group with "
+        "gpus: 8"),
+    "pipeline stages on more pods than the group may have": (
+        {"serve": {"models": [{"id": "big", "source": "org/big",
+                               "resources": {"tensor_parallel_size": 4, "pipeline_parallel_size": 2}}]},
+         "workerGroups": [{"name": "gpu4", "gpus": 4, "maxReplicas": 1}]},
+        "serve.models[0] (big) needs 2 pipeline stages of 4 GPU(s), each on one pod, but no workerGroups entry "
+        "holds them all: workerGroups gpu4 holds 1 of them (1 per pod x maxReplicas 1); raise its maxReplicas to 2"),
+    "a pipeline stage wider than any pod": (
+        {"serve": {"models": [{"id": "big", "source": "org/big", "resources": {
+            "tensor_parallel_size": 8, "pipeline_parallel_size": 2, "accelerator_type": "H100"}}]},
+         "workerGroups": [{"name": "h100", "gpus": 4, "acceleratorType": "H100", "maxReplicas": 8}]},
+        "serve.models[0] (big) needs 8 GPU(s) of type H100 on one pod for each of its 2 pipeline stages, but no "
+        "workerGroups entry has them: add a group with gpus: 8 (or a multiple) and acceleratorType: H100 and "
+        "maxReplicas: 2"),
+    "a CPU model with several workers": (
+        {"serve": {"models": [{"id": "small", "source": "org/small",
+                               "resources": {"accelerator": "cpu", "tensor_parallel_size": 2}}]}},
+        "serve.models[0] (small) has 2 workers (tensor_parallel_size x pipeline_parallel_size) on accelerator: cpu, "
+        "which the chart's pods cannot run"),
     "a GPU model and no GPU groups": (
         {"workerGroups": []},
         "serve.models[0] (qwen2.5-1.5b-instruct) needs 1 GPU(s) on one pod"),
@@ -1067,3 +1094,47 @@ def test_bad_values_fail_with_a_clear_message(case: str, tmp_path: Path) -> None
     result = template(MINIMAL, extra=override, tmp=tmp_path)
     assert result.returncode != 0, f"rendered despite {case}"
     assert message in result.stderr, result.stderr
+
+
+# A model's replica and the groups that hold it: pipeline stages spread over a group's pods, several to a pod where
+# the pod has the GPUs.
+GOOD_PLACEMENTS = {
+    "one stage per pod, a pod per stage": (
+        {"tensor_parallel_size": 4, "pipeline_parallel_size": 2}, [{"name": "gpu4", "gpus": 4, "maxReplicas": 2}]),
+    "two stages on one pod": (
+        {"tensor_parallel_size": 4, "pipeline_parallel_size": 2}, [{"name": "gpu8", "gpus": 8, "maxReplicas": 1}]),
+    "three stages on two pods of two": (
+        {"tensor_parallel_size": 2, "pipeline_parallel_size": 3}, [{"name": "gpu4", "gpus": 4, "maxReplicas": 2}]),
+    "the group that holds them, beside one that does not": (
+        {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "gpus_per_worker": 0.5},
+        [{"name": "small", "gpus": 1, "maxReplicas": 1}, {"name": "gpu2", "gpus": 2, "maxReplicas": 1}]),
+    "a CPU model with one worker": ({"accelerator": "cpu"}, []),
+}
+
+
+@pytest.mark.parametrize("case", GOOD_PLACEMENTS, ids=str)
+def test_replicas_that_fit_render(case: str, tmp_path: Path) -> None:
+    resources, groups = GOOD_PLACEMENTS[case]
+    override = {"serve": {"models": [{"id": "m1", "source": "org/m", "resources": resources}]},
+                "workerGroups": groups}
+    result = template(MINIMAL, extra=override, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_examples_show_models_larger_than_one_gpu() -> None:
+    """A 70B model tensor-parallel within one pod, and the same model in pipeline stages across two pods."""
+    shapes = {}
+    for name in ("seventy-b-one-pod", "seventy-b-two-pods"):
+        scenario = CHART / "examples" / f"{name}.yaml"
+        assert scenario in SCENARIOS, name
+        (model,) = serve_args(rendered(scenario)).models
+        shapes[name] = (model.resources.tensor_parallel_size, model.resources.pipeline_parallel_size)
+        values = merged_values(scenario)
+        (group,) = [WorkerGroup.from_values(g, values["workerDefaults"]) for g in values["workerGroups"]]
+        pods_per_replica = -(-model.resources.workers * model.resources.gpus_per_worker // group.gpus)
+        assert group.maxReplicas >= pods_per_replica * model.autoscaling.max_replicas, name
+    assert shapes == {"seventy-b-one-pod": (8, 1), "seventy-b-two-pods": (4, 2)}
+    # Across pods, NCCL and Gloo are told the pods' interface, on every Ray container.
+    for pod in pod_templates(rendered(CHART / "examples" / "seventy-b-two-pods.yaml")).values():
+        env = {item["name"]: item.get("value") for item in pod["spec"]["containers"][0]["env"]}
+        assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "eth0"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,8 +128,9 @@ def test_adapters_are_models_of_their_own(monkeypatch: pytest.MonkeyPatch) -> No
     assert model.names == ["m1"]  # an adapter is not another name of its base
     assert (model.adapter_source("m1-pirate"), model.adapter_source("m1-sql")) == ("/data/adapters/pirate",
                                                                                  "org/sql-lora")
-    assert model.engine_overrides() == {"tensor_parallel_size": 1, "enable_lora": True, "max_loras": 2}
-    assert parse_args(GOOD).models[0].engine_overrides() == {"tensor_parallel_size": 1}  # no LoRA, no LoRA layers
+    single = {"tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+    assert model.engine_overrides() == {**single, "enable_lora": True, "max_loras": 2}
+    assert parse_args(GOOD).models[0].engine_overrides() == single  # no LoRA, no LoRA layers
     adapter = model.as_adapter("m1-pirate")
     assert (adapter.id, adapter.aliases, adapter.adapters, adapter.timeouts) == ("m1-pirate", [], {}, model.timeouts)
     assert adapter.fallbacks == []  # another model would answer without the adapter
@@ -150,7 +153,9 @@ def test_min_above_max_replicas() -> None:
 
 
 @pytest.mark.parametrize(("key", "field"), [("model", "source"), ("served_model_name", "id/aliases"),
-                                            ("tensor_parallel_size", "resources"), ("enable_lora", "adapters"),
+                                            ("tensor_parallel_size", "resources"),
+                                            ("pipeline_parallel_size", "resources"),
+                                            ("distributed_executor_backend", "resources"), ("enable_lora", "adapters"),
                                             ("max_loras", "max_adapters_per_replica")])
 def test_engine_args_owned_elsewhere(key: str, field: str) -> None:
     assert f"`{key}` is set by the model's `{field}` field" in error_of(with_model(engine_args={key: 1}))
@@ -171,8 +176,54 @@ def test_cpu_placement() -> None:
     resources = parse_args(with_model(resources={"accelerator": "cpu", "cpus": 2})).models[0].resources
     assert resources.placement_group_bundles() == [{"CPU": 2.0}]
     assert resources.replica_actor_resources() == {"num_cpus": 2.0, "num_gpus": 0}
-    assert resources.engine_env() == {"VLLM_TARGET_DEVICE": "cpu"}
-    assert resources.engine_overrides() == {"tensor_parallel_size": 1}
+    assert resources.engine_env() == {"RAYROUTE_VLLM_PLATFORM": "cpu"}
+    assert resources.engine_overrides() == {"tensor_parallel_size": 1, "pipeline_parallel_size": 1}
+    assert resources.placement_strategy() == "STRICT_PACK"
+
+
+def test_cpu_workers_take_a_cpu_and_a_logical_gpu_each() -> None:
+    """On the CPU a worker's place is a logical GPU, the key vLLM's Ray executor places workers by."""
+    resources = parse_args(with_model(resources={"accelerator": "cpu", "cpus": 1, "tensor_parallel_size": 2,
+                                                 "accelerator_type": "stage"})).models[0].resources
+    worker = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:stage": 0.001}
+    assert resources.placement_group_bundles() == [{"CPU": 1.0}, worker, worker]
+    assert resources.replica_actor_resources() == {"num_cpus": 1.0, "num_gpus": 0}
+    assert resources.engine_overrides() == {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
+                                            "distributed_executor_backend": "ray"}
+
+
+def test_pipeline_stages_may_span_nodes() -> None:
+    resources = parse_args(with_model(resources={"accelerator": "gpu", "tensor_parallel_size": 4,
+                                                 "pipeline_parallel_size": 2})).models[0].resources
+    assert resources.workers == 8
+    assert resources.placement_group_bundles() == [{"CPU": 1.0}] + [{"GPU": 1.0}] * 8
+    assert resources.placement_strategy() == "PACK"
+    assert resources.engine_overrides() == {"tensor_parallel_size": 4, "pipeline_parallel_size": 2,
+                                            "distributed_executor_backend": "ray"}
+
+
+@pytest.mark.parametrize(("resources", "message"), [
+    ({"tensor_parallel_size": 3}, "tensor_parallel_size 3 does not divide the model's 2 attention heads"),
+    ({"pipeline_parallel_size": 3}, "pipeline_parallel_size 3 does not divide the model's 4 layers"),
+])
+def test_parallel_sizes_must_split_a_local_model_evenly(tmp_path: Path, resources: dict, message: str) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 2, "num_hidden_layers": 4}))
+    model = parse_args(with_model(source=str(tmp_path), resources={"accelerator": "gpu", **resources})).models[0]
+    with pytest.raises(ConfigError, match=re.escape(f"models[m1].resources: {message}")):
+        check_engine_args(model)
+    fits = with_model(source=str(tmp_path), resources={"tensor_parallel_size": 2, "pipeline_parallel_size": 4})
+    check_engine_args(parse_args(fits).models[0])
+    # A multimodal model's text sizes are under text_config.
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_attention_heads": 3}}))
+    with pytest.raises(ConfigError, match="does not divide the model's 3 attention heads"):
+        check_engine_args(parse_args(fits).models[0])
+
+
+def test_cpu_pipeline_stages_need_compiled_execution() -> None:
+    model = parse_args(with_model(resources={"accelerator": "cpu", "pipeline_parallel_size": 2},
+                                  engine_args={"enforce_eager": True})).models[0]
+    with pytest.raises(ConfigError, match="remove enforce_eager"):
+        check_engine_args(model)
 
 
 def test_gpu_tensor_parallel_placement() -> None:
@@ -181,8 +232,10 @@ def test_gpu_tensor_parallel_placement() -> None:
     assert resources.placement_group_bundles() == [
         {"CPU": 1.0}, {"GPU": 1.0, "accelerator_type:L4": 0.001}, {"GPU": 1.0, "accelerator_type:L4": 0.001}]
     assert resources.replica_actor_resources() == {"num_cpus": 1.0, "num_gpus": 0}
-    assert resources.engine_overrides() == {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+    assert resources.engine_overrides() == {"tensor_parallel_size": 2, "pipeline_parallel_size": 1,
+                                            "distributed_executor_backend": "ray"}
     assert resources.engine_env() == {}
+    assert resources.placement_strategy() == "STRICT_PACK"
 
 
 def test_single_gpu_replica_holds_its_gpu() -> None:
@@ -285,6 +338,19 @@ def test_routers_can_be_pinned_to_a_node_by_a_custom_resource() -> None:
     assert router_resources(args) == {"rayroute_router": 3}  # two routers and the key-limits replica
     assert "`GPU` is not a custom resource" in error_of({**GOOD, "routers": {"ray_resources": {"GPU": 1}}})
     assert "must be a positive amount" in error_of({**GOOD, "routers": {"ray_resources": {"x": 0}}})
+
+
+def test_the_local_node_declares_a_place_for_every_cpu_worker() -> None:
+    from router.launch import cpu_worker_places, logical_cpus
+
+    args = parse_args({"models": [
+        {"id": "one", "source": "x/y", "resources": {"accelerator": "cpu", "cpus": 2}},
+        {"id": "tp2", "source": "x/y", "resources": {"accelerator": "cpu", "tensor_parallel_size": 2},
+         "autoscaling": {"min_replicas": 1, "max_replicas": 2}},
+        {"id": "gpu", "source": "x/y", "resources": {"accelerator": "gpu", "tensor_parallel_size": 4}}]})
+    assert cpu_worker_places(args) == 4  # tp2's two workers at its two replicas; GPU models use real GPUs
+    assert logical_cpus(args) >= 1 + 2 + 3 * 2 + 1  # a router, one, tp2's replica and workers twice, gpu's replica
+    assert cpu_worker_places(parse_args(GOOD)) == 0
 
 
 # --- one Serve application per model (router/app.py) -------------------------------------------------------------
