@@ -194,15 +194,15 @@ async def start_vllm(model: ModelConfig, stat_logger: Callable[[Any, int], Any],
 
 def ray_workers(engine: Any) -> list[dict[str, Any]]:
     """The engine's workers that Ray runs (a replica of several workers: :class:`deployments.replica_resources.
-    Resources`), each with its Ray actor name (vLLM's: ``vllm_Worker_<engine instance>_TP<rank>_PP<stage>``), process
-    and node; empty for an engine whose one worker runs in its own engine core."""
+    Resources`), each with its Ray actor name (vLLM's: ``vllm_Worker_<engine instance>_TP<rank>_PP<stage>``, a part
+    only when its size is above 1), process and node; empty for an engine whose one worker runs in its engine core."""
     config = getattr(engine, "vllm_config", None)
     if config is None or config.parallel_config.distributed_executor_backend != "ray":
         return []
     # vLLM's engine core, not this replica, owns the worker actors; they are found by the name vLLM gives them.
     from ray._private.state import actors
 
-    prefix = f"vllm_Worker_{config.instance_id}"
+    prefix = f"vllm_Worker_{config.instance_id}_"
     found = [info for info in actors(actor_state_name="ALIVE").values() if info["Name"].startswith(prefix)]
     return sorted(({"name": info["Name"], "pid": info["Pid"], "node_id": info["Address"]["NodeID"]}
                    for info in found), key=lambda worker: worker["name"])

@@ -32,6 +32,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -58,6 +59,8 @@ TOKENS = 12
 # The random-weight model's greedy choice is a newline at every step; banning the two newline tokens makes its answers
 # a walk through other tokens, so that equal answers say more.
 NO_NEWLINES = {"198": -100, "1116": -100}
+HANDLE_LOOP = asyncio.new_event_loop()
+threading.Thread(target=HANDLE_LOOP.run_forever, daemon=True, name="serve-handles").start()
 
 
 def app_args() -> dict[str, Any]:
@@ -70,6 +73,10 @@ def app_args() -> dict[str, Any]:
             # vLLM's CPU build sets up a later pipeline stage only while warming up compiled code (see
             # Resources.check_engine_args).
             model["engine_args"] = {k: v for k, v in model["engine_args"].items() if k != "enforce_eager"}
+        if model_id == "tiny-tp2":
+            # A replica that failed its health checks keeps its group until it has stopped, and the head has room
+            # for two groups only: the replacement of the lost worker's replica waits for it.
+            model["drain_timeout_s"] = 5
         models.append(model)
     return {"models": models, "routers": {"replicas": 1}}
 
@@ -169,15 +176,16 @@ def placement() -> dict[str, Any]:
 
 
 def engine_info(model: str) -> dict[str, Any]:
-    """Ask one of the model's replicas, through a Serve handle. Inside an event loop: this process runs Serve's
-    handles as the routers do (in the caller's loop, `router.launch.ray_process_env`)."""
+    """Ask one of the model's replicas, through a Serve handle. In an event loop of its own that keeps running: this
+    process runs Serve's handles as the routers do, in the caller's loop (`router.launch.ray_process_env`), and a
+    handle keeps its replicas up to date only while that loop runs."""
     from ray import serve
 
     async def ask() -> dict[str, Any]:
         handle = serve.get_deployment_handle(f"engine-{model}", f"engine-{model}")
         return await asyncio.wait_for(handle.engine_info.remote(), 60)
 
-    return asyncio.run(ask())
+    return asyncio.run_coroutine_threadsafe(ask(), HANDLE_LOOP).result()
 
 
 def replica_infos(model: str, count: int, timeout: float = 120) -> dict[int, dict]:
@@ -220,7 +228,9 @@ def placement_groups() -> list[dict[str, Any]]:
 
 def lose_a_worker(base: str) -> dict[str, Any]:
     """One worker of a ``tiny-tp2`` replica killed; requests sent at once are all answered; the replica is replaced."""
+    began = time.monotonic()
     before = replica_infos("tiny-tp2", 2)
+    log(f"both replicas' workers known after {time.monotonic() - began:.1f} s")
     victim_replica = min(before)
     victim = before[victim_replica]["workers"][-1]
     os.kill(victim["pid"], signal.SIGKILL)

@@ -28,6 +28,7 @@ from deployments.vllm_hooks import (
     TokenCount,
     for_request,
     ray_metrics,
+    ray_workers,
 )
 
 
@@ -253,3 +254,28 @@ def test_vllm_names_responses_and_generates_through_the_replaced_attributes(serv
     assert "self.models.model_name(lora_request)" in source
     if not serving_class.endswith(":ServingEmbedding"):  # embeddings do not stream, and are not counted
         assert "self.engine_client.generate(" in source
+
+
+def test_ray_workers_are_the_live_actors_vllm_named_for_this_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray._private.state
+
+    def engine(backend: str, instance: str) -> SimpleNamespace:
+        parallel = SimpleNamespace(distributed_executor_backend=backend)
+        return SimpleNamespace(vllm_config=SimpleNamespace(parallel_config=parallel, instance_id=instance))
+
+    def actor(name: str, pid: int, node: str) -> dict[str, Any]:
+        return {"Name": name, "Pid": pid, "Address": {"NodeID": node}}
+
+    asked = []
+
+    def actors(actor_state_name: str | None = None) -> dict[str, dict]:
+        asked.append(actor_state_name)
+        return {"a": actor("vllm_Worker_42_TP1", 11, "n1"), "b": actor("vllm_Worker_42_TP0", 10, "n1"),
+                "c": actor("vllm_Worker_421_TP0", 12, "n2"),  # another engine whose instance starts alike
+                "d": actor("ServeReplica:engine-x:engine-x", 9, "n1")}
+
+    monkeypatch.setattr(ray._private.state, "actors", actors)
+    assert ray_workers(engine("ray", "42")) == [{"name": "vllm_Worker_42_TP0", "pid": 10, "node_id": "n1"},
+                                                {"name": "vllm_Worker_42_TP1", "pid": 11, "node_id": "n1"}]
+    assert asked == ["ALIVE"]
+    assert ray_workers(engine("uni", "42")) == [] and ray_workers(object()) == []  # one worker, in the engine core
