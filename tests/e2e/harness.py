@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +375,40 @@ def stop_and_check(process: subprocess.Popen, log: Path) -> None:
         names = [processes.describe(p) for p in alive]
         os.killpg(process.pid, signal.SIGKILL)
         raise HarnessError(f"processes left running after Ctrl-C: {names}")
+
+
+def http_status(url: str) -> int | None:
+    """A GET's status, or None when nothing answered."""
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=5).status_code
+    return None
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """``condition()``'s first true value, asked every second (an exception counts as not yet); TimeoutError after
+    ``timeout`` seconds, naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if value := condition():
+                return value
+        time.sleep(1)
+    raise TimeoutError(f"not within {timeout:.0f} s: {what}")
+
+
+def run_phases(report: dict[str, Any], phases: Iterable[tuple[str, Callable[[], dict]]],
+               log: Callable[[str], None]) -> None:
+    """A scenario's phases in order, each one's entry in ``report`` (with its ``seconds``, or its traceback as
+    ``error``); the first that fails ends the run, since the cluster's state is then unknown."""
+    for name, phase in phases:
+        log(f"phase {name}")
+        began = time.monotonic()
+        try:
+            report[name] = phase()
+        except Exception:
+            report[name] = {"error": traceback.format_exc()[-4000:]}
+            return
+        report[name]["seconds"] = round(time.monotonic() - began, 1)
 
 
 def tail(path: Path, lines: int = 60) -> str:

@@ -59,13 +59,12 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
 
-from tests.e2e.harness import RAY_AUTH_ENV, ROOT, free_port, serve_document
+from tests.e2e.harness import RAY_AUTH_ENV, ROOT, free_port, http_status, run_phases, serve_document, wait_for
 
 MODEL = "smollm2-135m-instruct"
 LOAD_THREADS = 6
@@ -104,16 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         args["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
         nodes.deploy_first(args)
         report["started_seconds"] = round(time.monotonic() - started, 1)
-        for name, phase in (("head", lambda: lose_the_head(nodes, args)), ("drain", lambda: drain_a_worker(nodes)),
-                            ("loss", lambda: lose_a_worker(nodes))):
-            log(f"phase {name}")
-            began = time.monotonic()
-            try:
-                report[name] = phase()
-            except Exception:
-                report[name] = {"error": traceback.format_exc()[-4000:]}
-                break
-            report[name]["seconds"] = round(time.monotonic() - began, 1)
+        run_phases(report, [("head", lambda: lose_the_head(nodes, args)), ("drain", lambda: drain_a_worker(nodes)),
+                            ("loss", lambda: lose_a_worker(nodes))], log)
     except Exception:
         report["error"] = traceback.format_exc()[-4000:]
     finally:
@@ -310,7 +301,7 @@ class Nodes:
             idle["models"][0]["autoscaling"] = {"min_replicas": 0, "max_replicas": 1}
             deploy(serve_document(idle))
             deploy(serve_document(args))
-        wait_for(lambda: _status(self.base + "/ready") == 200, 300, f"{self.base}/ready")
+        wait_for(lambda: http_status(self.base + "/ready") == 200, 300, f"{self.base}/ready")
 
     def name(self, node_id: str) -> str:
         return next((name for name, known in self.ids.items() if known == node_id), node_id)
@@ -504,22 +495,6 @@ def _running(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     return False
-
-
-def _status(url: str) -> int | None:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url, timeout=5).status_code
-    return None
-
-
-def wait_for(condition: Callable, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if value := condition():
-                return value
-        time.sleep(1)
-    raise TimeoutError(f"not within {timeout:.0f} s: {what}")
 
 
 def log(message: str) -> None:

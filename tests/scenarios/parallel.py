@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import copy
 import json
 import os
@@ -35,7 +34,6 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +43,13 @@ import yaml
 from tests.e2e.harness import (
     ROOT,
     free_port,
+    http_status,
     model_entry,
+    run_phases,
     serve_document,
     start_serve_in_process,
     stop_serve_in_process,
+    wait_for,
 )
 
 MODELS = {"tiny-one": {}, "tiny-tp2": {"tensor_parallel_size": 2},
@@ -103,20 +104,10 @@ def main() -> int:
         args = app_args()
         deploy(serve_document(args))
         base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _status(base + "/ready") == 200, 300, "the router's /ready")
+        wait_for(lambda: http_status(base + "/ready") == 200, 300, "the router's /ready")
         report["started_seconds"] = round(time.monotonic() - started, 1)
-        phases: list[tuple[str, Callable[[], dict]]] = [
-            ("answers", lambda: answers(base)), ("placement", placement),
-            ("scale", lambda: scale(args)), ("worker_loss", lambda: lose_a_worker(base))]
-        for name, phase in phases:
-            log(f"phase {name}")
-            began = time.monotonic()
-            try:
-                report[name] = phase()
-            except Exception:
-                report[name] = {"error": traceback.format_exc()[-4000:]}
-                break
-            report[name]["seconds"] = round(time.monotonic() - began, 1)
+        run_phases(report, [("answers", lambda: answers(base)), ("placement", placement),
+                            ("scale", lambda: scale(args)), ("worker_loss", lambda: lose_a_worker(base))], log)
     except Exception:
         report["error"] = traceback.format_exc()[-4000:]
     finally:
@@ -247,22 +238,6 @@ def lose_a_worker(base: str) -> dict[str, Any]:
     return {"victim": victim, "victim_replica": victim_replica, "answered_seconds": round(answered, 1),
             "replaced_seconds": round(time.monotonic() - killed, 1), "results": results, "replicas_after": after,
             "groups_after": placement_groups()}
-
-
-def _status(url: str) -> int | None:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url, timeout=5).status_code
-    return None
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if value := condition():
-                return value
-        time.sleep(1)
-    raise TimeoutError(f"not within {timeout:.0f} s: {what}")
 
 
 def log(message: str) -> None:
