@@ -191,16 +191,13 @@ def check_engine_args(model: ModelConfig) -> None:
             f"models[{model.id}].engine_args: unknown vLLM argument(s) {', '.join(unknown)}"
             " (use the `vllm serve` flag names with underscores, e.g. max_model_len)"
         )
+    local = model.local_source()
     try:
         model.resources.check_engine_args(model.engine_args)
+        if local is not None and (local / "config.json").is_file():  # a hub model's is checked by vLLM as it starts
+            model.resources.check_fits(json.loads((local / "config.json").read_text()))
     except ValueError as exc:
         raise ConfigError(f"models[{model.id}].resources: {exc}") from None
-    local = model.local_source()
-    if local is not None and (local / "config.json").is_file():  # a hub model's is checked by vLLM as it starts
-        try:
-            model.resources.check_fits(json.loads((local / "config.json").read_text()))
-        except ValueError as exc:
-            raise ConfigError(f"models[{model.id}].resources: {exc}") from None
 
 
 def _describe(exc: ValidationError, raw: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.constants import PIPELINE_PLACEMENT_STRATEGY, PLACEMENT_STRATEGY
-from deployments.vllm_platform import PLATFORM_ENV
+from deployments.vllm_platform import PLATFORM_ENV, RAY_DEVICE_KEY
 
 
 class Strict(BaseModel):
@@ -54,7 +54,7 @@ class Resources(Strict):
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def worker_bundle(self) -> dict[str, float]:
-        bundle = {"CPU": 1.0, "GPU": 1.0} if self.accelerator == "cpu" else {"GPU": self.gpus_per_worker}
+        bundle = {"CPU": 1.0, RAY_DEVICE_KEY: 1.0} if self.accelerator == "cpu" else {"GPU": self.gpus_per_worker}
         if self.accelerator_type:
             bundle[f"accelerator_type:{self.accelerator_type}"] = 0.001
         return bundle

@@ -12,17 +12,18 @@ A platform plugin, not a general one, because the platform is fixed the first ti
 worker asks (for its device ids) before vLLM loads general plugins there. vLLM resolves the platform in every
 process it runs (the replica, its engine core, every worker) and finds this plugin through the package's entry
 point (``vllm.platform_plugins`` in ``pyproject.toml``); it takes part only where :data:`PLATFORM_ENV` says ``cpu``,
-which a CPU model's replica sets in its ``runtime_env`` and vLLM hands on to the engine core and the workers. This
-module is imported only by vLLM, in processes that run it.
+which a CPU model's replica sets in its ``runtime_env`` and vLLM hands on to the engine core and the workers.
+Importing this module imports nothing of vLLM (the config reads its names); the class is built when vLLM asks for it.
 """
 
 from __future__ import annotations
 
 import os
 
-# Set in a CPU model's replicas (deployments/model_config.py); vLLM's own VLLM_TARGET_DEVICE=cpu must not be set
+# Set in a CPU model's replicas (deployments/replica_resources.py); vLLM's own VLLM_TARGET_DEVICE=cpu must not be set
 # with it, since vLLM then takes its CPU platform without asking any plugin.
 PLATFORM_ENV = "RAYROUTE_VLLM_PLATFORM"
+# The Ray resource a worker takes as its place, on the CPU as on GPUs.
 RAY_DEVICE_KEY = "GPU"
 
 

@@ -134,13 +134,7 @@ class Cluster:
     def replica_infos(self, model_id: str, count: int) -> dict[int, dict]:
         """:meth:`engine_info` of each of the model's ``count`` replicas, by process id: Serve picks the replica
         of each call, so this asks until it has heard from that many (both of two within 60 calls, or it fails)."""
-        infos: dict[int, dict] = {}
-        for _ in range(60):
-            info = self.engine_info(model_id)
-            infos[info["pid"]] = info
-            if len(infos) == count:
-                return infos
-        raise AssertionError(f"heard from {len(infos)} of {model_id}'s {count} replicas")
+        return infos_by_replica(lambda: self.engine_info(model_id), count, model_id)
 
     def replicas(self, model_id: str) -> dict[str, int]:
         """The model's replicas by state (RUNNING, STARTING, STOPPING, ...), as Serve reports them."""
@@ -375,6 +369,27 @@ def stop_and_check(process: subprocess.Popen, log: Path) -> None:
         names = [processes.describe(p) for p in alive]
         os.killpg(process.pid, signal.SIGKILL)
         raise HarnessError(f"processes left running after Ctrl-C: {names}")
+
+
+def infos_by_replica(ask: Callable[[], dict], count: int, model_id: str) -> dict[int, dict]:
+    """``ask()`` (one replica's ``engine_info``) until ``count`` replicas have answered, by process id: Serve picks
+    the replica of each call (both of two within 60 calls, or it fails)."""
+    infos: dict[int, dict] = {}
+    for _ in range(60):
+        info = ask()
+        infos[info["pid"]] = info
+        if len(infos) == count:
+            return infos
+    raise AssertionError(f"heard from {len(infos)} of {model_id}'s {count} replicas")
+
+
+def scenario_phase(report: dict, name: str) -> dict:
+    """One phase's entry of a scenario's report (:func:`run_scenario`), which a phase (or the cluster's start) that
+    failed leaves out or fills with its traceback."""
+    failed = report.get("error") or (report.get(name) or {}).get("error")
+    assert not failed, f"{failed}\n{report['output']}"
+    assert name in report, f"the scenario ended before its {name} phase:\n{report['output']}"
+    return report[name]
 
 
 def http_status(url: str) -> int | None:

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from tests.e2e.harness import run_scenario
+from tests.e2e.harness import run_scenario, scenario_phase
 
 pytestmark = pytest.mark.e2e
 # Log-probs of the same greedy step computed by one worker and by two: the split changes only the order of float32
@@ -20,13 +20,6 @@ LOGPROB_TOLERANCE = 1e-3
 @pytest.fixture(scope="module")
 def report() -> dict:
     return run_scenario("tests.scenarios.parallel")
-
-
-def phase(report: dict, name: str) -> dict:
-    failed = report.get("error") or (report.get(name) or {}).get("error")
-    assert not failed, f"{failed}\n{report['output']}"
-    assert name in report, f"the scenario ended before its {name} phase:\n{report['output']}"
-    return report[name]
 
 
 def same_answer(one: dict, other: dict) -> None:
@@ -44,7 +37,7 @@ def same_answer(one: dict, other: dict) -> None:
 def test_a_group_answers_as_one_worker_does(report: dict, model: str) -> None:
     """Greedy answers, streamed and not, with their top-5 log-probs at every step: the same as the one-worker
     replica's (text and tokens exactly; log-probs within float32 rounding)."""
-    answers = phase(report, "answers")
+    answers = scenario_phase(report, "answers")
     for reference, answer in zip(answers["tiny-one"], answers[model], strict=True):
         assert len(reference["logprobs"]) > 0
         same_answer(reference, answer)
@@ -52,7 +45,7 @@ def test_a_group_answers_as_one_worker_does(report: dict, model: str) -> None:
 
 
 def test_engine_info_reports_the_workers_and_where_they_run(report: dict) -> None:
-    placement = phase(report, "placement")
+    placement = scenario_phase(report, "placement")
     kinds = placement["node_kinds"]
     assert placement["tiny-one"]["workers"] == []  # one worker runs in the engine core
     tp2, pp2 = placement["tiny-tp2"], placement["tiny-pp2"]
@@ -65,7 +58,7 @@ def test_engine_info_reports_the_workers_and_where_they_run(report: dict) -> Non
 
 
 def test_scaling_reserves_a_whole_group_per_replica(report: dict) -> None:
-    scale = phase(report, "scale")
+    scale = scenario_phase(report, "scale")
     tp2_shape = [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     groups = [g for g in scale["groups"] if g["bundles"] == tp2_shape]
     assert len(groups) == 2, scale["groups"]
@@ -78,7 +71,7 @@ def test_scaling_reserves_a_whole_group_per_replica(report: dict) -> None:
 
 
 def test_losing_one_worker_replaces_its_replica_and_no_request_fails(report: dict) -> None:
-    loss = phase(report, "worker_loss")
+    loss = scenario_phase(report, "worker_loss")
     print({k: v for k, v in loss.items() if k not in ("results", "replicas_after", "groups_after")})
     for result in loss["results"]:  # sent right after the kill, before any first token
         assert result["status"] == 200 and "error_event" not in result, result

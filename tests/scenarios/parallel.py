@@ -44,6 +44,7 @@ from tests.e2e.harness import (
     ROOT,
     free_port,
     http_status,
+    infos_by_replica,
     model_entry,
     run_phases,
     serve_document,
@@ -179,15 +180,8 @@ def engine_info(model: str) -> dict[str, Any]:
     return asyncio.run_coroutine_threadsafe(ask(), HANDLE_LOOP).result()
 
 
-def replica_infos(model: str, count: int, timeout: float = 120) -> dict[int, dict]:
-    """``engine_info`` of each of ``count`` replicas, by replica process: Serve picks the replica, so ask until each
-    has answered."""
-    found: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout
-    while len(found) < count and time.monotonic() < deadline:
-        info = engine_info(model)
-        found[info["pid"]] = info
-    return found
+def replica_infos(model: str, count: int) -> dict[int, dict]:
+    return infos_by_replica(lambda: engine_info(model), count, model)
 
 
 def scale(args: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +225,7 @@ def lose_a_worker(base: str) -> dict[str, Any]:
     answered = time.monotonic() - killed
 
     def replaced() -> dict[int, dict] | None:
-        infos = replica_infos("tiny-tp2", 2, timeout=30)
+        infos = replica_infos("tiny-tp2", 2)
         return infos if victim_replica not in infos and len(infos) == 2 else None
 
     after = wait_for(replaced, 600, "a replacement tiny-tp2 replica")
