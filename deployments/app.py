@@ -30,6 +30,7 @@ from ray.serve.schema import LoggingConfig
 from deployments.config import IN_PLACE_FIELDS, ModelConfig, ServeArgs, check_engine_args
 from deployments.constants import HEALTH_CHECK_PERIOD_S, HEALTH_CHECK_TIMEOUT_S
 from deployments.engine import VLLMEngine
+from deployments.replica_choice import request_router_options
 
 IMPORT_PATH = "deployments.app:build_engine_app"
 
@@ -82,15 +83,6 @@ def engine_deployment(model: ModelConfig, engine_class: type = VLLMEngine) -> se
         health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
         # Scale-down and redeploys stop a replica only after its streams end (or this long has passed).
         graceful_shutdown_timeout_s=model.drain_timeout_s,
-        **replica_choice(model),
+        **request_router_options(model),
     )
 
-
-def replica_choice(model: ModelConfig) -> dict[str, Any]:
-    """The deployment's request router: Serve's own unless the model asks for prefix-cache affinity. Every handle
-    to the deployment (each router replica's) uses it."""
-    if model.replica_choice == "prefix_cache":
-        from deployments.prefix_routing import request_router_config
-
-        return request_router_config()
-    return {}

@@ -77,6 +77,10 @@ class Routers(Strict):
         "`max_output_tokens`) reserves this many completion tokens per output against its tokens per minute, at "
         "most what the key's whole minute leaves after the prompt; the actual count replaces it when the request "
         "ends. About a long chat answer: lower admits more requests at once, higher holds a burst back better.")
+    session_header: str = Field(
+        "X-Session-Id", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$",
+        description="The request header that names a client's session, for models with `replica_choice: session` "
+        "(a request without it is placed by the body's `user` field, if any).")
     ray_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources each router replica (and the key-limits replica) needs. The Helm chart "

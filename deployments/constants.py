@@ -114,6 +114,30 @@ PREFIX_TREE_EVICTION_TARGET_CHARS = 800_000
 # A check is a look at each replica's count, so a second costs nothing (Ray's default is 10 s).
 PREFIX_TREE_EVICTION_INTERVAL_S = 1
 
+# --- KV-cache replica choice (deployments/kv_routing.py, deployments/kv_events.py) ---------------------------------
+# How often Serve's controller asks each replica for the blocks its cache holds (its routing stats) and sends them to
+# every router. A second: a tenant's next request usually comes later than that, and the ask is a set of integers
+# (up to the engine's block count; a few hundred on the CPU, tens of thousands on a large GPU). Serve's default is 10 s.
+KV_STATS_PERIOD_S = 1.0
+KV_STATS_TIMEOUT_S = 10.0
+# Replicas whose load (requests running and queued) is within this many requests of the least loaded one compete on
+# cached blocks; busier ones come after them, by load. Large enough that a tenant's requests stay together under a
+# steady load, small enough that a replica holding a popular prefix is not given a queue the others lack.
+KV_CACHE_LOAD_SLACK = 4
+# Where a router sent a prompt's blocks counts as held there for this long: until the replica's own report (within
+# KV_STATS_PERIOD_S, and Serve's broadcast) says what it did with them.
+RECENT_ROUTES_TTL_S = 5.0
+# Bounds of a router's memory of its recent routes (blocks per replica) and of prompts being ranked (requests).
+RECENT_ROUTES_MAX_BLOCKS = 65_536
+ROUTED_REQUESTS_KEPT = 4_096
+# Choice and tokenization times a router keeps, for the benchmark's report.
+KV_CHOICE_TIMES_KEPT = 10_000
+# Ray Serve's consistent-hash session router (replica_choice: session): replicas tried after a session's own one
+# when it is full (max_ongoing_requests), before the request waits.
+SESSION_FALLBACK_REPLICAS = 2
+# A session id past this many characters is cut: it is only hashed, but it travels with the request to Serve.
+MAX_SESSION_CHARS = 256
+
 # --- media URLs (router/media.py) -------------------------------------------------------------------------------
 # How long the router waits for DNS to resolve a media URL's host (all of a request's hosts at once) before it
 # refuses the request: a cluster resolver answers in milliseconds, cached names at once; longer is a resolver or a

@@ -34,6 +34,7 @@ from deployments.adapters import AdapterLoadError, AdapterSlots
 from deployments.config import ModelConfig
 from deployments.constants import GAUGE_PUBLISH_S, STALL_TIMEOUT_S
 from deployments.endpoints import ENDPOINTS, token_usage
+from deployments.kv_events import STATS_LOAD, KvEventsFeed
 from deployments.logs import send_our_logs_to_serve, serve_log_handlers_kept
 from deployments.replies import (
     ENGINE_UNAVAILABLE,
@@ -70,6 +71,9 @@ class VLLMEngine:
         self.model = model
         self.progress = EngineProgress()
         self.adapters: AdapterSlots | None = None  # the model's LoRA adapters, if it lists any; set by _start_vllm
+        # What the engine's KV cache holds, for routers choosing by it (replica_choice: kv_cache).
+        self.kv_feed = KvEventsFeed() if model.replica_choice == "kv_cache" else None
+        self.admitted = 0  # requests this replica has taken, for tests and operators (engine_info)
         with serve_log_handlers_kept():
             self.engine, self._serving = await self._start_vllm(model)
         self._idle_gauges = asyncio.get_running_loop().create_task(self._publish_idle_gauges())
@@ -85,7 +89,11 @@ class VLLMEngine:
         """vLLM's engine and its serving object for each endpoint (None where the model serves none). The one
         place vLLM itself is started: the load test's engine (tests/fake_engine.py) replaces only this."""
         # One EngineProgress for every engine of the replica; read when vLLM makes its loggers, after this returns.
-        engine, serving, models = await start_vllm(model, lambda vllm_config, engine_index: self.progress)
+        engine, serving, models = await start_vllm(model, lambda vllm_config, engine_index: self.progress,
+                                                   self.kv_feed.engine_args() if self.kv_feed else None)
+        if self.kv_feed is not None:
+            self.kv_feed.start(max_blocks=engine.vllm_config.cache_config.num_gpu_blocks or 0,
+                               block_size=engine.vllm_config.cache_config.block_size)
         if model.adapters:
             self.adapters = AdapterSlots(models, engine, model)
         return engine, serving
@@ -118,6 +126,7 @@ class VLLMEngine:
             yield self._engine_unavailable()
             return
         yield Admitted()
+        self.admitted += 1
         serving = self._serving[endpoint]
         spec = ENDPOINTS[endpoint]
         if serving is None:
@@ -231,6 +240,20 @@ class VLLMEngine:
         """Serve calls this on every replica; the ``engine_load`` policy (:mod:`deployments.autoscaling`) reads it."""
         return self.progress.load(self.engine.get_num_unfinished_requests())
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's controller calls this on every replica and hands the result to every router's handle: the
+        requests the engine holds, and for ``replica_choice: kv_cache`` the blocks its cache holds
+        (:mod:`deployments.kv_routing`)."""
+        stats: dict[str, Any] = {STATS_LOAD: self.engine.get_num_unfinished_requests()}
+        if self.kv_feed is not None:
+            stats.update(self.kv_feed.routing_stats())
+        return stats
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix no request is using (vLLM's own reset; its events tell the routers). For
+        operators and tests: what a cache under pressure does to a tenant's blocks, at once."""
+        return await self.engine.reset_prefix_cache()
+
     async def engine_info(self) -> dict[str, Any]:
         """What the tests and operators ask a replica: its platform, its workers and where they run, and how many
         requests it is running."""
@@ -242,6 +265,8 @@ class VLLMEngine:
             "pid": os.getpid(),  # the replica's process; vLLM's engine core is its child
             "platform": current_platform.device_type,
             "running_requests": self.engine.get_num_unfinished_requests(),
+            "admitted_requests": self.admitted,
+            "kv_blocks": len(self.kv_feed.blocks) if self.kv_feed else None,  # held, as its KV events say
             "node_id": ray.get_runtime_context().get_node_id(),
             "workers": ray_workers(self.engine),  # empty: one worker, in the engine core
             # The adapters Serve counts as held here, and how many adapter loads this replica has done.
@@ -254,6 +279,9 @@ class VLLMEngine:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
+        feed = getattr(self, "kv_feed", None)
+        if feed is not None:
+            feed.close()
 
     async def check_health(self) -> None:
         # Serve calls this periodically; raising marks the replica unhealthy so Serve replaces it.

@@ -47,6 +47,15 @@ class EngineReplica(Protocol):
         """Serve's health check: raises when the engine is gone or stuck."""
         ...
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """The engine's load and, for ``replica_choice: kv_cache``, the blocks its cache holds
+        (:mod:`deployments.kv_routing`)."""
+        ...
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the cached prefixes no request uses."""
+        ...
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The engine's load, for the ``engine_load`` autoscaling policy (:mod:`deployments.autoscaling`)."""
         ...

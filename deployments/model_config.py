@@ -158,10 +158,12 @@ class ModelConfig(RoutedModel):
     max_queued_requests: int = Field(256, ge=0, description="Requests each ingress replica holds for the "
                                      "model when its replicas are full; beyond that, 429.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
-    replica_choice: Literal["least_loaded", "prefix_cache"] = Field(
+    replica_choice: Literal["least_loaded", "kv_cache", "prefix_cache", "session"] = Field(
         "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
-        "power of two choices) or `prefix_cache` (the replica whose prefix cache holds the prompt's start, while "
-        "loads are close; see deployments/prefix_routing.py).")
+        "power of two choices), `kv_cache` (the replica whose KV cache holds most of the prompt's start, from the "
+        "engines' own cache events, while loads are close), `prefix_cache` (the replica that was sent the longest "
+        "matching text) or `session` (one replica per session: the `X-Session-Id` header, else the body's `user`). "
+        "See deployments/replica_choice.py.")
     max_adapters_per_replica: int = Field(
         4, ge=1, description="Adapters one replica holds at once (vLLM's `max_loras`); the least recently used "
         "makes room. Requests for an adapter go to a replica that holds it.")
@@ -173,7 +175,7 @@ class ModelConfig(RoutedModel):
         owned = {"model": "source", "served_model_name": "id/aliases", "tensor_parallel_size": "resources",
                  "pipeline_parallel_size": "resources", "distributed_executor_backend": "resources",
                  "enable_lora": "adapters", "max_loras": "max_adapters_per_replica", "lora_modules": "adapters",
-                 "allowed_media_domains": "allowed_media_domains"}
+                 "allowed_media_domains": "allowed_media_domains", "kv_events_config": "replica_choice"}
         for key, field in owned.items():
             if key in args:
                 raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")

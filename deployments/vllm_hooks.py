@@ -143,9 +143,10 @@ def for_request(serving: Any, requested_model: str | None, count: TokenCount | N
 
 
 async def start_vllm(model: ModelConfig, stat_logger: Callable[[Any, int], Any],
-                     ) -> tuple[Any, dict[str, Any], Any]:
+                     replica_engine_args: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any], Any]:
     """vLLM's engine, its serving object for each endpoint (None where the model serves none), and its served-model
-    table. ``stat_logger`` makes the per-engine stat logger vLLM feeds (from its config and the engine's index)."""
+    table. ``stat_logger`` makes the per-engine stat logger vLLM feeds (from its config and the engine's index);
+    ``replica_engine_args`` are engine arguments of this replica alone (where it hears the engine's KV events)."""
     # vLLM reads these when it fetches a media URL (no redirects), in this process; its engine core inherits them.
     os.environ.update(model.media_env())
     # Imported here: vLLM (and torch) load only in engine replicas, never in the router.
@@ -164,7 +165,8 @@ async def start_vllm(model: ModelConfig, stat_logger: Callable[[Any, int], Any],
     engine_args = AsyncEngineArgs(
         model=model.resolved_source,
         served_model_name=model.names,
-        **{**model.engine_overrides(), **engine_kwargs},  # an argument set in engine_args (max_lora_rank) wins
+        # An argument set in engine_args (max_lora_rank) wins over a derived one; the replica's own win over both.
+        **{**model.engine_overrides(), **engine_kwargs, **(replica_engine_args or {})},
     )
     frontend_args = FrontendArgs(**frontend_kwargs)
     vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)

@@ -51,17 +51,17 @@ class Answer:
 
 async def call_with_fallbacks(routes: dict[str, Route], route: Route, endpoint: Endpoint, body: RequestBody,
                               record: RequestRecord, key: ApiKey | None, streaming: bool,
-                              metrics: GatewayMetrics) -> Answer:
+                              metrics: GatewayMetrics, session: str | None = None) -> Answer:
     """The engine's first answer from ``route``'s model, or, when that one cannot take the request at all, from its
     first fallback that can (:data:`FALLBACK_CODES`). The last one's error, raised or replied, is the answer when
-    none can."""
+    none can. ``session`` is the client's session, which ``replica_choice: session`` places requests by."""
     fallbacks = [name for name in route.model.fallbacks if may_take(routes[name], key, body)]
     payload: dict[str, Any] = body.model_dump(exclude_unset=True)
     asked_at = record.arrived_at
     while True:
         try:
-            first, call = await call_engine(route.handle, endpoint, route.model, payload, record, streaming,
-                                            asked_at)
+            handle = route.handle.options(session_id=session) if session else route.handle
+            first, call = await call_engine(handle, endpoint, route.model, payload, record, streaming, asked_at)
         except OpenAIError as exc:
             if not fallbacks or exc.reply.code not in FALLBACK_CODES:
                 raise

@@ -31,7 +31,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api_keys import ApiKey
-from deployments.config import RouterArgs
+from deployments.config import RouterArgs, Routers
+from deployments.constants import MAX_SESSION_CHARS
 from deployments.interface import Endpoint
 from deployments.logs import send_our_logs_to_serve
 from deployments.replies import ErrorReply, FullReply
@@ -123,7 +124,7 @@ class OpenAIRouter:
             streaming = bool(getattr(body, "stream", False))
             try:
                 answer = await call_with_fallbacks(self.routes, route, endpoint, body, record, key, streaming,
-                                                   self.metrics)
+                                                   self.metrics, session_of(request, body, self.config.routers))
             except OpenAIError as exc:
                 exc.headers.update(headers)
                 raise
@@ -147,6 +148,13 @@ class OpenAIRouter:
 
     def model_card(self, name: str) -> dict[str, Any]:
         return route_of(self.routes, name).card(self.created)
+
+
+def session_of(request: Request, body: RequestBody, routers: Routers) -> str | None:
+    """The client's session: the session header, else the body's ``user``. Only hashed to pick a replica, so its
+    length costs nothing past the request; it is cut to :data:`MAX_SESSION_CHARS` all the same."""
+    session = request.headers.get(routers.session_header) or getattr(body, "user", None)
+    return session[:MAX_SESSION_CHARS] if session else None
 
 
 # A plain class underneath, so tests can drive it with fake engine handles and no Ray cluster; router.app sets

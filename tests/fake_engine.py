@@ -82,6 +82,9 @@ class _FakeAsyncLLM:
     async def check_health(self) -> None:
         """A fake engine never dies."""
 
+    async def reset_prefix_cache(self) -> bool:
+        return True  # a fake engine caches nothing
+
     def shutdown(self) -> None:
         pass
 

@@ -1,0 +1,234 @@
+"""Replica choice by what each engine's KV cache holds (``replica_choice: kv_cache``), against its load.
+
+Why: many tenants, each with a long system prompt or conversation, share a few replicas whose caches hold only part
+of all prefixes. A request sent where its prefix is cached skips most of its prefill; sent elsewhere it pays all of
+it and evicts someone else's prefix to make room. Serve's default choice (the less busy of two random replicas)
+ignores that, and guessing from the text each replica was sent (``prefix_cache``) is wrong as soon as the cache
+evicts. Here each engine reports the blocks its cache really holds, from vLLM's own KV-cache events
+(:mod:`deployments.kv_events`), as its Serve routing stats, which Serve's controller sends to every handle.
+
+For each request this router tokenizes the prompt as vLLM will (the model's chat template, then its tokenizer: the
+same tokens the engine caches), turns the tokens into block keys (:mod:`deployments.kv_blocks`) and ranks the
+replicas: among those whose load (requests running and queued) is within :data:`KV_CACHE_LOAD_SLACK` of the least
+loaded, the one holding the most leading blocks first, so a hot replica is not piled on; then the rest by load.
+Serve sends the request to the first that accepts it. A request without a prompt to match (token ids, media, a
+cache salt) is ranked by load alone, as is every request until the replicas have reported.
+
+The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
+:data:`RECENT_ROUTES_TTL_S`): a tenant's second request, sent before its first was reported, goes to the same place.
+
+    models:
+      - id: llama-3.1-8b-instruct
+        replica_choice: kv_cache
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any
+
+from ray.serve._private.common import ReplicaID
+from ray.serve._private.request_router.common import PendingRequest
+from ray.serve._private.request_router.replica_wrapper import RunningReplica
+from ray.serve._private.request_router.request_router import LocalityMixin, MultiplexMixin, RequestRouter
+
+from deployments.constants import (
+    KV_CACHE_LOAD_SLACK,
+    KV_CHOICE_TIMES_KEPT,
+    RECENT_ROUTES_MAX_BLOCKS,
+    RECENT_ROUTES_TTL_S,
+    ROUTED_REQUESTS_KEPT,
+)
+from deployments.kv_blocks import block_keys, cached_blocks
+from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_LOAD
+
+logger = logging.getLogger("rayroute.router")
+
+
+class PromptTokens:
+    """A model's prompts as the token ids its engine caches: vLLM renders a chat with the model's chat template
+    and tokenizes the text without adding special tokens; a text completion's prompt is tokenized with them."""
+
+    def __init__(self, source: str, chat_template: str | None) -> None:
+        self.source = source
+        self.chat_template = chat_template
+        self._tokenizer: Any = None
+        self._loading = threading.Lock()
+
+    def load(self) -> None:
+        from transformers import AutoTokenizer
+
+        with self._loading:
+            if self._tokenizer is None:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.source)
+
+    def of(self, body: dict[str, Any]) -> list[int] | None:
+        """The prompt's token ids, or None when there is no text prompt to match (or it cannot be rendered here)."""
+        if self._tokenizer is None or body.get("cache_salt"):
+            return None
+        if isinstance(body.get("messages"), list):
+            messages = [_text_message(message) for message in body["messages"]]
+            if any(message is None for message in messages):
+                return None
+            text = self._tokenizer.apply_chat_template(
+                messages, tools=body.get("tools"), chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                **(body.get("chat_template_kwargs") or {}))
+            return self._tokenizer(text, add_special_tokens=False).input_ids
+        if isinstance(body.get("prompt"), str):
+            return self._tokenizer(body["prompt"]).input_ids
+        return None
+
+
+def _text_message(message: Any) -> dict[str, Any] | None:
+    """A message whose content is text (vLLM joins a list of text parts with newlines); None with any other part."""
+    if not isinstance(message, dict):
+        return None
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" for part in content):
+            return None
+        message = {**message, "content": "\n".join(str(part.get("text", "")) for part in content)}
+    return message
+
+
+class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """Serve's request router for ``replica_choice: kv_cache``; see the module docstring.
+
+    Not first-in-first-out (no ``FIFOMixin``): each ranking is for one request, so each routing task fulfils the
+    request it ranked, not the oldest one waiting."""
+
+    def initialize_state(self, source: str, adapters: list[str], chat_template: str | None = None) -> None:
+        self._prompts = PromptTokens(source, chat_template)
+        self._adapters = frozenset(adapters)
+        self._held: dict[ReplicaID, tuple[int, frozenset[int]]] = {}  # replica -> (id of its stats' list, keys)
+        # Where this router sent blocks lately: replica -> key -> when; newest last.
+        self._recent: dict[ReplicaID, OrderedDict[int, float]] = {}
+        self._keys_of: OrderedDict[str, list[int]] = OrderedDict()  # a request's keys, by its internal id
+        self.choice_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)  # seconds, for the benchmark
+        self.tokenize_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)
+        threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
+
+    def _load_tokenizer(self) -> None:
+        try:
+            self._prompts.load()
+        except Exception:  # the router still works: every request is ranked by load
+            logger.exception("the tokenizer of %s could not be loaded; its replicas are chosen by load only",
+                             self._prompts.source)
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            # An adapter's request goes where the adapter is loaded first (Serve's multiplexing); among those, by
+            # cache.
+            allowed = self.apply_multiplex_routing(pending_request=pending_request)
+            candidate_replicas = [replica for replica in candidate_replicas if replica.replica_id in allowed]
+        if not candidate_replicas:
+            return []
+        keys = await self._request_keys(pending_request) if pending_request is not None else []
+        started = time.perf_counter()
+        ranked = self.rank(candidate_replicas, keys)
+        self.choice_times.append(time.perf_counter() - started)
+        return [[replica] for replica in ranked]
+
+    def rank(self, replicas: list[RunningReplica], keys: list[int]) -> list[RunningReplica]:
+        """The replicas, best first: see the module docstring."""
+        loads = {replica.replica_id: self._load(replica) for replica in replicas}
+        cached = {replica.replica_id: self.cached(replica, keys) for replica in replicas} if keys else {}
+        least = min(loads.values())
+        tiebreak = {replica.replica_id: random.random() for replica in replicas}
+
+        def order(replica: RunningReplica) -> tuple:
+            rid = replica.replica_id
+            near = loads[rid] <= least + KV_CACHE_LOAD_SLACK
+            return (not near, -cached.get(rid, 0) if near else 0, loads[rid], tiebreak[rid])
+
+        return sorted(replicas, key=order)
+
+    def cached(self, replica: RunningReplica, keys: list[int]) -> int:
+        """How many of the prompt's leading blocks the replica holds, by its report or this router's recent
+        routes."""
+        held = self._held_keys(replica)
+        count = cached_blocks(keys, held)
+        recent = self._recent.get(replica.replica_id)
+        if recent and count < len(keys):
+            horizon = time.monotonic() - RECENT_ROUTES_TTL_S
+            for key in keys[count:]:
+                when = recent.get(key)
+                if when is None or when < horizon:
+                    break
+                count += 1
+        return count
+
+    def _held_keys(self, replica: RunningReplica) -> frozenset[int]:
+        listed = replica.routing_stats.get(STATS_BLOCKS) or []
+        known = self._held.get(replica.replica_id)
+        if known is None or known[0] != id(listed):
+            known = (id(listed), frozenset(listed))
+            self._held[replica.replica_id] = known
+        return known[1]
+
+    def _load(self, replica: RunningReplica) -> int:
+        """Requests running and queued at the replica: Serve's count as this handle last saw it, else the engine's
+        own report."""
+        queued = self._replica_queue_len_cache.get(replica.replica_id)
+        if queued is not None:
+            return queued
+        return int(replica.routing_stats.get(STATS_LOAD, 0))
+
+    async def _request_keys(self, pending_request: PendingRequest) -> list[int]:
+        request_id = pending_request.metadata.internal_request_id
+        keys = self._keys_of.get(request_id)
+        if keys is not None:
+            return keys
+        body = pending_request.args[0] if pending_request.args and isinstance(pending_request.args[0], dict) else {}
+        block_size = next((replica.routing_stats.get(STATS_BLOCK_SIZE) for replica in self._replicas.values()
+                           if replica.routing_stats.get(STATS_BLOCK_SIZE)), None)
+        keys = []
+        if body and block_size:
+            started = time.perf_counter()
+            try:
+                # Off the routing loop: rendering and tokenizing a long prompt takes milliseconds.
+                tokens = await asyncio.to_thread(self._prompts.of, body)
+            except Exception:  # a template that fails here fails in the engine too, with the client's error
+                tokens = None
+            self.tokenize_times.append(time.perf_counter() - started)
+            if tokens:
+                adapter = body.get("model") if body.get("model") in self._adapters else None
+                keys = block_keys(tokens, int(block_size), adapter)
+        self._keys_of[request_id] = keys
+        while len(self._keys_of) > ROUTED_REQUESTS_KEPT:
+            self._keys_of.popitem(last=False)
+        return keys
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        keys = self._keys_of.pop(pending_request.metadata.internal_request_id, None)
+        if not keys:
+            return
+        recent = self._recent.setdefault(replica_id, OrderedDict())
+        now = time.monotonic()
+        for key in keys:
+            recent[key] = now
+            recent.move_to_end(key)
+        while len(recent) > RECENT_ROUTES_MAX_BLOCKS:
+            recent.popitem(last=False)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        # A replica that is gone (stopped, dead, replaced) leaves the index with its report and recent routes.
+        for table in (self._held, self._recent):
+            for replica_id in [rid for rid in table if rid not in self._replica_id_set]:
+                del table[replica_id]
+
+
+def router_kwargs(source: str, adapters: list[str], chat_template: str | None) -> dict[str, Any]:
+    """The arguments Serve passes to :meth:`KvCacheRouter.initialize_state`."""
+    if chat_template and Path(chat_template).is_file():  # vLLM takes a file's path or the template itself
+        chat_template = Path(chat_template).read_text()
+    return {"source": source, "adapters": adapters, "chat_template": chat_template}
