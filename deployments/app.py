@@ -39,13 +39,27 @@ IMPORT_PATH = "deployments.app:build_engine_app"
 SERVE_LOGGING = LoggingConfig(enable_access_log=False)
 
 
+@serve.deployment(autoscaling_config={"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1},
+                  ray_actor_options={"num_cpus": 0}, logging_config=SERVE_LOGGING)
+class EngineFront:
+    """The ingress of an engine application whose engine deployment has a request router of its own
+    (``replica_choice`` other than ``least_loaded``). Serve refuses a custom router on an application's ingress
+    deployment, because HTTP traffic to an ingress goes through HAProxy and never through it; an engine application
+    has no HTTP route, and the routers' handles go to the engine deployment behind this one (by name,
+    router/app.py). Nothing calls it, so it never runs a replica."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+
 def build_engine_app(args: dict[str, Any]) -> Application:
     """The application of ``args["model"]``, one entry of a config's ``models``. Expanded by
     :func:`engine_application`, the entry lacks ``IN_PLACE_FIELDS``: the deployment is built with their defaults,
     and Serve puts the application's ``deployments:`` overrides over them."""
     model = ModelConfig.model_validate(args["model"])
     check_engine_args(model)  # here, so a misspelt engine argument fails before any replica starts
-    return engine_deployment(model).bind(model)
+    engine = engine_deployment(model).bind(model)
+    return EngineFront.bind(engine) if request_router_options(model) else engine
 
 
 def engine_application(model: ModelConfig) -> dict[str, Any]:

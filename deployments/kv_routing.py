@@ -229,6 +229,6 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
 def router_kwargs(source: str, adapters: list[str], chat_template: str | None) -> dict[str, Any]:
     """The arguments Serve passes to :meth:`KvCacheRouter.initialize_state`."""
-    if chat_template and Path(chat_template).is_file():  # vLLM takes a file's path or the template itself
-        chat_template = Path(chat_template).read_text()
+    if chat_template and "{" not in chat_template:  # vLLM takes a file's path or the template itself
+        chat_template = Path(chat_template).expanduser().read_text()
     return {"source": source, "adapters": adapters, "chat_template": chat_template}

@@ -1,0 +1,320 @@
+"""KV-cache replica choice: the block index kept from vLLM's own events, and the ranking Serve's router uses."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Coroutine
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from ray.serve._private.common import DeploymentHandleSource, ReplicaID
+from ray.serve._private.request_router.replica_wrapper import RunningReplica
+from ray.serve._private.test_utils import FAKE_REPLICA_DEPLOYMENT_ID, FakeRunningReplica
+from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+from deployments.config import ModelConfig
+from deployments.constants import KV_CACHE_LOAD_SLACK, RECENT_ROUTES_TTL_S, ROUTED_REQUESTS_KEPT
+from deployments.kv_blocks import ReplicaBlocks, block_keys, cached_blocks
+from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_LOAD, KvEventsFeed
+from deployments.kv_routing import KvCacheRouter, PromptTokens
+from deployments.replica_choice import SESSION_ROUTER, request_router_options
+
+SIZE = 4  # tokens per block in these tests
+
+
+def stored(hashes: list[int], parent: int | None, tokens: list[int], lora: str | None = None,
+           extra: list | None = None) -> BlockStored:
+    return BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=SIZE,
+                       lora_id=None, medium="GPU", lora_name=lora, extra_keys=extra)
+
+
+# --- the index ------------------------------------------------------------------------------------------------------
+
+def test_stored_blocks_match_the_keys_a_router_makes_from_the_same_tokens() -> None:
+    blocks = ReplicaBlocks(max_blocks=100)
+    prompt = list(range(10))  # two full blocks and a partial one, which vLLM never caches
+    blocks.apply([stored([11], None, prompt[:4]), stored([12], 11, prompt[4:8])])  # a chain, event by event
+    keys = block_keys(prompt, SIZE)
+    assert len(keys) == 2 and set(blocks.keys()) == set(keys)
+    assert cached_blocks(keys, set(blocks.keys())) == 2
+    assert cached_blocks(block_keys([0, 1, 2, 3, 9, 9, 9, 9], SIZE), set(blocks.keys())) == 1  # the start only
+    assert cached_blocks(block_keys([7] + prompt[1:], SIZE), set(blocks.keys())) == 0
+
+
+def test_a_block_is_known_by_what_precedes_it_and_by_its_adapter() -> None:
+    base = block_keys([1, 2, 3, 4, 5, 6, 7, 8], SIZE)
+    assert block_keys([9, 9, 9, 9, 5, 6, 7, 8], SIZE)[1] != base[1]  # same tokens after another start
+    assert block_keys([1, 2, 3, 4, 5, 6, 7, 8], SIZE, adapter="pirate") != base  # an adapter's are not the base's
+    blocks = ReplicaBlocks(max_blocks=100)
+    blocks.apply([stored([21, 22], None, [1, 2, 3, 4, 5, 6, 7, 8], lora="pirate", extra=[("pirate",), ("pirate",)])])
+    assert set(blocks.keys()) == set(block_keys([1, 2, 3, 4, 5, 6, 7, 8], SIZE, adapter="pirate"))
+
+
+def test_evicted_and_cleared_blocks_leave_the_index() -> None:
+    blocks = ReplicaBlocks(max_blocks=100)
+    blocks.apply([stored([1, 2], None, list(range(8))), stored([3], None, [50, 51, 52, 53])])
+    blocks.apply([BlockRemoved(block_hashes=[2], medium="GPU")])
+    assert cached_blocks(block_keys(list(range(8)), SIZE), set(blocks.keys())) == 1
+    blocks.apply([BlockRemoved(block_hashes=[3], medium="CPU")])  # an offloaded copy, not the engine's block
+    assert len(blocks) == 2
+    blocks.apply([AllBlocksCleared()])
+    assert len(blocks) == 0
+
+
+def test_blocks_that_no_request_can_reach_are_not_indexed() -> None:
+    blocks = ReplicaBlocks(max_blocks=100)
+    blocks.apply([stored([5], 999, [1, 2, 3, 4])])  # its parent's event was never seen
+    blocks.apply([stored([6], None, [1, 2, 3, 4], extra=[("salt-of-a-user",)])])  # salted: never routed by
+    blocks.apply([stored([7], None, [1, 2, 3, 4], extra=[(("image-hash", 0),)])])  # holds an image's tokens
+    assert len(blocks) == 0
+
+
+def test_the_index_never_holds_more_than_the_engine_has() -> None:
+    blocks = ReplicaBlocks(max_blocks=8)
+    for i in range(100):  # as if every removal event were lost
+        blocks.apply([stored([i], None, [i, i, i, i])])
+    assert len(blocks) == 8
+    assert set(blocks.keys()) == {block_keys([i] * 4, SIZE)[0] for i in range(92, 100)}  # the newest kept
+
+
+def test_the_feed_decodes_vllms_wire_format_and_reports_its_blocks() -> None:
+    import msgspec
+
+    feed = KvEventsFeed()
+    try:
+        assert feed.endpoint.startswith("ipc://")  # vLLM binds it: no TCP port, on any interface
+        assert feed.engine_args()["kv_events_config"]["endpoint"] == feed.endpoint
+        payload = msgspec.msgpack.Encoder().encode(KVEventBatch(ts=0.0, events=[stored([1], None, [1, 2, 3, 4])]))
+        feed.blocks.max_blocks = 10
+        feed.blocks.apply(msgspec.msgpack.Decoder(type=KVEventBatch).decode(payload).events)
+        stats = feed.routing_stats()
+        assert stats[STATS_BLOCKS] == block_keys([1, 2, 3, 4], SIZE) and stats[STATS_BLOCK_SIZE] == SIZE
+    finally:
+        feed.close()
+
+
+def in_a_loop(test: Callable[..., Coroutine]) -> Callable[..., None]:
+    """The test run in an event loop of its own: Serve's router makes its asyncio primitives in one."""
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+    return run
+
+
+# --- the ranking ----------------------------------------------------------------------------------------------------
+
+class Replica(FakeRunningReplica):
+    """Serve's own stand-in for a replica (no actor), with the routing stats an engine reports."""
+
+    def __init__(self, name: str, keys: list[int], load: int) -> None:
+        super().__init__(name)
+        self._stats = {STATS_BLOCKS: list(keys), STATS_BLOCK_SIZE: SIZE, STATS_LOAD: load}
+        self.set_queue_len_response(load)  # what Serve's probe of its queue answers
+
+    @property
+    def routing_stats(self) -> dict[str, Any]:
+        return self._stats
+
+
+def replica(name: str, keys: list[int] = (), load: int = 0) -> Replica:
+    return Replica(name, keys, load)
+
+
+def rid(name: str) -> ReplicaID:
+    return ReplicaID(unique_id=name, deployment_id=FAKE_REPLICA_DEPLOYMENT_ID)
+
+
+class Words:
+    """A tokenizer of whitespace-separated integers, chat templates included: what the ranking needs of one."""
+
+    def apply_chat_template(self, messages: list[dict], **_: Any) -> str:
+        return " ".join(message["content"] for message in messages)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=[int(word) for word in text.split()])
+
+
+async def kv_router(replicas: list[RunningReplica]) -> KvCacheRouter:
+    router = KvCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.REPLICA,
+                           use_replica_queue_len_cache=True)
+    router.initialize_state(source="/nonexistent", adapters=["pirate"])
+    router._prompts._tokenizer = Words()
+    router.update_replicas(replicas)
+    await asyncio.sleep(0)  # Serve probes each new replica's queue once
+    await asyncio.sleep(0)
+    return router
+
+
+def request(body: dict[str, Any], request_id: str = "r1", adapter: str = "") -> Any:
+    metadata = SimpleNamespace(internal_request_id=request_id, multiplexed_model_id=adapter)
+    return SimpleNamespace(args=[body], kwargs={}, metadata=metadata,
+                           routing_context=SimpleNamespace(multiplexed_start_matching_time=None,
+                                                           tried_first_multiplexed_models=False,
+                                                           tried_fewest_multiplexed_models=False,
+                                                           should_backoff=False))
+
+
+def chat(text: str, model: str = "m") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+TENANT = "1 2 3 4 5 6 7 8 9 10 11 12"
+TENANT_KEYS = block_keys([int(word) for word in TENANT.split()], SIZE)
+
+
+def names(ranks: list[list[RunningReplica]]) -> list[str]:
+    return [group[0].replica_id.unique_id for group in ranks]
+
+
+@in_a_loop
+async def test_a_tenant_goes_to_the_replica_whose_events_say_it_holds_its_prefix() -> None:
+    router = await kv_router([replica("a"), replica("b", TENANT_KEYS[:2]), replica("c", TENANT_KEYS)])
+    for i in range(20):  # every time, not by chance
+        ranks = await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT + " 99"), f"r{i}"))
+        assert names(ranks)[:2] == ["c", "b"]
+    assert len(router.choice_times) == 20 and len(router.tokenize_times) == 20
+
+
+@in_a_loop
+async def test_once_its_blocks_are_evicted_the_tenant_is_free_to_go_elsewhere() -> None:
+    holder = replica("a", TENANT_KEYS)
+    router = await kv_router([holder, replica("b")])
+    assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT))))[0] == "a"
+    router._recent.clear()  # as after RECENT_ROUTES_TTL_S
+    router.update_replicas([replica("a", []), replica("b")])  # the next report: evicted
+    chosen = {names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT), f"r{i}")))[0]
+              for i in range(40)}
+    assert chosen == {"a", "b"}
+
+
+@in_a_loop
+async def test_a_hot_replica_is_not_piled_on() -> None:
+    router = await kv_router([replica("a", TENANT_KEYS, load=KV_CACHE_LOAD_SLACK + 1), replica("b")])
+    assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT))))[0] == "b"
+    router._replica_queue_len_cache.update(rid("a"), KV_CACHE_LOAD_SLACK)  # as Serve's next probe of its queue
+    assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT), "r2")))[0] == "a"
+
+
+@in_a_loop
+async def test_a_replica_that_is_gone_leaves_the_index_and_is_never_chosen() -> None:
+    router = await kv_router([replica("a", TENANT_KEYS), replica("b")])
+    await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT)))
+    router.on_request_routed(request(chat(TENANT)), rid("a"), None)
+    router.update_replicas([replica("b")])  # "a" died
+    assert rid("a") not in router._held and rid("a") not in router._recent
+    assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT), "r2"))) == ["b"]
+
+
+@in_a_loop
+async def test_a_prompt_just_sent_counts_as_held_until_its_replica_reports() -> None:
+    router = await kv_router([replica("a"), replica("b")])
+    first = request(chat(TENANT))
+    sent_to = names(await router.choose_replicas(list(router._replicas.values()), first))[0]
+    router.on_request_routed(first, rid(sent_to), None)
+    for i in range(10):
+        again = request(chat(TENANT + " 7"), f"r{i}")
+        assert names(await router.choose_replicas(list(router._replicas.values()), again))[0] == sent_to
+    for recent in router._recent.values():  # past the TTL it no longer counts
+        for key in recent:
+            recent[key] = time.monotonic() - RECENT_ROUTES_TTL_S - 1
+    assert router.cached(router._replicas[rid(sent_to)], TENANT_KEYS) == 0
+
+
+@in_a_loop
+async def test_an_adapters_request_matches_only_the_adapters_blocks() -> None:
+    adapter_keys = block_keys([int(word) for word in TENANT.split()], SIZE, adapter="pirate")
+    router = await kv_router([replica("base", TENANT_KEYS), replica("adapter", adapter_keys)])
+    for model, holder in (("m", "base"), ("pirate", "adapter")):
+        ranks = await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT, model), model))
+        assert names(ranks)[0] == holder
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "prompt": [1, 2, 3]},  # token ids
+    {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    {"model": "m", "input": "text of the Responses API"},
+    {**chat(TENANT), "cache_salt": "private"},
+    {"model": "m", "messages": "not a list"},
+])
+@in_a_loop
+async def test_a_request_without_a_prompt_to_match_is_ranked_by_load(body: dict[str, Any]) -> None:
+    router = await kv_router([replica("a", TENANT_KEYS, load=3), replica("b", load=1)])
+    assert names(await router.choose_replicas(list(router._replicas.values()), request(body)))[0] == "b"
+
+
+@in_a_loop
+async def test_what_the_router_remembers_is_bounded() -> None:
+    router = await kv_router([replica("a"), replica("b")])
+    for i in range(ROUTED_REQUESTS_KEPT + 50):  # ranked, never routed (their callers gave up)
+        await router.choose_replicas(list(router._replicas.values()), request(chat(f"{i} 1 2 3 4"), f"r{i}"))
+    assert len(router._keys_of) == ROUTED_REQUESTS_KEPT
+
+
+def test_the_tokens_are_those_of_the_chat_template_without_added_special_tokens() -> None:
+    prompts = PromptTokens("/nonexistent", None)
+    prompts._tokenizer = Words()
+    assert prompts.of(chat("1 2 3")) == [1, 2, 3]
+    assert prompts.of({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "1 2"}, {"type": "text", "text": "3"}]}]}) == [1, 2, 3]
+    assert prompts.of({"model": "m", "prompt": "4 5"}) == [4, 5]
+
+
+@in_a_loop
+async def test_choosing_among_replicas_holding_many_blocks_is_cheap() -> None:
+    many = [list(range(i * 10_000, (i + 1) * 10_000)) for i in range(4)]
+    router = await kv_router([replica(str(i), many[i] + TENANT_KEYS * (i == 3)) for i in range(4)])
+    keys = TENANT_KEYS * 20
+    router.rank(list(router._replicas.values()), keys)  # builds each replica's set once
+    started = time.perf_counter()
+    for _ in range(1000):
+        router.rank(list(router._replicas.values()), keys)
+    assert (time.perf_counter() - started) / 1000 < 0.005  # generous: a loaded CI machine; the bench reports it
+
+
+# --- the configuration --------------------------------------------------------------------------------------------
+
+def test_each_policy_selects_its_router_and_kv_cache_gets_its_stats_every_second() -> None:
+    from deployments.app import engine_deployment
+
+    model = {"id": "m", "source": "org/m", "adapters": {"pirate": "org/pirate"},
+             "engine_args": {"chat_template": "{{ messages }}"}}
+    kv = engine_deployment(ModelConfig.model_validate({**model, "replica_choice": "kv_cache"}))
+    config = kv._deployment_config.request_router_config
+    assert config.request_router_class == "deployments.kv_routing.KvCacheRouter"
+    assert config.request_router_kwargs == {"source": "org/m", "adapters": ["pirate"], "chat_template": "{{ messages }}"}
+    assert config.request_routing_stats_period_s == 1.0
+    session = request_router_options(ModelConfig.model_validate({**model, "replica_choice": "session"}))
+    assert session["request_router_config"].request_router_class == SESSION_ROUTER
+    assert request_router_options(ModelConfig.model_validate(model)) == {}
+
+
+def test_kv_events_are_the_routers_to_configure() -> None:
+    with pytest.raises(ValueError, match="replica_choice"):
+        ModelConfig.model_validate({"id": "m", "source": "org/m", "engine_args": {"kv_events_config": {}}})
+
+
+def test_the_event_loop_is_not_needed_to_rank() -> None:
+    # rank() is plain code: it may run on Serve's routing loop, which must never wait on it.
+    assert not asyncio.iscoroutinefunction(KvCacheRouter.rank)
+
+
+@pytest.mark.parametrize("choice", ["kv_cache", "prefix_cache", "session"])
+def test_an_engine_application_with_its_own_router_builds_under_haproxy(choice: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Serve refuses a custom request router on an application's ingress when HAProxy carries HTTP (as rayroute
+    # runs it): the engine deployment sits behind a front that never runs.
+    from ray.serve._private import build_app as serve_build
+
+    from deployments.app import build_engine_app
+
+    monkeypatch.setattr(serve_build, "RAY_SERVE_ENABLE_HA_PROXY", True)
+    model = {"id": "m", "source": "org/m", "replica_choice": choice}
+    built = serve_build.build_app(build_engine_app({"model": model}), name="engine-m")
+    names = [deployment.name for deployment in built.deployments]
+    assert names == ["engine-m", "EngineFront"] and built.ingress_deployment_name == "EngineFront"
+    plain = serve_build.build_app(build_engine_app({"model": {**model, "replica_choice": "least_loaded"}}),
+                                  name="engine-m")
+    assert [deployment.name for deployment in plain.deployments] == ["engine-m"]
