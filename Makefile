@@ -70,11 +70,11 @@ test: model clients prometheus redis helm lint
 	$(PY) -m pytest tests/unit
 	$(PY) -m pytest tests/e2e
 
-# rayroute against bare vLLM on the same model and engine settings, then prefix-aware replica choice against
-# Serve's default on two replicas; prints tables, writes bench-results/.
+# rayroute against bare vLLM on the same model and engine settings, then each replica choice on two replicas
+# whose caches hold half of all tenants' prompts; prints tables, writes bench-results/ (with a plot each).
 bench: model
 	$(PY) -m tests.bench.against_vllm --config $(CONFIG)
-	$(PY) -m tests.bench.prefix_routing --config $(CONFIG)
+	$(PY) -m tests.bench.replica_choice --config $(CONFIG)
 
 # The router alone under 100 and 1,000 concurrent streams from a model-free engine: added latency, peak memory.
 load: setup

@@ -249,10 +249,12 @@ class VLLMEngine:
             stats.update(self.kv_feed.routing_stats())
         return stats
 
-    async def reset_prefix_cache(self) -> bool:
-        """Drop every cached prefix no request is using (vLLM's own reset; its events tell the routers). For
-        operators and tests: what a cache under pressure does to a tenant's blocks, at once."""
-        return await self.engine.reset_prefix_cache()
+    async def reset_prefix_cache(self, pid: int | None = None) -> dict[str, Any]:
+        """Drop every cached prefix no request is using (vLLM's own reset; its events tell the routers): what a cache
+        under pressure does to a tenant's blocks, at once. For operators and tests. A handle cannot pick a replica,
+        so ``pid`` names the one meant: another replica answers without resetting, and the caller asks again."""
+        mine = pid is None or pid == os.getpid()
+        return {"pid": os.getpid(), "reset": mine and await self.engine.reset_prefix_cache()}
 
     async def engine_info(self) -> dict[str, Any]:
         """What the tests and operators ask a replica: its platform, its workers and where they run, and how many

@@ -52,8 +52,8 @@ class EngineReplica(Protocol):
         (:mod:`deployments.kv_routing`)."""
         ...
 
-    async def reset_prefix_cache(self) -> bool:
-        """Drop the cached prefixes no request uses."""
+    async def reset_prefix_cache(self, pid: int | None = None) -> dict[str, Any]:
+        """Drop the cached prefixes no request uses, on the replica whose process is ``pid`` (any, when None)."""
         ...
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -175,12 +175,11 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         return known[1]
 
     def _load(self, replica: RunningReplica) -> int:
-        """Requests running and queued at the replica: Serve's count as this handle last saw it, else the engine's
-        own report."""
-        queued = self._replica_queue_len_cache.get(replica.replica_id)
-        if queued is not None:
-            return queued
-        return int(replica.routing_stats.get(STATS_LOAD, 0))
+        """Requests running and queued at the replica: the larger of Serve's count as this handle knows it (its own
+        sends, and the replica's answers to Serve's probes) and the engine's own report, which counts every
+        router's requests but is a second or so old."""
+        queued = self._replica_queue_len_cache.get(replica.replica_id) or 0
+        return max(queued, int(replica.routing_stats.get(STATS_LOAD, 0)))
 
     async def _request_keys(self, pending_request: PendingRequest) -> list[int]:
         request_id = pending_request.metadata.internal_request_id

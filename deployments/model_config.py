@@ -83,6 +83,12 @@ class RoutedModel(Strict):
         default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
         "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "
         "before any byte went to the client. A fallback's own fallbacks are not tried.")
+    replica_choice: Literal["least_loaded", "kv_cache", "prefix_cache", "session"] = Field(
+        "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
+        "power of two choices), `kv_cache` (the replica whose KV cache holds most of the prompt's start, from the "
+        "engines' own cache events, while loads are close), `prefix_cache` (the replica that was sent the longest "
+        "matching text) or `session` (one replica per session: the `X-Session-Id` header, else the body's `user`). "
+        "See deployments/replica_choice.py.")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters this model's replicas serve, each a model clients can "
         "send: name → a local folder (`~` and $VARS are expanded) or a hub id. Sets vLLM's `enable_lora`, "
@@ -158,12 +164,6 @@ class ModelConfig(RoutedModel):
     max_queued_requests: int = Field(256, ge=0, description="Requests each ingress replica holds for the "
                                      "model when its replicas are full; beyond that, 429.")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process.")
-    replica_choice: Literal["least_loaded", "kv_cache", "prefix_cache", "session"] = Field(
-        "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
-        "power of two choices), `kv_cache` (the replica whose KV cache holds most of the prompt's start, from the "
-        "engines' own cache events, while loads are close), `prefix_cache` (the replica that was sent the longest "
-        "matching text) or `session` (one replica per session: the `X-Session-Id` header, else the body's `user`). "
-        "See deployments/replica_choice.py.")
     max_adapters_per_replica: int = Field(
         4, ge=1, description="Adapters one replica holds at once (vLLM's `max_loras`); the least recently used "
         "makes room. Requests for an adapter go to a replica that holds it.")

@@ -60,7 +60,8 @@ async def call_with_fallbacks(routes: dict[str, Route], route: Route, endpoint: 
     asked_at = record.arrived_at
     while True:
         try:
-            handle = route.handle.options(session_id=session) if session else route.handle
+            by_session = session and route.model.replica_choice == "session"
+            handle = route.handle.options(session_id=session) if by_session else route.handle
             first, call = await call_engine(handle, endpoint, route.model, payload, record, streaming, asked_at)
         except OpenAIError as exc:
             if not fallbacks or exc.reply.code not in FALLBACK_CODES:

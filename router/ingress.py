@@ -74,7 +74,8 @@ class OpenAIRouter:
         self.created = int(time.time())
         self.routes = build_routes(self.config, engines)
         self.admitter = Admitter(limits, self.config.routers)
-        self.metrics = GatewayMetrics((name, route.model.id) for name, route in self.routes.items())
+        self.metrics = GatewayMetrics(((name, route.model.id) for name, route in self.routes.items()),
+                                      {model.id: model.replica_choice for model in self.config.models})
         self.auth = ApiKeyAuth(load_api_keys())
         self.channels = channels if channels is not None else ChannelClient()
         self.keys_follower: asyncio.Task | None = None
@@ -151,8 +152,8 @@ class OpenAIRouter:
 
 
 def session_of(request: Request, body: RequestBody, routers: Routers) -> str | None:
-    """The client's session: the session header, else the body's ``user``. Only hashed to pick a replica, so its
-    length costs nothing past the request; it is cut to :data:`MAX_SESSION_CHARS` all the same."""
+    """The client's session, for a model placed by session (``replica_choice: session``): the session header, else
+    the body's ``user``. Only hashed to pick a replica; cut to :data:`MAX_SESSION_CHARS` all the same."""
     session = request.headers.get(routers.session_header) or getattr(body, "user", None)
     return session[:MAX_SESSION_CHARS] if session else None
 

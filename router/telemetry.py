@@ -58,8 +58,9 @@ OTHER = "other"  # the model labels of a pair the metrics were not built with
 class GatewayMetrics:
     """The router's metrics; one instance per router replica."""
 
-    def __init__(self, models: Iterable[tuple[str, str]] = ()) -> None:
-        """``models``: the (model, served_model) label pairs the gauges show from the start, at 0."""
+    def __init__(self, models: Iterable[tuple[str, str]] = (), replica_choices: dict[str, str] | None = None) -> None:
+        """``models``: the (model, served_model) label pairs the gauges show from the start, at 0;
+        ``replica_choices``: each served model's ``replica_choice``."""
         self.requests = Counter("rayroute_requests", "Requests answered, by model, endpoint and HTTP status.",
                                 tag_keys=(*_MODEL, "endpoint", "status_code"))
         self.prompt_tokens = Counter("rayroute_prompt_tokens", "Prompt tokens of answered requests.",
@@ -82,6 +83,10 @@ class GatewayMetrics:
         self.fallbacks = Counter("rayroute_fallbacks", "Requests a model's fallback answered instead: by the model "
                                  "asked for, the fallback, and why (the error code the model gave).",
                                  tag_keys=(*_MODEL, "fallback", "reason"))
+        self.replica_choice = Gauge(
+            "rayroute_replica_choice", "1 for each served model under its replica choice: what joins vLLM's "
+            "per-model metrics (prefix-cache hits) to the policy.", tag_keys=("served_model", "replica_choice"))
+        self._replica_choices = dict(replica_choices or {})
         self.in_flight = Gauge("rayroute_requests_in_flight", "Requests being answered now.", tag_keys=_MODEL)
         self.waiting = Gauge("rayroute_requests_waiting", "Requests sent to an engine that has not answered yet "
                              "(queued or prefilling).", tag_keys=_MODEL)
@@ -111,6 +116,8 @@ class GatewayMetrics:
             for counts, gauge in ((self._in_flight, self.in_flight), (self._waiting, self.waiting)):
                 for (model, served_model), count in counts.items():
                     gauge.set(count, tags={"model": model, "served_model": served_model})
+            for served_model, choice in self._replica_choices.items():
+                self.replica_choice.set(1, tags={"served_model": served_model, "replica_choice": choice})
             await asyncio.sleep(GAUGE_PUBLISH_S)
 
     def started(self, record: RequestRecord) -> None:

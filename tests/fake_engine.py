@@ -82,7 +82,7 @@ class _FakeAsyncLLM:
     async def check_health(self) -> None:
         """A fake engine never dies."""
 
-    async def reset_prefix_cache(self) -> bool:
+    async def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         return True  # a fake engine caches nothing
 
     def shutdown(self) -> None:

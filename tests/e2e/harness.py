@@ -185,7 +185,8 @@ def e2e_config(tmp_path: Path) -> Path:
       time and queues one more, so a third is refused (backpressure);
     - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds; a shorter context, with the default
       model as its fallback), a copy that scales to zero, and a model whose replicas cannot be placed;
-    - a copy with two replicas serving two adapters, one at a time each (Serve's multiplexing);
+    - a copy with two replicas serving two adapters, one at a time each (Serve's multiplexing), each request sent
+      where the replicas' KV caches hold its prompt's start (``replica_choice: kv_cache``);
     - two router replicas, so per-key limits are shown to hold across them.
     """
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
@@ -220,11 +221,12 @@ def e2e_config(tmp_path: Path) -> Path:
                    "autoscaling": {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5},
                    "timeouts": {"queue_s": QUEUE_TIMEOUT_UNPLACEABLE_S}})
     # Two replicas with room for one adapter each, and two adapters (one folder under two names): requests for
-    # each must go to the replica holding it.
+    # each must go to the replica holding it. Replicas chosen by what their KV caches hold (256 MiB each, about 45
+    # blocks of 128 tokens), which must keep adapters with the replica holding them.
     pirate = first["adapters"][PIRATE_ADAPTER]
     models.append({**first, "id": PAIR_MODEL, "aliases": [], "resources": one_cpu,
                    "adapters": {name: pirate for name in PAIR_ADAPTERS}, "max_adapters_per_replica": 1,
-                   "autoscaling": {"min_replicas": 2, "max_replicas": 2}})
+                   "autoscaling": {"min_replicas": 2, "max_replicas": 2}, "replica_choice": "kv_cache"})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
         if model is not first:  # the copies' engines hold 256 MiB of KV cache, not 1 GiB: nine fit in memory

@@ -194,7 +194,9 @@ async def test_once_its_blocks_are_evicted_the_tenant_is_free_to_go_elsewhere() 
 async def test_a_hot_replica_is_not_piled_on() -> None:
     router = await kv_router([replica("a", TENANT_KEYS, load=KV_CACHE_LOAD_SLACK + 1), replica("b")])
     assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT))))[0] == "b"
-    router._replica_queue_len_cache.update(rid("a"), KV_CACHE_LOAD_SLACK)  # as Serve's next probe of its queue
+    # Its next report, and Serve's next probe of its queue: within the slack now.
+    router.update_replicas([replica("a", TENANT_KEYS, load=KV_CACHE_LOAD_SLACK), replica("b")])
+    router._replica_queue_len_cache.update(rid("a"), KV_CACHE_LOAD_SLACK)
     assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT), "r2")))[0] == "a"
 
 
@@ -284,7 +286,8 @@ def test_each_policy_selects_its_router_and_kv_cache_gets_its_stats_every_second
     kv = engine_deployment(ModelConfig.model_validate({**model, "replica_choice": "kv_cache"}))
     config = kv._deployment_config.request_router_config
     assert config.request_router_class == "deployments.kv_routing.KvCacheRouter"
-    assert config.request_router_kwargs == {"source": "org/m", "adapters": ["pirate"], "chat_template": "{{ messages }}"}
+    assert config.request_router_kwargs == {"source": "org/m", "adapters": ["pirate"],
+                                            "chat_template": "{{ messages }}"}
     assert config.request_routing_stats_period_s == 1.0
     session = request_router_options(ModelConfig.model_validate({**model, "replica_choice": "session"}))
     assert session["request_router_config"].request_router_class == SESSION_ROUTER

@@ -10,6 +10,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from deployments.constants import MAX_SESSION_CHARS
 from tests.unit.fakes import EDGE_AUTH as AUTH
 from tests.unit.fakes import MESSAGES, FakeHandle, echo_answer, error_of, post, router_client
 from tests.unit.fakes import chat as chat_with_key
@@ -70,3 +71,23 @@ def test_a_key_that_may_use_a_base_model_may_not_use_its_adapters(monkeypatch) -
     refused = chat_with_key(client, key="sk-free-0000-0123456789", model="chat-a-pirate")
     assert refused.status_code == 403 and error_of(refused)["code"] == "model_not_allowed"
     assert len(base.calls) == 1
+
+
+def test_a_clients_session_travels_with_its_request_for_replica_choice_by_session(monkeypatch) -> None:
+    """The session header (else the body's ``user``) is the Serve handle's ``session_id``, which ``replica_choice:
+    session`` places requests by; a request without either carries none, and a long one is cut. Under another
+    choice no session is passed (each would cost a handle copy)."""
+    other = FakeHandle(echo_answer("chat-a"))
+    assert chat_with_key(router_client(other, monkeypatch), user="u-0").status_code == 200
+    assert other.call_options[0].get("session_id") is None
+    base = FakeHandle(echo_answer("chat-a"))
+    client = router_client(base, monkeypatch, replica_choice="session")
+    key = "sk-admin-000-0123456789"
+    assert client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES, "user": "u-1"},
+                       headers={"Authorization": f"Bearer {key}", "X-Session-Id": "s-1"}).status_code == 200
+    assert chat_with_key(client, user="u-2").status_code == 200
+    assert chat_with_key(client).status_code == 200
+    assert client.post("/v1/chat/completions", json={"model": "chat-a", "messages": MESSAGES},
+                       headers={"Authorization": f"Bearer {key}", "x-session-id": "s" * 10_000}).status_code == 200
+    sessions = [options.get("session_id") for options in base.call_options]
+    assert sessions == ["s-1", "u-2", None, "s" * MAX_SESSION_CHARS]

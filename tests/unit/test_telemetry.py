@@ -176,11 +176,15 @@ def test_the_gauges_are_published_while_the_app_runs(router: OpenAIRouter) -> No
         publisher = router.metrics._publisher
         assert publisher is not None and not publisher.done()
         for _ in range(100):
-            if {"in_flight", "waiting"} <= {name for name, _ in series}:
+            if {"in_flight", "waiting", "replica_choice"} <= {name for name, _ in series}:
                 break
             time.sleep(0.01)
-    published = {(name, dict(tags)["model"]) for name, tags in series}
+    published = {(name, dict(tags)["model"]) for name, tags in series if name != "replica_choice"}
     assert published == {(gauge, model) for gauge in ("in_flight", "waiting") for model, _ in CONFIGURED}
+    # And each served model's replica choice, which the dashboard joins vLLM's per-model metrics by.
+    choices = {tuple(sorted(tags)) for name, tags in series if name == "replica_choice"}
+    assert choices == {(("replica_choice", model.replica_choice), ("served_model", model.id))
+                       for model in router.config.models}
     assert router.metrics._publisher is None and publisher.done()
 
 
