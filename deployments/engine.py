@@ -250,11 +250,15 @@ class VLLMEngine:
         return stats
 
     async def reset_prefix_cache(self, pid: int | None = None) -> dict[str, Any]:
-        """Drop every cached prefix no request is using (vLLM's own reset; its events tell the routers): what a cache
+        """Drop every cached prefix (vLLM's own reset, which refuses while a request holds blocks): what a cache
         under pressure does to a tenant's blocks, at once. For operators and tests. A handle cannot pick a replica,
         so ``pid`` names the one meant: another replica answers without resetting, and the caller asks again."""
-        mine = pid is None or pid == os.getpid()
-        return {"pid": os.getpid(), "reset": mine and await self.engine.reset_prefix_cache()}
+        reset = pid in (None, os.getpid()) and await self.engine.reset_prefix_cache()
+        if reset and self.kv_feed is not None:
+            # vLLM publishes its "all cleared" event at the engine's next step, which an idle engine never takes;
+            # the cache is empty now, so the routers are told now (the event, when it comes, changes nothing).
+            self.kv_feed.cleared()
+        return {"pid": os.getpid(), "reset": reset}
 
     async def engine_info(self) -> dict[str, Any]:
         """What the tests and operators ask a replica: its platform, its workers and where they run, and how many

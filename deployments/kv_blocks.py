@@ -93,7 +93,10 @@ class ReplicaBlocks:
                     for block_hash in event.block_hashes:
                         self._keys.pop(block_hash, None)
             elif kind == "AllBlocksCleared":
-                self._keys.clear()
+                self.clear()
+
+    def clear(self) -> None:
+        self._keys.clear()
 
     def _stored(self, event: Any) -> None:
         if getattr(event, "medium", None) not in ENGINE_MEDIUMS or getattr(event, "group_idx", None) not in (None, 0):

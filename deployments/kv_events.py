@@ -73,6 +73,10 @@ class KvEventsFeed:
         finally:
             socket.close(linger=0)
 
+    def cleared(self) -> None:
+        """The engine's cache was emptied (its own reset said so), before its event arrives."""
+        self.blocks.clear()
+
     def routing_stats(self) -> dict[str, Any]:
         """What routers rank this replica by: the keys of the blocks held, and the block size to make a prompt's."""
         return {STATS_BLOCKS: self.blocks.keys(), STATS_BLOCK_SIZE: self.blocks.block_size or self.block_size}

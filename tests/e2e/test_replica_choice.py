@@ -94,11 +94,12 @@ def test_a_busy_holder_shares_its_tenant_and_an_evicted_one_loses_it(cluster: Cl
     taken = taken_since(cluster, before)
     assert taken[holder] >= KV_CACHE_LOAD_SLACK + 1 and taken[other] >= 1, taken
 
-    # Both now hold the tenant's prefix. Evicted from the first holder (its events say so), it goes to the other.
+    # Both now hold the tenant's prefix. Evicted from the first holder (it reports its cache empty), it goes to
+    # the other.
     reset_cache(cluster, holder)
     deadline = time.monotonic() + 30
     while replicas(cluster)[holder][1] != 0:
-        assert time.monotonic() < deadline, "the engine's events never said its cache was emptied"
+        assert time.monotonic() < deadline, "the replica never reported its cache empty"
         time.sleep(0.5)
     # The routers hear of it, and their memory of where they sent the tenant runs out.
     time.sleep(max(RECENT_ROUTES_TTL_S, 2 * KV_STATS_PERIOD_S + 1))

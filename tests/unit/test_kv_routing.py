@@ -321,3 +321,27 @@ def test_an_engine_application_with_its_own_router_builds_under_haproxy(choice: 
     plain = serve_build.build_app(build_engine_app({"model": {**model, "replica_choice": "least_loaded"}}),
                                   name="engine-m")
     assert [deployment.name for deployment in plain.deployments] == ["engine-m"]
+
+
+def test_the_feed_reads_what_vllms_own_publisher_sends_on_its_socket() -> None:
+    """vLLM's publisher (as its engine core makes it from ``kv_events_config``) binds the feed's ipc path; the feed
+    connects and keeps what it reads."""
+    from vllm.config.kv_events import KVEventsConfig
+    from vllm.distributed.kv_events import EventPublisherFactory
+
+    async def run() -> list[int]:
+        feed = KvEventsFeed()
+        publisher = EventPublisherFactory.create(KVEventsConfig(**feed.engine_args()["kv_events_config"]))
+        try:
+            feed.start(max_blocks=10, block_size=SIZE)
+            deadline = time.monotonic() + 20
+            while len(feed.blocks) == 0:  # ZeroMQ drops what is sent before the subscription is in place
+                assert time.monotonic() < deadline, "the feed never read the publisher's events"
+                publisher.publish(KVEventBatch(ts=time.time(), events=[stored([1], None, [1, 2, 3, 4])]))
+                await asyncio.sleep(0.1)
+            return feed.routing_stats()[STATS_BLOCKS]
+        finally:
+            publisher.shutdown()
+            feed.close()
+
+    assert asyncio.run(run()) == block_keys([1, 2, 3, 4], SIZE)
