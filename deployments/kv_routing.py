@@ -111,6 +111,7 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         # Where this router sent blocks lately: replica -> key -> when; newest last.
         self._recent: dict[ReplicaID, OrderedDict[int, float]] = {}
         self._keys_of: OrderedDict[str, list[int]] = OrderedDict()  # a request's keys, by its internal id
+        self._sent: dict[ReplicaID, int] = {}  # this router's requests at each replica now
         self.choice_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)  # seconds, for the benchmark
         self.tokenize_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)
         threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
@@ -175,11 +176,12 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         return known[1]
 
     def _load(self, replica: RunningReplica) -> int:
-        """Requests running and queued at the replica: the larger of Serve's count as this handle knows it (its own
-        sends, and the replica's answers to Serve's probes) and the engine's own report, which counts every
-        router's requests but is a second or so old."""
-        queued = self._replica_queue_len_cache.get(replica.replica_id) or 0
-        return max(queued, int(replica.routing_stats.get(STATS_LOAD, 0)))
+        """Requests running and queued at the replica: the largest of the engine's own report (every router's
+        requests, but a second or so old), this router's requests there now, and Serve's count from its probes
+        (kept only when Serve enforces ``max_ongoing_requests`` strictly)."""
+        rid = replica.replica_id
+        return max(int(replica.routing_stats.get(STATS_LOAD, 0)), self._sent.get(rid, 0),
+                   self._replica_queue_len_cache.get(rid) or 0)
 
     async def _request_keys(self, pending_request: PendingRequest) -> list[int]:
         request_id = pending_request.metadata.internal_request_id
@@ -207,6 +209,7 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         return keys
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._sent[replica_id] = self._sent.get(replica_id, 0) + 1
         keys = self._keys_of.pop(pending_request.metadata.internal_request_id, None)
         if not keys:
             return
@@ -218,10 +221,14 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         while len(recent) > RECENT_ROUTES_MAX_BLOCKS:
             recent.popitem(last=False)
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        if self._sent.get(replica_id):
+            self._sent[replica_id] -= 1
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         # A replica that is gone (stopped, dead, replaced) leaves the index with its report and recent routes.
-        for table in (self._held, self._recent):
+        for table in (self._held, self._recent, self._sent):
             for replica_id in [rid for rid in table if rid not in self._replica_id_set]:
                 del table[replica_id]
 

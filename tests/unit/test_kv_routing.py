@@ -345,3 +345,19 @@ def test_the_feed_reads_what_vllms_own_publisher_sends_on_its_socket() -> None:
             feed.close()
 
     assert asyncio.run(run()) == block_keys([1, 2, 3, 4], SIZE)
+
+
+@in_a_loop
+async def test_a_burst_between_reports_is_spread_by_the_routers_own_count() -> None:
+    """The replicas report their load once a second; meanwhile this router's own requests count."""
+    router = await kv_router([replica("a", TENANT_KEYS), replica("b")])
+    sent = []
+    for i in range(KV_CACHE_LOAD_SLACK + 3):
+        pending = request(chat(TENANT), f"r{i}")
+        chosen = names(await router.choose_replicas(list(router._replicas.values()), pending))[0]
+        router.on_request_routed(pending, rid(chosen), None)
+        sent.append(chosen)
+    assert sent[:KV_CACHE_LOAD_SLACK + 1] == ["a"] * (KV_CACHE_LOAD_SLACK + 1) and sent[-1] == "b"
+    for i in range(KV_CACHE_LOAD_SLACK + 3):  # they end
+        router.on_request_completed(rid(sent[i]), f"r{i}")
+    assert router._sent == {rid("a"): 0, rid("b"): 0}
