@@ -41,6 +41,7 @@ from ray.serve._private.request_router.request_router import LocalityMixin, Mult
 from deployments.constants import (
     KV_CACHE_LOAD_SLACK,
     KV_CHOICE_TIMES_KEPT,
+    KV_MATCH_CHARS,
     RECENT_ROUTES_MAX_BLOCKS,
     RECENT_ROUTES_TTL_S,
     ROUTED_REQUESTS_KEPT,
@@ -80,10 +81,17 @@ class PromptTokens:
                 messages, tools=body.get("tools"), chat_template=self.chat_template, tokenize=False,
                 add_generation_prompt=body.get("add_generation_prompt", True),
                 **(body.get("chat_template_kwargs") or {}))
-            return self._tokenizer(text, add_special_tokens=False).input_ids
+            return self._start_tokens(text, add_special_tokens=False)
         if isinstance(body.get("prompt"), str):
-            return self._tokenizer(body["prompt"]).input_ids
+            return self._start_tokens(body["prompt"], add_special_tokens=True)
         return None
+
+    def _start_tokens(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The tokens of the text's first :data:`KV_MATCH_CHARS` characters: a prompt of megabytes would otherwise
+        cost the router a second of tokenizing. The token the cut may have split is left out."""
+        if len(text) <= KV_MATCH_CHARS:
+            return self._tokenizer(text, add_special_tokens=add_special_tokens).input_ids
+        return self._tokenizer(text[:KV_MATCH_CHARS], add_special_tokens=add_special_tokens).input_ids[:-1]
 
 
 def _text_message(message: Any) -> dict[str, Any] | None:
@@ -130,8 +138,8 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             # cache.
             allowed = self.apply_multiplex_routing(pending_request=pending_request)
             candidate_replicas = [replica for replica in candidate_replicas if replica.replica_id in allowed]
-        if not candidate_replicas:
-            return []
+        if len(candidate_replicas) <= 1:  # nothing to choose: no prompt is tokenized for it
+            return [candidate_replicas] if candidate_replicas else []
         keys = await self._request_keys(pending_request) if pending_request is not None else []
         started = time.perf_counter()
         ranked = self.rank(candidate_replicas, keys)

@@ -181,6 +181,13 @@ class ModelConfig(RoutedModel):
                 raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")
         return args
 
+    @model_validator(mode="after")
+    def _kv_cache_choice_needs_the_cache(self) -> ModelConfig:
+        if self.replica_choice == "kv_cache" and self.engine_args.get("enable_prefix_caching") is False:
+            raise ValueError("`replica_choice: kv_cache` goes by what the engine's prefix cache holds; "
+                             "`enable_prefix_caching: false` leaves it nothing to go by")
+        return self
+
     @field_validator("env")
     @classmethod
     def _no_owned_env(cls, env: dict[str, str]) -> dict[str, str]:

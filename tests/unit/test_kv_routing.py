@@ -361,3 +361,26 @@ async def test_a_burst_between_reports_is_spread_by_the_routers_own_count() -> N
     for i in range(KV_CACHE_LOAD_SLACK + 3):  # they end
         router.on_request_completed(rid(sent[i]), f"r{i}")
     assert router._sent == {rid("a"): 0, rid("b"): 0}
+
+
+@in_a_loop
+async def test_with_one_replica_nothing_is_tokenized() -> None:
+    router = await kv_router([replica("a", TENANT_KEYS)])
+    assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT)))) == ["a"]
+    assert not router.tokenize_times and not router._keys_of
+
+
+def test_only_the_start_of_a_huge_prompt_is_tokenized() -> None:
+    from deployments.constants import KV_MATCH_CHARS
+
+    prompts = PromptTokens("/nonexistent", None)
+    prompts._tokenizer = Words()
+    huge = " ".join(["7"] * KV_MATCH_CHARS)  # twice the characters matched
+    tokens = prompts.of({"model": "m", "prompt": huge})
+    assert len(tokens) == KV_MATCH_CHARS // 2 - 1  # the cut's token left out
+
+
+def test_kv_cache_choice_without_a_prefix_cache_is_refused() -> None:
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        ModelConfig.model_validate({"id": "m", "source": "org/m", "replica_choice": "kv_cache",
+                                    "engine_args": {"enable_prefix_caching": False}})
