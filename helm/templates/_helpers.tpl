@@ -236,7 +236,7 @@ Helm cannot read values.schema.json, and tests/test_chart.py fails when these di
 {{- end -}}
 {{- range $key := list "max_ongoing_requests" "max_queued_requests" }}{{ $_ := set $options $key (ternary (index $model $key) (index $limitDefaults $key) (hasKey $model $key)) }}{{ end -}}
 {{- $apps = append $apps (merge (dict "name" $name "route_prefix" nil "import_path" "deployments.app:build_engine_app" "args" (dict "model" (omit . "autoscaling" "max_ongoing_requests" "max_queued_requests")) "deployments" (list $options)) (deepCopy $shared)) -}}
-{{- $routed = append $routed (pick . "id" "aliases" "timeouts" "drain_timeout_s" "multimodal" "fallbacks" "adapters") -}}
+{{- $routed = append $routed (pick . "id" "aliases" "timeouts" "drain_timeout_s" "multimodal" "allowed_media_domains" "fallbacks" "adapters" "replica_choice") -}}
 {{- end -}}
 {{- $routerArgs := omit $args "models" -}}
 {{- $_ = set $routerArgs "models" $routed -}}

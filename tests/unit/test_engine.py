@@ -56,6 +56,8 @@ def replica(errored: bool = False, adapters: Any = None) -> VLLMEngine:
     engine.model = SimpleNamespace(id="m", adapters=["pirate"])
     engine.progress = EngineProgress()
     engine.adapters = adapters
+    engine.admitted = 0
+    engine.kv_feed = None
     engine.engine = SimpleNamespace(errored=errored, get_num_unfinished_requests=lambda: 0, shutdown=lambda: None)
     engine._serving = {"chat": ChatServing(), "completions": None, "embeddings": None, "responses": None}
     return engine

@@ -29,7 +29,8 @@ CONTRACT = {name: _shape(member) for name, member in vars(EngineReplica).items()
 
 
 def test_the_contract_names_every_endpoint_and_what_serve_calls() -> None:
-    assert set(CONTRACT) == {*ENDPOINT_NAMES, "engine_info", "check_health", "record_autoscaling_stats"}
+    assert set(CONTRACT) == {*ENDPOINT_NAMES, "engine_info", "check_health", "record_autoscaling_stats",
+                             "record_routing_stats", "reset_prefix_cache"}
 
 
 @pytest.mark.parametrize("engine", [VLLMEngine, FakeEngine], ids=lambda engine: engine.__name__)

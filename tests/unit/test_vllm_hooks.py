@@ -204,8 +204,10 @@ def test_the_engine_sets_the_media_environment_before_vllm_starts(monkeypatch: p
 
     monkeypatch.setenv("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "1")  # and restored after the test
     monkeypatch.setattr(ModelConfig, "engine_overrides", stop)
+    replica = VLLMEngine.__new__(VLLMEngine)
+    replica.kv_feed = None
     with pytest.raises(Stop):
-        asyncio.run(VLLMEngine._start_vllm(VLLMEngine.__new__(VLLMEngine), ModelConfig.model_validate(VISION)))
+        asyncio.run(replica._start_vllm(ModelConfig.model_validate(VISION)))
     assert os.environ["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
 
 
