@@ -11,7 +11,10 @@ For each request this router tokenizes the prompt as vLLM will (the model's chat
 same tokens the engine caches), turns the tokens into block keys (:mod:`deployments.kv_blocks`) and ranks the
 replicas: among those whose load (requests running and queued) is within :data:`KV_CACHE_LOAD_SLACK` of the least
 loaded, the one holding the most leading blocks first, so a hot replica is not piled on; then the rest by load.
-Serve sends the request to the first that accepts it. A request without a prompt to match (token ids, media, a
+Between replicas that hold as much of the prompt (none, for a new tenant), the one whose cache holds the fewest
+blocks first: new prefixes spread over the caches instead of meeting by chance on one, where they would evict each
+other (while caches still have room; once all are full it is load). Serve sends the request to the first that
+accepts it. A request without a prompt to match (token ids, media, a
 cache salt) is ranked by load alone, as is every request until the replicas have reported.
 
 The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
@@ -155,8 +158,9 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
         def order(replica: RunningReplica) -> tuple:
             rid = replica.replica_id
-            near = loads[rid] <= least + KV_CACHE_LOAD_SLACK
-            return (not near, -cached.get(rid, 0) if near else 0, loads[rid], tiebreak[rid])
+            if loads[rid] > least + KV_CACHE_LOAD_SLACK:
+                return (True, 0, 0, loads[rid], tiebreak[rid])
+            return (False, -cached.get(rid, 0), self.occupancy(replica), loads[rid], tiebreak[rid])
 
         return sorted(replicas, key=order)
 
@@ -174,6 +178,16 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                     break
                 count += 1
         return count
+
+    def occupancy(self, replica: RunningReplica) -> int:
+        """Blocks the replica's cache holds by its report, plus those this router sent it since (an estimate: a
+        block in both counts twice for a few seconds)."""
+        recent = self._recent.get(replica.replica_id)
+        if recent:  # oldest first: what expired is dropped from the front, so what is left is recent
+            horizon = time.monotonic() - RECENT_ROUTES_TTL_S
+            while recent and next(iter(recent.values())) < horizon:
+                recent.popitem(last=False)
+        return len(self._held_keys(replica)) + (len(recent) if recent else 0)
 
     def _held_keys(self, replica: RunningReplica) -> frozenset[int]:
         listed = replica.routing_stats.get(STATS_BLOCKS) or []

@@ -7,15 +7,21 @@ almost no prefill on a replica whose KV cache still holds that start, and a full
 only part of all prefixes, where a request goes decides what gets evicted. Whether each policy keeps more of the
 cache (and so a shorter time to first token) than Serve's default is measured here, not assumed.
 
-The workload with shared prefixes: 8 tenants, each with its own system prompt of about 1,100 tokens, two
-conversations each; a request is a conversation's next turn (its system prompt, its history, a new question), asking
-for 32 tokens. Requests arrive as a Poisson process at :data:`LOAD` of the replicas' capacity, which is measured first
-(cold requests, every replica busy). Two SmolLM2 replicas of one CPU each, each with a KV cache of
-:data:`KV_CACHE_BYTES` (about 4,300 tokens: about half of all tenants' system prompts). The workload without shared
-prefixes sends the same number of requests of the same length, each with a prompt of its own, at the same rate.
+The workload with shared prefixes: 8 tenants, each with its own system prompt of about 1,300 tokens (with the chat
+template), two conversations each; a request is a conversation's next turn (its system prompt, its history, a new
+question), asking for 32 tokens. Requests arrive as a Poisson process at :data:`LOAD` of the replicas' capacity,
+which is measured first (cold requests, every replica busy). :data:`REPLICAS` SmolLM2 replicas of one logical CPU
+each (sharing the machine's cores), each with a KV cache of :data:`KV_CACHE_BYTES` (about 3,600 tokens: 2.8 system
+prompts, a third of all tenants' prefixes; all four together hold every tenant's prefix and its conversations once).
+Why four: a replica that sees every tenant (``least_loaded``) keeps about its share C/N of N tenants' prefixes, one
+that sees only its own tenants keeps min(1, C·R/N) of them, so a policy can gain at most R times the hit rate over
+Serve's default with R replicas, and with two only by a cache too small to hold even its own tenants. Before it is
+measured, each tenant sends one request at the same rate (a warm-up, for every policy alike): an endpoint's steady
+state, not its first minute, in which every tenant's first request misses on any replica. The workload without
+shared prefixes sends half as many requests of the same length, each with a prompt of its own, at the same rate.
 
 Reported per policy: vLLM's prefix-cache hit rate (prompt tokens found in the cache / looked up, from vLLM's own
-counters over both replicas), the share of requests sent to a replica that already held their system prompt (their
+counters over every replica), the share of requests sent to a replica that already held their system prompt (their
 ``cached_tokens`` cover it), TTFT p50/p90/p99, output tokens/s; and for the other workload, output tokens/s. Then the
 cost of a ``kv_cache`` choice itself: :class:`deployments.kv_routing.KvCacheRouter` ranking 4 replicas that hold
 10,000 blocks each, 64 requests in flight, with the model's own tokenizer and chat template. One pass per policy:
@@ -48,9 +54,10 @@ TENANTS = 8
 CONVERSATIONS_PER_TENANT = 2
 ANSWER_TOKENS = 32
 LOAD = 0.7
-KV_CACHE_BYTES = 200 * 1024 * 1024  # SmolLM2 in float32: 46 KiB a token
-BLOCK_TOKENS = 128  # the CPU build's block: a system prompt of 1,100 tokens fills 8
-HELD_PREFIX_TOKENS = 8 * BLOCK_TOKENS
+REPLICAS = 4
+KV_CACHE_BYTES = 160 * 1024 * 1024  # SmolLM2 in float32: 45 KiB a token
+BLOCK_TOKENS = 128  # the CPU build's block: a system prompt of 1,300 tokens fills 10
+HELD_PREFIX_TOKENS = 10 * BLOCK_TOKENS
 TOPICS = ("maps", "coins", "letters", "clocks", "stamps", "seeds", "shells", "tools")
 
 
@@ -70,7 +77,7 @@ def unique_prompt(index: int) -> str:
 
 
 async def send(client: httpx.AsyncClient, url: str, messages: list[dict], session: str | None,
-               results: list[dict]) -> str:
+               results: list[dict], **labels: object) -> str:
     body = {"model": FOLDER, "messages": messages, "max_tokens": ANSWER_TOKENS, "min_tokens": ANSWER_TOKENS,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"X-Session-Id": session} if session else {}
@@ -91,10 +98,24 @@ async def send(client: httpx.AsyncClient, url: str, messages: list[dict], sessio
                 if delta and first is None:
                     first = time.perf_counter() - started
                 text.append(delta)
-    results.append({"ttft": first if first is not None else time.perf_counter() - started,
+    results.append({**labels, "ttft": first if first is not None else time.perf_counter() - started,
+                    "prompt_tokens": usage.get("prompt_tokens", 0),
                     "completion_tokens": usage.get("completion_tokens", 0),
                     "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0})
     return "".join(text)
+
+
+async def warm_up(url: str, rate: float, seed: int) -> None:
+    """One request per tenant, arriving at ``rate`` a second: each tenant's prefix is somewhere before measuring."""
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=900) as client:
+        tasks = []
+        for tenant in range(TENANTS):
+            await asyncio.sleep(rng.expovariate(rate))
+            messages = [{"role": "system", "content": system_prompt(tenant)},
+                        {"role": "user", "content": "Which rooms do you keep?"}]
+            tasks.append(asyncio.create_task(send(client, url, messages, f"tenant-{tenant}-warm-up", [])))
+        await asyncio.gather(*tasks)
 
 
 async def shared_prefix_workload(url: str, requests: int, rate: float, seed: int) -> tuple[list[dict], float]:
@@ -109,7 +130,8 @@ async def shared_prefix_workload(url: str, requests: int, rate: float, seed: int
         question = {"role": "user", "content": f"Question {index}: where is item {index % 38} and for how long?"}
         messages = [{"role": "system", "content": system_prompt(conversation["tenant"])},
                     *conversation["history"], question]
-        answer = await send(client, url, messages, conversation["id"], results)
+        answer = await send(client, url, messages, conversation["id"], results, index=index,
+                            tenant=conversation["tenant"], turn=len(conversation["history"]) // 2)
         conversation["history"] += [question, {"role": "assistant", "content": answer}]
         if len(conversation["history"]) >= 8:  # a conversation of four turns ends; the tenant starts another
             conversation["history"] = []
@@ -192,7 +214,7 @@ def summary(results: list[dict], wall: float) -> dict:
 def run_choice(document: dict, choice: str, requests: int, rate: float | None, workdir: Path, log: Path) -> dict:
     model = model_entry(document, FOLDER)
     model = {**model, "replica_choice": choice, "resources": {"accelerator": "cpu", "cpus": 1},
-             "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+             "autoscaling": {"min_replicas": REPLICAS, "max_replicas": REPLICAS},
              "engine_args": {**model["engine_args"], "kv_cache_memory_bytes": KV_CACHE_BYTES, "max_model_len": 3072,
                              "enable_prompt_tokens_details": True}}
     app = document["applications"][0]
@@ -205,13 +227,15 @@ def run_choice(document: dict, choice: str, requests: int, rate: float | None, w
     try:
         url = cluster.base_url + "/v1/chat/completions"
         if rate is None:
-            row["capacity_rps"] = asyncio.run(capacity(url, 2))
+            row["capacity_rps"] = asyncio.run(capacity(url, REPLICAS))
             rate = LOAD * row["capacity_rps"]
         row["rate_rps"] = rate
+        asyncio.run(warm_up(url, rate, seed=3))
         hits_before, queries_before = settled_counts(cluster.metrics_port)
         results, wall = asyncio.run(shared_prefix_workload(url, requests, rate, seed=1))
         hits, queries = settled_counts(cluster.metrics_port)
         row.update(summary(results, wall))
+        (log.parent / f"requests-{choice}.json").write_text(json.dumps(sorted(results, key=lambda r: r["index"])))
         row["hit_rate"] = (hits - hits_before) / max(queries - queries_before, 1)
         unique, unique_wall = asyncio.run(unique_workload(url, requests // 2, rate, seed=2))
         row["unique_output_tokens_per_s"] = summary(unique, unique_wall)["output_tokens_per_s"]
@@ -315,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             rate = rows[-1]["rate_rps"]  # every policy gets the first one's arrivals
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{TENANTS} tenants x {CONVERSATIONS_PER_TENANT} conversations, {opts.requests} requests at "
-          f"{rate:.2f}/s, 2 replicas of {KV_CACHE_BYTES >> 20} MiB KV cache each")
+          f"{rate:.2f}/s after a warm-up request per tenant, {REPLICAS} replicas of {KV_CACHE_BYTES >> 20} MiB "
+          "KV cache each")
     print(f"{'replica_choice':<14} {'hit rate':>8} {'held':>6} {'TTFT p50':>9} {'p90':>7} {'p99':>7} "
           f"{'tok/s':>7} {'no-shared tok/s':>16}")
     for row in rows:

@@ -201,6 +201,24 @@ async def test_a_hot_replica_is_not_piled_on() -> None:
 
 
 @in_a_loop
+async def test_new_tenants_spread_over_the_caches_instead_of_meeting_by_chance() -> None:
+    others = block_keys(list(range(1000, 1000 + 6 * SIZE)), SIZE)  # blocks of other prompts
+    router = await kv_router([replica("a", others), replica("b", others[:2]), replica("c", others[:4])])
+    for i in range(20):  # every time, not by chance: the emptiest cache
+        assert names(await router.choose_replicas(list(router._replicas.values()),
+                                                  request(chat(f"{i} {TENANT}"), f"r{i}")))[0] == "b"
+    router = await kv_router([replica("a"), replica("b")])
+    placed = []
+    for tenant in range(6):  # before any report: by where this router just sent prompts
+        pending = request(chat(f"{500 + tenant} {TENANT}"), f"t{tenant}")
+        chosen = names(await router.choose_replicas(list(router._replicas.values()), pending))[0]
+        router.on_request_routed(pending, rid(chosen), None)
+        router.on_request_completed(rid(chosen), f"t{tenant}")
+        placed.append(chosen)
+    assert placed.count("a") == placed.count("b") == 3
+
+
+@in_a_loop
 async def test_a_replica_that_is_gone_leaves_the_index_and_is_never_chosen() -> None:
     router = await kv_router([replica("a", TENANT_KEYS), replica("b")])
     await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT)))
