@@ -15,7 +15,8 @@ Between replicas that hold as much of the prompt (none, for a new tenant), the o
 blocks first: new prefixes spread over the caches instead of meeting by chance on one, where they would evict each
 other (while caches still have room; once all are full it is load). Serve sends the request to the first that
 accepts it. A request without a prompt to match (token ids, media, a
-cache salt) is ranked by load alone, as is every request until the replicas have reported.
+cache salt, a call that is not a completion) is ranked by load, then by chance, as is every request until the
+replicas have reported.
 
 The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
 :data:`RECENT_ROUTES_TTL_S`): a tenant's second request, sent before its first was reported, goes to the same place.
@@ -160,7 +161,9 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             rid = replica.replica_id
             if loads[rid] > least + KV_CACHE_LOAD_SLACK:
                 return (True, 0, 0, loads[rid], tiebreak[rid])
-            return (False, -cached.get(rid, 0), self.occupancy(replica), loads[rid], tiebreak[rid])
+            # Occupancy only places a prompt: a request without one (a control call, token ids) is spread by
+            # load and chance, or every such call would go to the emptiest cache.
+            return (False, -cached.get(rid, 0), self.occupancy(replica) if keys else 0, loads[rid], tiebreak[rid])
 
         return sorted(replicas, key=order)
 

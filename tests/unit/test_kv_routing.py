@@ -266,6 +266,16 @@ async def test_a_request_without_a_prompt_to_match_is_ranked_by_load(body: dict[
 
 
 @in_a_loop
+async def test_calls_without_a_prompt_reach_every_replica_not_only_the_emptiest_cache() -> None:
+    router = await kv_router([replica("a", TENANT_KEYS), replica("b")])
+    first = set()
+    for i in range(40):  # a control call (engine_info) has no body to place: load, then chance
+        pending = SimpleNamespace(**{**vars(request({}, f"c{i}")), "args": []})
+        first.add(names(await router.choose_replicas(list(router._replicas.values()), pending))[0])
+    assert first == {"a", "b"}
+
+
+@in_a_loop
 async def test_what_the_router_remembers_is_bounded() -> None:
     router = await kv_router([replica("a"), replica("b")])
     for i in range(ROUTED_REQUESTS_KEPT + 50):  # ranked, never routed (their callers gave up)
