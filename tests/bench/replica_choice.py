@@ -1,6 +1,7 @@
 """Benchmark: each ``replica_choice`` on a workload where the replica matters, and on one where it does not.
 
-    python -m tests.bench.replica_choice [--requests 64] [--choices least_loaded kv_cache ...] [--out bench-results]
+    python -m tests.bench.replica_choice [--requests 64] [--choices least_loaded kv_cache ...] [--routers 2]
+                                         [--out bench-results]
 
 Why: a request whose prompt starts like earlier ones (a tenant's long system prompt, a conversation's history) costs
 almost no prefill on a replica whose KV cache still holds that start, and a full one elsewhere; when the caches hold
@@ -211,7 +212,8 @@ def summary(results: list[dict], wall: float) -> dict:
             "held_share": sum(r["cached_tokens"] >= HELD_PREFIX_TOKENS for r in results) / len(results)}
 
 
-def run_choice(document: dict, choice: str, requests: int, rate: float | None, workdir: Path, log: Path) -> dict:
+def run_choice(document: dict, choice: str, requests: int, rate: float | None, routers: int, workdir: Path,
+               log: Path) -> dict:
     model = model_entry(document, FOLDER)
     model = {**model, "replica_choice": choice, "resources": {"accelerator": "cpu", "cpus": 1},
              "autoscaling": {"min_replicas": REPLICAS, "max_replicas": REPLICAS},
@@ -220,7 +222,8 @@ def run_choice(document: dict, choice: str, requests: int, rate: float | None, w
     app = document["applications"][0]
     config = workdir / f"choice-{choice}.yaml"
     config.write_text(yaml.safe_dump({**document, "applications": [
-        {**app, "args": {**app["args"], "models": [model]}}]}))
+        {**app, "args": {**app["args"], "models": [model],
+                         "routers": {**app["args"].get("routers", {}), "replicas": routers}}}]}))
     env = {k: v for k, v in os.environ.items() if k not in ("RAYROUTE_API_KEYS", "RAYROUTE_API_KEYS_FILE")}
     cluster = start_launcher(config, log, env)
     row: dict = {"replica_choice": choice}
@@ -324,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rate", type=float, help="arrivals a second (default: measured, LOAD of capacity)")
     parser.add_argument("--choices", nargs="+", choices=CHOICES, default=list(CHOICES))
+    parser.add_argument("--routers", type=int, default=2,
+                        help="router replicas (the chart's default: each keeps its own view of where it sent what)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     opts = parser.parse_args(argv)
     document = yaml.safe_load(opts.config.read_text())
@@ -334,13 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     rate = opts.rate
     with tempfile.TemporaryDirectory() as tmp:
         for choice in opts.choices:
-            rows.append(run_choice(document, choice, opts.requests, rate, Path(tmp),
+            rows.append(run_choice(document, choice, opts.requests, rate, opts.routers, Path(tmp),
                                    opts.out / f"choice-{choice}.log"))
             rate = rows[-1]["rate_rps"]  # every policy gets the first one's arrivals
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{TENANTS} tenants x {CONVERSATIONS_PER_TENANT} conversations, {opts.requests} requests at "
           f"{rate:.2f}/s after a warm-up request per tenant, {REPLICAS} replicas of {KV_CACHE_BYTES >> 20} MiB "
-          "KV cache each")
+          f"KV cache each, {opts.routers} router replicas")
     print(f"{'replica_choice':<14} {'hit rate':>8} {'held':>6} {'TTFT p50':>9} {'p90':>7} {'p99':>7} "
           f"{'tok/s':>7} {'no-shared tok/s':>16}")
     for row in rows:
