@@ -124,6 +124,11 @@ KV_STATS_TIMEOUT_S = 10.0
 # cached blocks; busier ones come after them, by load. Large enough that a tenant's requests stay together under a
 # steady load, small enough that a replica holding a popular prefix is not given a queue the others lack.
 KV_CACHE_LOAD_SLACK = 4
+# What a replica's free cache room weighs against the share of a prompt it holds: a prompt moves from a full cache to
+# one half empty only when that cache holds less than a third of it. So a tenant placed where its blocks are evicted
+# by others' (three tenants on a cache with room for two) moves to the cache with room and stays there, while one
+# that mostly hits stays where it hits.
+KV_CACHE_FREE_WEIGHT = 2 / 3
 # Only a prompt's first characters are tokenized to be matched: about 16,000 tokens of English (128 blocks of the CPU
 # build's 128 tokens, 1,000 of a GPU's 16), more than any system prompt, at about 1.5 ms of router CPU per 1,000
 # tokens (measured, SmolLM2's tokenizer); a 4 MiB prompt whole would cost the router seconds.

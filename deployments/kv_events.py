@@ -26,8 +26,10 @@ logger = logging.getLogger("rayroute.engine")
 
 KV_EVENTS_SOCKET = "kv-events"
 # The replica's routing stats (VLLMEngine.record_routing_stats), as routers read them: the keys of the blocks its
-# cache holds, the block size a prompt's keys are made with, and the requests its engine holds.
+# cache holds, how many blocks it has room for, the block size a prompt's keys are made with, and the requests its
+# engine holds.
 STATS_BLOCKS = "kv_blocks"
+STATS_CAPACITY = "kv_capacity"
 STATS_BLOCK_SIZE = "kv_block_size"
 STATS_LOAD = "load"
 
@@ -78,8 +80,10 @@ class KvEventsFeed:
         self.blocks.clear()
 
     def routing_stats(self) -> dict[str, Any]:
-        """What routers rank this replica by: the keys of the blocks held, and the block size to make a prompt's."""
-        return {STATS_BLOCKS: self.blocks.keys(), STATS_BLOCK_SIZE: self.blocks.block_size or self.block_size}
+        """What routers rank this replica by: the keys of the blocks held, the blocks the cache has room for, and
+        the block size to make a prompt's."""
+        return {STATS_BLOCKS: self.blocks.keys(), STATS_CAPACITY: self.blocks.max_blocks,
+                STATS_BLOCK_SIZE: self.blocks.block_size or self.block_size}
 
     def close(self) -> None:
         if self._task is not None:

@@ -9,14 +9,16 @@ evicts. Here each engine reports the blocks its cache really holds, from vLLM's 
 
 For each request this router tokenizes the prompt as vLLM will (the model's chat template, then its tokenizer: the
 same tokens the engine caches), turns the tokens into block keys (:mod:`deployments.kv_blocks`) and ranks the
-replicas: among those whose load (requests running and queued) is within :data:`KV_CACHE_LOAD_SLACK` of the least
-loaded, the one holding the most leading blocks first, so a hot replica is not piled on; then the rest by load.
-Between replicas that hold as much of the prompt (none, for a new tenant), the one whose cache holds the fewest
-blocks first: new prefixes spread over the caches instead of meeting by chance on one, where they would evict each
-other (while caches still have room; once all are full it is load). Serve sends the request to the first that
-accepts it. A request without a prompt to match (token ids, media, a
-cache salt, a call that is not a completion) is ranked by load, then by chance, as is every request until the
-replicas have reported.
+replicas. Among those whose load (requests running and queued) is within :data:`KV_CACHE_LOAD_SLACK` of the least
+loaded (so a hot replica is not piled on), the best has the highest score: the share of the prompt's leading blocks
+its cache holds, plus :data:`KV_CACHE_FREE_WEIGHT` times the share of its cache still free; then the rest by load.
+The free room matters twice. A new tenant (held nowhere) goes to the emptiest cache, so new prefixes spread over the
+caches instead of meeting by chance on one, where they would evict each other. And a tenant whose blocks are being
+evicted where it was placed (a cache given more tenants than it holds, as several routers deciding at once can do)
+moves to a cache with room instead of staying for the part still held; once every cache is full, the score is what
+each holds. Ties go to the cache holding fewer blocks, then the less loaded. Serve sends the request to the first
+that accepts it. A request without a prompt to match (token ids, media, a cache salt, a call that is not a
+completion) is ranked by load, then by chance, as is every request until the replicas have reported.
 
 The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
 :data:`RECENT_ROUTES_TTL_S`): a tenant's second request, sent before its first was reported, goes to the same place.
@@ -43,6 +45,7 @@ from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import LocalityMixin, MultiplexMixin, RequestRouter
 
 from deployments.constants import (
+    KV_CACHE_FREE_WEIGHT,
     KV_CACHE_LOAD_SLACK,
     KV_CHOICE_TIMES_KEPT,
     KV_MATCH_CHARS,
@@ -51,7 +54,7 @@ from deployments.constants import (
     ROUTED_REQUESTS_KEPT,
 )
 from deployments.kv_blocks import block_keys, cached_blocks
-from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_LOAD
+from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_CAPACITY, STATS_LOAD
 
 logger = logging.getLogger("rayroute.router")
 
@@ -161,9 +164,11 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             rid = replica.replica_id
             if loads[rid] > least + KV_CACHE_LOAD_SLACK:
                 return (True, 0, 0, loads[rid], tiebreak[rid])
-            # Occupancy only places a prompt: a request without one (a control call, token ids) is spread by
-            # load and chance, or every such call would go to the emptiest cache.
-            return (False, -cached.get(rid, 0), self.occupancy(replica) if keys else 0, loads[rid], tiebreak[rid])
+            if not keys:  # nothing to place (a control call, token ids): spread by load and chance
+                return (False, 0, 0, loads[rid], tiebreak[rid])
+            occupancy = self.occupancy(replica)
+            score = cached[rid] / len(keys) + KV_CACHE_FREE_WEIGHT * self.free_share(replica, occupancy)
+            return (False, -score, occupancy, loads[rid], tiebreak[rid])
 
         return sorted(replicas, key=order)
 
@@ -191,6 +196,12 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             while recent and next(iter(recent.values())) < horizon:
                 recent.popitem(last=False)
         return len(self._held_keys(replica)) + (len(recent) if recent else 0)
+
+    @staticmethod
+    def free_share(replica: RunningReplica, occupancy: int) -> float:
+        """The share of the replica's cache not holding blocks (0 until it has said how many it has room for)."""
+        capacity = int(replica.routing_stats.get(STATS_CAPACITY) or 0)
+        return max(0.0, 1 - occupancy / capacity) if capacity else 0.0
 
     def _held_keys(self, replica: RunningReplica) -> frozenset[int]:
         listed = replica.routing_stats.get(STATS_BLOCKS) or []

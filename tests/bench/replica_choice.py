@@ -20,6 +20,8 @@ Serve's default with R replicas, and with two only by a cache too small to hold 
 measured, each tenant sends one request at the same rate (a warm-up, for every policy alike): an endpoint's steady
 state, not its first minute, in which every tenant's first request misses on any replica. The workload without
 shared prefixes sends half as many requests of the same length, each with a prompt of its own, at the same rate.
+Two router replicas by default, as the chart runs them: each has its own memory of where it sent what (and
+``prefix_cache`` its own prefix tree), so they can disagree where only the engines' reports make them agree.
 
 Reported per policy: vLLM's prefix-cache hit rate (prompt tokens found in the cache / looked up, from vLLM's own
 counters over every replica), the share of requests sent to a replica that already held their system prompt (their
@@ -255,7 +257,7 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
     from ray.serve._private.test_utils import FAKE_REPLICA_DEPLOYMENT_ID, FakeRunningReplica
 
     from deployments.kv_blocks import block_keys
-    from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_LOAD
+    from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_CAPACITY, STATS_LOAD
     from deployments.kv_routing import KvCacheRouter, router_kwargs
 
     model = model_entry(document, FOLDER)
@@ -263,7 +265,7 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
     class Replica(FakeRunningReplica):
         def __init__(self, name: str, keys: list[int]) -> None:
             super().__init__(name)
-            self._stats = {STATS_BLOCKS: keys, STATS_BLOCK_SIZE: BLOCK_TOKENS, STATS_LOAD: 0}
+            self._stats = {STATS_BLOCKS: keys, STATS_CAPACITY: 12_000, STATS_BLOCK_SIZE: BLOCK_TOKENS, STATS_LOAD: 0}
             self.set_queue_len_response(0)
 
         @property

@@ -375,13 +375,15 @@ def stop_and_check(process: subprocess.Popen, log: Path) -> None:
 
 def infos_by_replica(ask: Callable[[], dict], count: int, model_id: str) -> dict[int, dict]:
     """``ask()`` (one replica's ``engine_info``) until ``count`` replicas have answered, by process id: Serve picks
-    the replica of each call (both of two within 60 calls, or it fails)."""
+    the replica of each call (both of two within 60 calls over 15 s, or it fails). Spaced out: right after a burst a
+    replica's reported load is a second or two old, and every router sends a call to the less loaded one."""
     infos: dict[int, dict] = {}
     for _ in range(60):
         info = ask()
         infos[info["pid"]] = info
         if len(infos) == count:
             return infos
+        time.sleep(0.25)
     raise AssertionError(f"heard from {len(infos)} of {model_id}'s {count} replicas")
 
 

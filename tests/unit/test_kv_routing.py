@@ -18,7 +18,7 @@ from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStor
 from deployments.config import ModelConfig
 from deployments.constants import KV_CACHE_LOAD_SLACK, RECENT_ROUTES_TTL_S, ROUTED_REQUESTS_KEPT
 from deployments.kv_blocks import ReplicaBlocks, block_keys, cached_blocks
-from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_LOAD, KvEventsFeed
+from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_CAPACITY, STATS_LOAD, KvEventsFeed
 from deployments.kv_routing import KvCacheRouter, PromptTokens
 from deployments.replica_choice import SESSION_ROUTER, request_router_options
 
@@ -92,6 +92,7 @@ def test_the_feed_decodes_vllms_wire_format_and_reports_its_blocks() -> None:
         feed.blocks.apply(msgspec.msgpack.Decoder(type=KVEventBatch).decode(payload).events)
         stats = feed.routing_stats()
         assert stats[STATS_BLOCKS] == block_keys([1, 2, 3, 4], SIZE) and stats[STATS_BLOCK_SIZE] == SIZE
+        assert stats[STATS_CAPACITY] == 10
     finally:
         feed.close()
 
@@ -109,9 +110,9 @@ def in_a_loop(test: Callable[..., Coroutine]) -> Callable[..., None]:
 class Replica(FakeRunningReplica):
     """Serve's own stand-in for a replica (no actor), with the routing stats an engine reports."""
 
-    def __init__(self, name: str, keys: list[int], load: int) -> None:
+    def __init__(self, name: str, keys: list[int], load: int, capacity: int) -> None:
         super().__init__(name)
-        self._stats = {STATS_BLOCKS: list(keys), STATS_BLOCK_SIZE: SIZE, STATS_LOAD: load}
+        self._stats = {STATS_BLOCKS: list(keys), STATS_CAPACITY: capacity, STATS_BLOCK_SIZE: SIZE, STATS_LOAD: load}
         self.set_queue_len_response(load)  # what Serve's probe of its queue answers
 
     @property
@@ -119,8 +120,8 @@ class Replica(FakeRunningReplica):
         return self._stats
 
 
-def replica(name: str, keys: list[int] = (), load: int = 0) -> Replica:
-    return Replica(name, keys, load)
+def replica(name: str, keys: list[int] = (), load: int = 0, capacity: int = 0) -> Replica:
+    return Replica(name, keys, load, capacity)
 
 
 def rid(name: str) -> ReplicaID:
@@ -216,6 +217,24 @@ async def test_new_tenants_spread_over_the_caches_instead_of_meeting_by_chance()
         router.on_request_completed(rid(chosen), f"t{tenant}")
         placed.append(chosen)
     assert placed.count("a") == placed.count("b") == 3
+
+
+@in_a_loop
+async def test_a_tenant_losing_its_blocks_to_others_moves_to_a_cache_with_room_and_one_that_hits_stays() -> None:
+    prompt = " ".join(str(i) for i in range(500, 500 + 8 * SIZE))
+    keys = block_keys([int(word) for word in prompt.split()], SIZE)
+    others = block_keys(list(range(1000, 1000 + 40 * SIZE)), SIZE)
+    crowded = keys[:2] + others[:18]  # full: its other tenants evicted all but 2 of this one's 8 blocks
+    half_empty = others[20:30]
+    router = await kv_router([replica("a", crowded, capacity=20), replica("b", half_empty, capacity=20)])
+    for i in range(10):
+        assert names(await router.choose_replicas(list(router._replicas.values()),
+                                                  request(chat(prompt), f"r{i}")))[0] == "b"
+    mostly = keys[:6] + others[:14]  # full, holding 6 of its 8 blocks: it hits there
+    router = await kv_router([replica("a", mostly, capacity=20), replica("b", half_empty, capacity=20)])
+    for i in range(10):
+        assert names(await router.choose_replicas(list(router._replicas.values()),
+                                                  request(chat(prompt), f"r{i}")))[0] == "a"
 
 
 @in_a_loop
