@@ -3,8 +3,9 @@
 One policy per model, every router replica's handle to the model uses it:
 
 - ``least_loaded`` (default): Serve's power of two choices, the less busy of two random replicas.
-- ``kv_cache``: the replica whose KV cache holds the most of the prompt's start, among those not much busier than
-  the least busy, from the engines' own KV-cache events (:mod:`deployments.kv_routing`).
+- ``kv_cache``: the replica whose KV cache holds the largest share of the prompt's start, weighed against its free
+  room, among those not much busier than the least busy, from the engines' own KV-cache events
+  (:mod:`deployments.kv_routing`).
 - ``prefix_cache``: the replica that was sent the longest matching text, as Ray Serve LLM guesses it
   (:mod:`deployments.prefix_routing`).
 - ``session``: requests of one session (the ``X-Session-Id`` header, or the body's ``user``) to one replica while it
