@@ -43,8 +43,9 @@ class Prometheus:
         """Whether ``expr`` gave any series at any scrape since ``since``: what a Grafana panel over that range
         shows. A gauge that Ray exports only while it is being set is gone from an instant query a second later
         (Prometheus marks a series stale once a scrape lacks it), but stays in the range."""
-        # At the scrape interval: every step sees each scrape's samples, and a finer one only costs time.
-        response = httpx.get(self.url + "/api/v1/query_range", timeout=30,
+        # At the scrape interval: every step sees each scrape's samples, and a finer one only costs time. A join over
+        # the whole module's range can take over 30 s on two cores busy with engines.
+        response = httpx.get(self.url + "/api/v1/query_range", timeout=120,
                              params={"query": expr, "start": since, "end": time.time(), "step": SCRAPE_INTERVAL})
         assert response.status_code == 200, (expr, response.text)
         return bool(response.json()["data"]["result"])
