@@ -332,7 +332,8 @@ def test_losing_the_key_limits_replica_gives_bounded_answers_never_a_hang(cluste
                 if info["ActorClassName"].endswith(":key-limits")]
 
     cluster.connect()
-    assert len(alive_limits()) == 1, alive_limits()
+    limits = alive_limits()
+    assert len(limits) == 1, limits
     stop = threading.Event()
     answers: list[tuple[int, str | None, float]] = []
 
