@@ -83,11 +83,13 @@ class RoutedModel(Strict):
         default_factory=list, description="Model names (ids or aliases) that answer instead, the first that can, "
         "when this model is at capacity (429), unavailable (503) or the prompt exceeds its context (400); only "
         "before any byte went to the client. A fallback's own fallbacks are not tried.")
-    replica_choice: Literal["least_loaded", "kv_cache", "prefix_cache", "session"] = Field(
-        "least_loaded", description="How a request picks one of the model's replicas: `least_loaded` (Serve's "
-        "power of two choices), `kv_cache` (the replica whose KV cache holds most of the prompt's start, from the "
-        "engines' own cache events, while loads are close), `prefix_cache` (the replica that was sent the longest "
+    replica_choice: Literal["auto", "least_loaded", "kv_cache", "prefix_cache", "session"] = Field(
+        "auto", description="How a request picks one of the model's replicas: `kv_cache` (the replica whose KV "
+        "cache holds most of the prompt's start, from the engines' own cache events, while loads are close), "
+        "`least_loaded` (Serve's power of two choices), `prefix_cache` (the replica that was sent the longest "
         "matching text) or `session` (one replica per session: the `X-Session-Id` header, else the body's `user`). "
+        "`auto`: `kv_cache`, except `least_loaded` for a pooling model (`runner: pooling` or a `convert` in "
+        "engine_args) or with `enable_prefix_caching: false`, which cache no prefixes. "
         "See deployments/replica_choice.py.")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters this model's replicas serve, each a model clients can "
@@ -151,6 +153,13 @@ IN_PLACE_FIELDS = frozenset({"autoscaling", "max_ongoing_requests", "max_queued_
 MEDIA_ENV = {"VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 
 
+def caches_prefixes(engine_args: dict[str, Any]) -> bool:
+    """Whether the engine keeps a prefix cache: not a pooling model (embeddings, scores, classes), not with
+    prefix caching turned off."""
+    pooling = engine_args.get("runner") == "pooling" or engine_args.get("convert") not in (None, "auto", "none")
+    return not pooling and engine_args.get("enable_prefix_caching") is not False
+
+
 class ModelConfig(RoutedModel):
     """A served model: its routed fields (:class:`RoutedModel`) and what its engine deployment is built from."""
 
@@ -181,11 +190,23 @@ class ModelConfig(RoutedModel):
                 raise ValueError(f"`{key}` is set by the model's `{field}` field, not in engine_args")
         return args
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_replica_choice(cls, data: Any) -> Any:
+        # Resolved here, from the entry alone, so that the routers and the engine (which publishes its cache's
+        # events only under kv_cache) read the same choice; not from the replica count, which autoscaling changes
+        # in place.
+        if isinstance(data, dict) and data.get("replica_choice", "auto") == "auto":
+            args = data.get("engine_args") if isinstance(data.get("engine_args"), dict) else {}
+            data = {**data, "replica_choice": "kv_cache" if caches_prefixes(args) else "least_loaded"}
+        return data
+
     @model_validator(mode="after")
     def _kv_cache_choice_needs_the_cache(self) -> ModelConfig:
-        if self.replica_choice == "kv_cache" and self.engine_args.get("enable_prefix_caching") is False:
-            raise ValueError("`replica_choice: kv_cache` goes by what the engine's prefix cache holds; "
-                             "`enable_prefix_caching: false` leaves it nothing to go by")
+        if self.replica_choice == "kv_cache" and not caches_prefixes(self.engine_args):
+            raise ValueError("`replica_choice: kv_cache` goes by what the engine's prefix cache holds; a pooling "
+                             "model (`runner: pooling`, a `convert`) or `enable_prefix_caching: false` leaves it "
+                             "nothing to go by")
         return self
 
     @field_validator("env")

@@ -16,7 +16,7 @@ least recently used text down to :data:`PREFIX_TREE_EVICTION_TARGET_CHARS`.
 
     models:
       - id: llama-3.1-8b-instruct
-        replica_choice: prefix_cache     # default: least_loaded (Serve's power of two choices)
+        replica_choice: prefix_cache     # default: kv_cache (deployments/kv_routing.py)
 """
 
 from __future__ import annotations

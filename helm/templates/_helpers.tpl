@@ -120,14 +120,30 @@ loopback.
 
 {{/*
 Whether the router pods download anything: a CPU model's replicas may run there (the head has no CPUs for them and
-GPU groups may be absent), and python.packages are installed wherever the applications run.
+GPU groups may be absent), python.packages are installed wherever the applications run, and the routers load the
+tokenizer of each model placed by kv_cache from its source.
 */}}
 {{- define "rayroute.routersDownload" -}}
 {{- $download := gt (len .Values.python.packages) 0 -}}
 {{- range .Values.serve.models -}}
 {{- if eq (dig "accelerator" "gpu" (default dict .resources)) "cpu" }}{{ $download = true }}{{ end -}}
+{{- if eq (include "rayroute.replicaChoice" .) "kv_cache" }}{{ $download = true }}{{ end -}}
 {{- end -}}
 {{- if $download }}true{{ end -}}
+{{- end -}}
+
+{{/*
+A model entry's replica_choice, `auto` resolved as ModelConfig resolves it (deployments/model_config.py):
+kv_cache, or least_loaded where the engine keeps no prefix cache. tests/test_chart.py fails when the two differ.
+*/}}
+{{- define "rayroute.replicaChoice" -}}
+{{- $choice := default "auto" .replica_choice -}}
+{{- if eq $choice "auto" -}}
+{{- $engineArgs := default dict .engine_args -}}
+{{- $pooling := or (eq (toString $engineArgs.runner) "pooling") (not (has (toString (default "auto" $engineArgs.convert)) (list "auto" "none"))) -}}
+{{- $choice = ternary "least_loaded" "kv_cache" (or $pooling (eq (toString $engineArgs.enable_prefix_caching) "false")) -}}
+{{- end -}}
+{{- $choice -}}
 {{- end -}}
 
 {{/*
@@ -236,7 +252,8 @@ Helm cannot read values.schema.json, and tests/test_chart.py fails when these di
 {{- end -}}
 {{- range $key := list "max_ongoing_requests" "max_queued_requests" }}{{ $_ := set $options $key (ternary (index $model $key) (index $limitDefaults $key) (hasKey $model $key)) }}{{ end -}}
 {{- $apps = append $apps (merge (dict "name" $name "route_prefix" nil "import_path" "deployments.app:build_engine_app" "args" (dict "model" (omit . "autoscaling" "max_ongoing_requests" "max_queued_requests")) "deployments" (list $options)) (deepCopy $shared)) -}}
-{{- $routed = append $routed (pick . "id" "aliases" "timeouts" "drain_timeout_s" "multimodal" "allowed_media_domains" "fallbacks" "adapters" "replica_choice") -}}
+{{- /* The engine resolves its own entry's replica_choice; the routers read the one they get. */ -}}
+{{- $routed = append $routed (merge (dict "replica_choice" (include "rayroute.replicaChoice" .)) (pick . "id" "aliases" "timeouts" "drain_timeout_s" "multimodal" "allowed_media_domains" "fallbacks" "adapters")) -}}
 {{- end -}}
 {{- $routerArgs := omit $args "models" -}}
 {{- $_ = set $routerArgs "models" $routed -}}

@@ -20,14 +20,15 @@ Serve's default with R replicas, and with two only by a cache too small to hold 
 measured, each tenant sends one request at the same rate (a warm-up, for every policy alike): an endpoint's steady
 state, not its first minute, in which every tenant's first request misses on any replica. The workload without
 shared prefixes sends half as many requests of the same length, each with a prompt of its own, at the same rate.
-Two router replicas by default, as the chart runs them: each has its own memory of where it sent what (and
-``prefix_cache`` its own prefix tree), so they can disagree where only the engines' reports make them agree.
+Two router replicas by default, as the chart runs them: ``kv_cache``'s each keeps its own memory of where it sent
+what, which only the engines' reports make agree; ``prefix_cache``'s share one prefix tree, a Ray actor per model.
 
 Reported per policy: vLLM's prefix-cache hit rate (prompt tokens found in the cache / looked up, from vLLM's own
 counters over every replica), the share of requests sent to a replica that already held their system prompt (their
 ``cached_tokens`` cover it), TTFT p50/p90/p99, output tokens/s; and for the other workload, output tokens/s. Then the
-cost of a ``kv_cache`` choice itself: :class:`deployments.kv_routing.KvCacheRouter` ranking 4 replicas that hold
-10,000 blocks each, 64 requests in flight, with the model's own tokenizer and chat template. One pass per policy:
+cost of the choice itself (:func:`choice_cost`): 64 requests arriving at once over 4 replicas, for ``kv_cache`` (its
+ranking, its block keys with the model's own tokenizer and chat template, and a request's whole wait) and for
+``prefix_cache`` (a request's whole wait, its tree a real Ray actor). One pass per policy:
 the hit rate and the share do not depend on the machine's speed; TTFT and tokens/s do (read them as a direction).
 """
 
@@ -251,14 +252,23 @@ def run_choice(document: dict, choice: str, requests: int, rate: float | None, r
 
 
 def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
-    """p50/p99 of :meth:`KvCacheRouter.rank` and of making a request's block keys (template and tokenizer), with
-    ``in_flight`` requests being routed at once over 4 replicas that hold 10,000 blocks each."""
-    from ray.serve._private.common import DeploymentHandleSource
+    """What choosing a replica costs each request, with ``in_flight`` requests of 1,300-token prompts arriving at
+    once over 4 replicas: for ``kv_cache`` (its replicas holding 10,000 blocks each) :meth:`KvCacheRouter.rank`
+    alone, making a request's block keys (template and tokenizer, in a thread), and the whole choice as a request
+    waits for it (keys, ranking, the routed callback); for ``prefix_cache`` the same whole choice, whose tree lives
+    in one Ray actor per model that every choice and every routed request calls and waits for (a real actor, in a
+    local Ray started here)."""
+    import ray
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTreeActor
+    from ray.serve._private.common import DeploymentHandleSource, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
     from ray.serve._private.test_utils import FAKE_REPLICA_DEPLOYMENT_ID, FakeRunningReplica
 
     from deployments.kv_blocks import block_keys
     from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_CAPACITY, STATS_LOAD
     from deployments.kv_routing import KvCacheRouter, router_kwargs
+    from deployments.prefix_routing import PrefixCacheRouter
+    from deployments.prefix_routing import router_kwargs as prefix_router_kwargs
 
     model = model_entry(document, FOLDER)
 
@@ -272,7 +282,20 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
         def routing_stats(self) -> dict:
             return self._stats
 
-    async def measure() -> dict:
+    def pending(round_: int, i: int) -> PendingRequest:
+        return PendingRequest(args=[{"model": FOLDER, "messages": [
+            {"role": "system", "content": system_prompt(i % TENANTS)},
+            {"role": "user", "content": f"question {round_}-{i}"}]}], kwargs={},
+            metadata=RequestMetadata(request_id=f"{round_}-{i}", internal_request_id=f"{round_}-{i}"))
+
+    async def choose(router: object, replicas: list, request: PendingRequest, waits: list[float],
+                     started: float) -> None:
+        """From the request's arrival (all of a round's at once) to its replica being chosen and told."""
+        ranked = await router.choose_replicas(replicas, request)
+        router.on_request_routed(request, ranked[0][0].replica_id, None)
+        waits.append(time.perf_counter() - started)
+
+    async def measure_kv() -> dict:
         router = KvCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.REPLICA,
                                use_replica_queue_len_cache=True)
         router.initialize_state(**router_kwargs(model["source"], [], model["engine_args"].get("chat_template")))
@@ -284,21 +307,37 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
                     for i in range(4)]
         router.update_replicas(replicas)
         await asyncio.sleep(0.1)
-        from types import SimpleNamespace
-
+        waits: list[float] = []
         for round_ in range(rounds):
-            pending = [SimpleNamespace(args=[{"model": FOLDER, "messages": [
-                {"role": "system", "content": system_prompt(i % TENANTS)},
-                {"role": "user", "content": f"question {round_}-{i}"}]}], kwargs={},
-                metadata=SimpleNamespace(internal_request_id=f"{round_}-{i}", multiplexed_model_id=""))
-                for i in range(in_flight)]
-            await asyncio.gather(*(router.choose_replicas(replicas, request) for request in pending))
+            arrived = time.perf_counter()
+            await asyncio.gather(*(choose(router, replicas, pending(round_, i), waits, arrived)
+                                   for i in range(in_flight)))
         choices, tokenizing = list(router.choice_times), list(router.tokenize_times)
-        return {"in_flight": in_flight, "choices": len(choices),
-                "choice_p50_us": percentile(choices, 0.5) * 1e6, "choice_p99_us": percentile(choices, 0.99) * 1e6,
-                "keys_p50_ms": percentile(tokenizing, 0.5) * 1e3, "keys_p99_ms": percentile(tokenizing, 0.99) * 1e3}
+        return {"choice_p50_us": percentile(choices, 0.5) * 1e6, "choice_p99_us": percentile(choices, 0.99) * 1e6,
+                "keys_p50_ms": percentile(tokenizing, 0.5) * 1e3, "keys_p99_ms": percentile(tokenizing, 0.99) * 1e3,
+                "kv_wait_p50_ms": percentile(waits, 0.5) * 1e3, "kv_wait_p99_ms": percentile(waits, 0.99) * 1e3}
 
-    return asyncio.run(measure())
+    async def measure_prefix() -> dict:
+        router = PrefixCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID,
+                                   handle_source=DeploymentHandleSource.REPLICA, use_replica_queue_len_cache=True)
+        router.initialize_state(**prefix_router_kwargs(), tree_actor=PrefixTreeActor.remote())
+        replicas = [Replica(str(i), []) for i in range(4)]
+        router.update_replicas(replicas)
+        await asyncio.sleep(0.1)
+        waits: list[float] = []
+        for round_ in range(rounds):
+            arrived = time.perf_counter()
+            await asyncio.gather(*(choose(router, replicas, pending(round_, i), waits, arrived)
+                                   for i in range(in_flight)))
+        return {"prefix_wait_p50_ms": percentile(waits, 0.5) * 1e3, "prefix_wait_p99_ms": percentile(waits, 0.99) * 1e3}
+
+    cost = {"in_flight": in_flight, "choices": in_flight * rounds, **asyncio.run(measure_kv())}
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # its own, never a running one
+    try:
+        cost.update(asyncio.run(measure_prefix()))
+    finally:
+        ray.shutdown()
+    return cost
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -356,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['output_tokens_per_s']:7.1f} {row['unique_output_tokens_per_s']:16.1f}")
     print(f"\nkv_cache choice, {cost['in_flight']} in flight, 4 replicas x 10,000 blocks: rank p50 "
           f"{cost['choice_p50_us']:.0f} us, p99 {cost['choice_p99_us']:.0f} us; a prompt's block keys (template + "
-          f"tokenizer, off the routing loop) p50 {cost['keys_p50_ms']:.1f} ms, p99 {cost['keys_p99_ms']:.1f} ms")
+          f"tokenizer, off the routing loop) p50 {cost['keys_p50_ms']:.1f} ms, p99 {cost['keys_p99_ms']:.1f} ms; "
+          f"a request's whole wait for its choice p50 {cost['kv_wait_p50_ms']:.1f} ms, p99 "
+          f"{cost['kv_wait_p99_ms']:.1f} ms")
+    print(f"prefix_cache choice, the same requests: a request's whole wait p50 {cost['prefix_wait_p50_ms']:.1f} ms, "
+          f"p99 {cost['prefix_wait_p99_ms']:.1f} ms (its prefix tree is one Ray actor per model, called and waited "
+          f"for on the routing loop)")
     (opts.out / "bench-replica-choice.json").write_text(json.dumps({"rows": rows, "choice_cost": cost}, indent=2))
     plot(rows, opts.out / "bench-replica-choice.png")
     return 0

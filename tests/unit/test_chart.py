@@ -325,8 +325,10 @@ def test_serve_config_is_what_values_say_and_deploys(scenario: Path) -> None:
     assert [app["args"] for app in engines] == [  # less what Serve changes in place, in the deployment's overrides
         {"model": {k: v for k, v in model.items() if k not in IN_PLACE_FIELDS}} for model in expected["models"]]
     routed = set(RoutedModel.model_fields)
-    assert router["args"] == {**expected, "models": [{k: v for k, v in model.items() if k in routed}
-                                                     for model in expected["models"]]}
+    # replica_choice `auto` reaches the routers resolved, as ModelConfig resolves it.
+    assert router["args"] == {**expected, "models": [
+        {**{k: v for k, v in model.items() if k in routed},
+         "replica_choice": ModelConfig.model_validate(model).replica_choice} for model in expected["models"]]}
     # The chart's expansion is router/app.py's (each application's args compared once validated: Python's hold
     # every default, the template only what values set).
     entry = {"name": "rayroute", "route_prefix": "/", "import_path": IMPORT_PATH, "args": expected}
@@ -820,15 +822,21 @@ def test_engine_pods_reach_dns_the_release_and_public_https_only() -> None:
 
 
 def test_router_pods_download_only_when_they_may_run_an_engine(tmp_path: Path) -> None:
-    policies, pods = policies_for()  # GPU models only: the routers need DNS and the release's pods
+    # GPU models only, placed by load: the routers need DNS and the release's pods.
+    gpu_model = {"id": "qwen", "source": "Qwen/Qwen2.5-1.5B-Instruct", "replica_choice": "least_loaded",
+                 "resources": {"accelerator": "gpu", "cpus": 4}}
+    policies, pods = policies_for(tmp_path=tmp_path, serve={"models": [gpu_model]})
     routers = pods[ROUTER_GROUP]
     assert allowed(policies, routers, CLUSTER_DNS, 53, "UDP") and allowed(policies, routers, pods["gpu"], 40123)
     assert allowed(policies, routers, pods["head"], 6379)
     assert not allowed(policies, routers, PUBLIC_ADDRESS, 443)
     assert not any(allowed(policies, routers, outsider, 80) for outsider in OUTSIDERS.values())
-    # A CPU model may run on a router pod (open-endpoint-values has no GPU group), as may pip packages.
+    # A CPU model may run on a router pod (open-endpoint-values has no GPU group), as may pip packages; and the
+    # routers load the tokenizer of a model placed by kv_cache (the default, as the chart's own model is).
     for docs in (policies_for(CHART / "ci" / "open-endpoint-values.yaml"),
-                 policies_for(tmp_path=tmp_path, python={"packages": ["sentencepiece==0.2.0"]})):
+                 policies_for(tmp_path=tmp_path, serve={"models": [gpu_model]},
+                              python={"packages": ["sentencepiece==0.2.0"]}),
+                 policies_for()):
         policies, pods = docs
         assert allowed(policies, pods[ROUTER_GROUP], PUBLIC_ADDRESS, 443)
         assert not allowed(policies, pods[ROUTER_GROUP], "169.254.169.254", 80)

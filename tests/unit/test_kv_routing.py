@@ -338,7 +338,7 @@ def test_each_policy_selects_its_router_and_kv_cache_gets_its_stats_every_second
     assert config.request_routing_stats_period_s == 1.0
     session = request_router_options(ModelConfig.model_validate({**model, "replica_choice": "session"}))
     assert session["request_router_config"].request_router_class == SESSION_ROUTER
-    assert request_router_options(ModelConfig.model_validate(model)) == {}
+    assert request_router_options(ModelConfig.model_validate({**model, "replica_choice": "least_loaded"})) == {}
 
 
 def test_kv_events_are_the_routers_to_configure() -> None:
@@ -431,3 +431,26 @@ def test_kv_cache_choice_without_a_prefix_cache_is_refused() -> None:
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         ModelConfig.model_validate({"id": "m", "source": "org/m", "replica_choice": "kv_cache",
                                     "engine_args": {"enable_prefix_caching": False}})
+
+
+@pytest.mark.parametrize(("engine_args", "expected"), [
+    ({}, "kv_cache"),
+    ({"runner": "generate"}, "kv_cache"),
+    ({"convert": "none"}, "kv_cache"),
+    ({"runner": "pooling"}, "least_loaded"),  # an embedding model's engine caches no prefixes
+    ({"convert": "embed"}, "least_loaded"),
+    ({"enable_prefix_caching": False}, "least_loaded"),
+])
+def test_the_default_choice_is_kv_cache_where_the_engine_caches_prefixes(engine_args: dict, expected: str) -> None:
+    model = ModelConfig.model_validate({"id": "m", "source": "org/m", "engine_args": engine_args})
+    assert model.replica_choice == expected
+    assert ModelConfig.model_validate(model.model_dump()) == model  # resolved once: a dump reads back the same
+    # A choice the entry names is kept, whatever the engine.
+    assert ModelConfig.model_validate({"id": "m", "source": "org/m", "engine_args": engine_args,
+                                       "replica_choice": "session"}).replica_choice == "session"
+
+
+def test_kv_cache_choice_for_a_pooling_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="pooling"):
+        ModelConfig.model_validate({"id": "m", "source": "org/m", "replica_choice": "kv_cache",
+                                    "engine_args": {"runner": "pooling"}})

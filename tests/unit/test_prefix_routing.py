@@ -116,9 +116,9 @@ def test_replica_choice_selects_the_deployments_request_router() -> None:
     from deployments.prefix_routing import router_kwargs
 
     model = {"id": "m", "source": "org/m"}
-    default = engine_deployment(ModelConfig.model_validate(model))
+    least = engine_deployment(ModelConfig.model_validate({**model, "replica_choice": "least_loaded"}))
     prefix = engine_deployment(ModelConfig.model_validate({**model, "replica_choice": "prefix_cache"}))
-    assert "PowerOfTwo" in str(default._deployment_config.request_router_config.request_router_class)
+    assert "PowerOfTwo" in str(least._deployment_config.request_router_config.request_router_class)
     assert prefix._deployment_config.request_router_config.request_router_class == (
         "deployments.prefix_routing.PrefixCacheRouter")
     assert prefix._deployment_config.request_router_config.request_router_kwargs == router_kwargs()
