@@ -122,9 +122,11 @@ async def warm_up(url: str, rate: float, seed: int) -> None:
         await asyncio.gather(*tasks)
 
 
-async def shared_prefix_workload(url: str, requests: int, rate: float, seed: int) -> tuple[list[dict], float]:
+async def shared_prefix_workload(url: str, requests: int, rate: float, seed: int,
+                                 one_off_share: float = 0.0) -> tuple[list[dict], float]:
     """Conversation turns arriving at ``rate`` a second: each arrival is the next turn of a conversation that is
-    not waiting for an answer (a random one)."""
+    not waiting for an answer (a random one), or with ``one_off_share`` chance a prompt as long as a system prompt
+    that shares nothing (a document to summarize, say): traffic that evicts tenants' blocks wherever it lands."""
     rng = random.Random(seed)
     conversations = [{"tenant": t, "id": f"tenant-{t}-{c}", "history": [], "busy": False}
                      for t in range(TENANTS) for c in range(CONVERSATIONS_PER_TENANT)]
@@ -146,6 +148,11 @@ async def shared_prefix_workload(url: str, requests: int, rate: float, seed: int
         tasks = []
         for index in range(requests):
             await asyncio.sleep(rng.expovariate(rate))
+            if rng.random() < one_off_share:
+                messages = [{"role": "user", "content": unique_prompt(seed * 1_000_000 + index)}]
+                tasks.append(asyncio.create_task(send(client, url, messages, None, results, index=index,
+                                                      one_off=True)))
+                continue
             idle = [c for c in conversations if not c["busy"]]
             conversation = rng.choice(idle) if idle else rng.choice(conversations)
             conversation["busy"] = True
@@ -216,7 +223,7 @@ def summary(results: list[dict], wall: float) -> dict:
 
 
 def run_choice(document: dict, choice: str, requests: int, rate: float | None, routers: int, workdir: Path,
-               log: Path) -> dict:
+               log: Path, one_off_share: float = 0.0) -> dict:
     model = model_entry(document, FOLDER)
     model = {**model, "replica_choice": choice, "resources": {"accelerator": "cpu", "cpus": 1},
              "autoscaling": {"min_replicas": REPLICAS, "max_replicas": REPLICAS},
@@ -238,9 +245,11 @@ def run_choice(document: dict, choice: str, requests: int, rate: float | None, r
         row["rate_rps"] = rate
         asyncio.run(warm_up(url, rate, seed=3))
         hits_before, queries_before = settled_counts(cluster.metrics_port)
-        results, wall = asyncio.run(shared_prefix_workload(url, requests, rate, seed=1))
+        results, wall = asyncio.run(shared_prefix_workload(url, requests, rate, seed=1, one_off_share=one_off_share))
         hits, queries = settled_counts(cluster.metrics_port)
-        row.update(summary(results, wall))
+        # Tenants' turns only: a one-off misses wherever it goes (its tokens/s counted all the same).
+        row.update(summary([r for r in results if not r.get("one_off")], wall),
+                   output_tokens_per_s=sum(r["completion_tokens"] for r in results) / wall)
         (log.parent / f"requests-{choice}.json").write_text(json.dumps(sorted(results, key=lambda r: r["index"])))
         row["hit_rate"] = (hits - hits_before) / max(queries - queries_before, 1)
         unique, unique_wall = asyncio.run(unique_workload(url, requests // 2, rate, seed=2))
@@ -369,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="arrivals a second (default: measured, LOAD of capacity)")
     parser.add_argument("--choices", nargs="+", choices=CHOICES, default=list(CHOICES))
     parser.add_argument("--routers", type=int, default=2,
-                        help="router replicas (the chart's default: each keeps its own view of where it sent what)")
+                        help="router replicas (the chart's default; kv_cache's each keep their own view of where they "
+                             "sent what)")
+    parser.add_argument("--one-offs", type=float, default=0.0,
+                        help="share of arrivals that are long prompts sharing nothing, which evict tenants' blocks "
+                             "(TTFT and the held share are then the tenants' requests' alone)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results")
     opts = parser.parse_args(argv)
     document = yaml.safe_load(opts.config.read_text())
@@ -381,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for choice in opts.choices:
             rows.append(run_choice(document, choice, opts.requests, rate, opts.routers, Path(tmp),
-                                   opts.out / f"choice-{choice}.log"))
+                                   opts.out / f"choice-{choice}.log", one_off_share=opts.one_offs))
             rate = rows[-1]["rate_rps"]  # every policy gets the first one's arrivals
             print(json.dumps(rows[-1]), flush=True)
     print(f"\n{TENANTS} tenants x {CONVERSATIONS_PER_TENANT} conversations, {opts.requests} requests at "
           f"{rate:.2f}/s after a warm-up request per tenant, {REPLICAS} replicas of {KV_CACHE_BYTES >> 20} MiB "
-          f"KV cache each, {opts.routers} router replicas")
+          f"KV cache each, {opts.routers} router replicas"
+          + (f", {opts.one_offs:.0%} of arrivals one-off prompts sharing nothing" if opts.one_offs else ""))
     print(f"{'replica_choice':<14} {'hit rate':>8} {'held':>6} {'TTFT p50':>9} {'p90':>7} {'p99':>7} "
           f"{'tok/s':>7} {'no-shared tok/s':>16}")
     for row in rows:
