@@ -297,12 +297,21 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
             {"role": "user", "content": f"question {round_}-{i}"}]}], kwargs={},
             metadata=RequestMetadata(request_id=f"{round_}-{i}", internal_request_id=f"{round_}-{i}"))
 
-    async def choose(router: object, replicas: list, request: PendingRequest, waits: list[float],
-                     started: float) -> None:
-        """From the request's arrival (all of a round's at once) to its replica being chosen and told."""
-        ranked = await router.choose_replicas(replicas, request)
-        router.on_request_routed(request, ranked[0][0].replica_id, None)
-        waits.append(time.perf_counter() - started)
+    async def waits_for_choices(router: object, replicas: list) -> list[float]:
+        """Each request's wait from its arrival (all of a round's at once) to its replica chosen and told."""
+        waits: list[float] = []
+
+        async def choose(request: PendingRequest, arrived: float) -> None:
+            ranked = await router.choose_replicas(replicas, request)
+            router.on_request_routed(request, ranked[0][0].replica_id, None)
+            waits.append(time.perf_counter() - arrived)
+
+        router.update_replicas(replicas)
+        await asyncio.sleep(0.1)
+        for round_ in range(rounds):
+            arrived = time.perf_counter()
+            await asyncio.gather(*(choose(pending(round_, i), arrived) for i in range(in_flight)))
+        return waits
 
     async def measure_kv() -> dict:
         router = KvCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.REPLICA,
@@ -314,13 +323,7 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
         held = block_keys(tenant_tokens, BLOCK_TOKENS)
         replicas = [Replica(str(i), list(range(i * 10_000, (i + 1) * 10_000 - len(held))) + held * (i == 3))
                     for i in range(4)]
-        router.update_replicas(replicas)
-        await asyncio.sleep(0.1)
-        waits: list[float] = []
-        for round_ in range(rounds):
-            arrived = time.perf_counter()
-            await asyncio.gather(*(choose(router, replicas, pending(round_, i), waits, arrived)
-                                   for i in range(in_flight)))
+        waits = await waits_for_choices(router, replicas)
         choices, tokenizing = list(router.choice_times), list(router.tokenize_times)
         return {"choice_p50_us": percentile(choices, 0.5) * 1e6, "choice_p99_us": percentile(choices, 0.99) * 1e6,
                 "keys_p50_ms": percentile(tokenizing, 0.5) * 1e3, "keys_p99_ms": percentile(tokenizing, 0.99) * 1e3,
@@ -330,14 +333,7 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
         router = PrefixCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID,
                                    handle_source=DeploymentHandleSource.REPLICA, use_replica_queue_len_cache=True)
         router.initialize_state(**prefix_router_kwargs(), tree_actor=PrefixTreeActor.remote())
-        replicas = [Replica(str(i), []) for i in range(4)]
-        router.update_replicas(replicas)
-        await asyncio.sleep(0.1)
-        waits: list[float] = []
-        for round_ in range(rounds):
-            arrived = time.perf_counter()
-            await asyncio.gather(*(choose(router, replicas, pending(round_, i), waits, arrived)
-                                   for i in range(in_flight)))
+        waits = await waits_for_choices(router, [Replica(str(i), []) for i in range(4)])
         return {"prefix_wait_p50_ms": percentile(waits, 0.5) * 1e3, "prefix_wait_p99_ms": percentile(waits, 0.99) * 1e3}
 
     cost = {"in_flight": in_flight, "choices": in_flight * rounds, **asyncio.run(measure_kv())}
