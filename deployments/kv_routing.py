@@ -16,8 +16,10 @@ The free room matters twice. A new tenant (held nowhere) goes to the emptiest ca
 caches instead of meeting by chance on one, where they would evict each other. And a tenant whose blocks are being
 evicted where it was placed (a cache given more tenants than it holds, as several routers deciding at once can do)
 moves to a cache with room instead of staying for the part still held; once every cache is full, the score is what
-each holds. Ties go to the cache holding fewer blocks, then the less loaded. Serve sends the request to the first
-that accepts it. A request without a prompt to match (token ids, media, a cache salt, a call that is not a
+each holds. Ties go to the cache holding fewer blocks, then the less loaded, then the replica this router has sent
+the fewest blocks: once every cache is full, prompts held nowhere (a new tenant, a document read once) go round the
+replicas, so each evicts its share of others' blocks, instead of meeting by chance on one that then evicts a
+tenant's whole prefix. Serve sends the request to the first that accepts it. A request without a prompt to match (token ids, media, a cache salt, a call that is not a
 completion) is ranked by load, then by chance, as is every request until the replicas have reported.
 
 The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
@@ -127,6 +129,7 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._recent: dict[ReplicaID, OrderedDict[int, float]] = {}
         self._keys_of: OrderedDict[str, list[int]] = OrderedDict()  # a request's keys, by its internal id
         self._sent: dict[ReplicaID, int] = {}  # this router's requests at each replica now
+        self._blocks_sent: dict[ReplicaID, int] = {}  # the prompt blocks this router sent each replica, all told
         self.choice_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)  # seconds, for the benchmark
         self.tokenize_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)
         threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
@@ -168,7 +171,7 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 return (False, 0, 0, loads[rid], tiebreak[rid])
             occupancy = self.occupancy(replica)
             score = cached[rid] / len(keys) + KV_CACHE_FREE_WEIGHT * self.free_share(replica, occupancy)
-            return (False, -score, occupancy, loads[rid], tiebreak[rid])
+            return (False, -score, occupancy, loads[rid], self._blocks_sent.get(rid, 0), tiebreak[rid])
 
         return sorted(replicas, key=order)
 
@@ -249,6 +252,7 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         keys = self._keys_of.pop(pending_request.metadata.internal_request_id, None)
         if not keys:
             return
+        self._blocks_sent[replica_id] = self._blocks_sent.get(replica_id, 0) + len(keys)
         recent = self._recent.setdefault(replica_id, OrderedDict())
         now = time.monotonic()
         for key in keys:
@@ -264,9 +268,14 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         # A replica that is gone (stopped, dead, replaced) leaves the index with its report and recent routes.
-        for table in (self._held, self._recent, self._sent):
+        for table in (self._held, self._recent, self._sent, self._blocks_sent):
             for replica_id in [rid for rid in table if rid not in self._replica_id_set]:
                 del table[replica_id]
+        # A new replica starts level with the least sent, not behind all the others' history (it would take every
+        # prompt held nowhere until it caught up).
+        level = min(self._blocks_sent.values(), default=0)
+        for replica_id in self._replica_id_set:
+            self._blocks_sent.setdefault(replica_id, level)
 
 
 def router_kwargs(source: str, adapters: list[str], chat_template: str | None) -> dict[str, Any]:

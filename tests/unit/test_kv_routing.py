@@ -285,6 +285,27 @@ async def test_a_request_without_a_prompt_to_match_is_ranked_by_load(body: dict[
 
 
 @in_a_loop
+async def test_prompts_held_nowhere_go_round_full_caches_not_by_chance() -> None:
+    """Once every cache is full, a prompt no cache holds evicts someone's blocks wherever it goes: each replica takes
+    its turn (the one this router sent the fewest blocks), so no cache loses a tenant to a run of chance."""
+    full = [block_keys(list(range(1000 * n, 1000 * n + 20 * SIZE)), SIZE) for n in range(1, 5)]
+    router = await kv_router([replica(name, keys, capacity=20) for name, keys in zip("abcd", full, strict=True)])
+    placed = []
+    for i in range(12):
+        pending = request(chat(" ".join(str(100_000 + 50 * i + j) for j in range(3 * SIZE))), f"o{i}")
+        chosen = names(await router.choose_replicas(list(router._replicas.values()), pending))[0]
+        router.on_request_routed(pending, rid(chosen), None)
+        router.on_request_completed(rid(chosen), f"o{i}")
+        placed.append(chosen)
+        for recent in router._recent.values():  # arriving further apart than the reports' lag
+            for key in recent:
+                recent[key] = time.monotonic() - RECENT_ROUTES_TTL_S - 1
+    assert sorted(placed.count(name) for name in "abcd") == [3, 3, 3, 3]
+    router.update_replicas([*router._replicas.values(), replica("e", capacity=20)])  # a replica joins
+    assert router._blocks_sent[rid("e")] == min(router._blocks_sent[rid(name)] for name in "abcd")
+
+
+@in_a_loop
 async def test_calls_without_a_prompt_reach_every_replica_not_only_the_emptiest_cache() -> None:
     router = await kv_router([replica("a", TENANT_KEYS), replica("b")])
     first = set()
