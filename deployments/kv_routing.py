@@ -19,9 +19,8 @@ moves to a cache with room instead of staying for the part still held; once ever
 each holds. Ties go to the cache holding fewer blocks, then the less loaded, then the replica this router has sent
 the fewest blocks: once every cache is full, prompts held nowhere (a new tenant, a document read once) go round the
 replicas, so each evicts its share of others' blocks, instead of meeting by chance on one that then evicts a
-tenant's whole prefix. Serve sends the request to the first that accepts it. A request without a prompt to match
-(token ids, media, a cache salt, a call that is not a completion) is ranked by load, then by chance, as is every
-request until the replicas have reported.
+tenant's whole prefix. Serve sends the request to the first that accepts it. A request without a prompt to match (token ids, media, a cache salt, a call that is not a
+completion) is ranked by load, then by chance, as is every request until the replicas have reported.
 
 The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
 :data:`RECENT_ROUTES_TTL_S`): a tenant's second request, sent before its first was reported, goes to the same place.

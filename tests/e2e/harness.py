@@ -186,8 +186,7 @@ def e2e_config(tmp_path: Path) -> Path:
     - an autoscaled copy (1-2 replicas, engine-load policy, delays of seconds; a shorter context, with the default
       model as its fallback), a copy that scales to zero, and a model whose replicas cannot be placed;
     - a copy with two replicas serving two adapters, one at a time each (Serve's multiplexing), each request sent
-      where the replicas' KV caches hold its prompt's start (``replica_choice: kv_cache``, as the default model's;
-      the other copies are placed by load);
+      where the replicas' KV caches hold its prompt's start (``replica_choice: kv_cache``);
     - two router replicas, so per-key limits are shown to hold across them.
     """
     document = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
@@ -230,11 +229,6 @@ def e2e_config(tmp_path: Path) -> Path:
                    "autoscaling": {"min_replicas": 2, "max_replicas": 2}, "replica_choice": "kv_cache"})
     for model in models:
         model["engine_args"] = {**model["engine_args"], "max_num_seqs": 16}
-        if model is not first and model["id"] != PAIR_MODEL:
-            # The copies test other things: placed by load, their engines publish no cache events. With every copy
-            # on kv_cache the two cores got busy enough that the pair's replicas missed Serve's 0.1 s queue-length
-            # probes, and requests the ranking sent to a holder went to the other replica.
-            model["replica_choice"] = "least_loaded"
         if model is not first:  # the copies' engines hold 256 MiB of KV cache, not 1 GiB: nine fit in memory
             model["engine_args"]["kv_cache_memory_bytes"] = 256 * 1024 * 1024
             if model["id"] != PAIR_MODEL:
