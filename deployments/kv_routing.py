@@ -19,8 +19,9 @@ moves to a cache with room instead of staying for the part still held; once ever
 each holds. Ties go to the cache holding fewer blocks, then the less loaded, then the replica this router has sent
 the fewest blocks: once every cache is full, prompts held nowhere (a new tenant, a document read once) go round the
 replicas, so each evicts its share of others' blocks, instead of meeting by chance on one that then evicts a
-tenant's whole prefix. Serve sends the request to the first that accepts it. A request without a prompt to match (token ids, media, a cache salt, a call that is not a
-completion) is ranked by load, then by chance, as is every request until the replicas have reported.
+tenant's whole prefix. Serve sends the request to the first that accepts it. A request without a prompt to match
+(token ids, media, a cache salt, a call that is not a completion) is ranked by load, then by chance, as is every
+request until the replicas have reported.
 
 The reports are a second or so old, so the router also remembers where it just sent each prompt's blocks (for
 :data:`RECENT_ROUTES_TTL_S`): a tenant's second request, sent before its first was reported, goes to the same place.
@@ -61,6 +62,12 @@ from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_CAPACITY
 logger = logging.getLogger("rayroute.router")
 
 
+# transformers imports its classes lazily, on first use, and that is not thread-safe: a router with several kv_cache
+# models loads their tokenizers in threads at once, and all but one or two of them got "cannot import name
+# 'AutoTokenizer'" (their models were then placed by load alone). So one tokenizer loads at a time in a process.
+_TOKENIZER_LOADING = threading.Lock()
+
+
 class PromptTokens:
     """A model's prompts as the token ids its engine caches: vLLM renders a chat with the model's chat template
     and tokenizes the text without adding special tokens; a text completion's prompt is tokenized with them."""
@@ -69,12 +76,11 @@ class PromptTokens:
         self.source = source
         self.chat_template = chat_template
         self._tokenizer: Any = None
-        self._loading = threading.Lock()
 
     def load(self) -> None:
-        from transformers import AutoTokenizer
+        with _TOKENIZER_LOADING:
+            from transformers import AutoTokenizer
 
-        with self._loading:
             if self._tokenizer is None:
                 self._tokenizer = AutoTokenizer.from_pretrained(self.source)
 

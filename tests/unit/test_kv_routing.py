@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -436,6 +440,32 @@ async def test_with_one_replica_nothing_is_tokenized() -> None:
     router = await kv_router([replica("a", TENANT_KEYS)])
     assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT)))) == ["a"]
     assert not router.tokenize_times and not router._keys_of
+
+
+def test_a_router_loads_several_models_tokenizers_at_once(tmp_path: Path) -> None:
+    """A router with several kv_cache models loads their tokenizers in threads at once, in a process that has not
+    used transformers yet (a fresh interpreter here): every one loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                "unk_token": "[UNK]"}))
+    script = f"""
+import sys, threading
+from deployments.kv_routing import PromptTokens
+assert "transformers" not in sys.modules
+prompts = [PromptTokens({str(tmp_path)!r}, None) for _ in range(6)]
+threads = [threading.Thread(target=prompt.load) for prompt in prompts]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(sum(prompt._tokenizer is not None for prompt in prompts))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "6", done.stderr
 
 
 def test_only_the_start_of_a_huge_prompt_is_tokenized() -> None:
