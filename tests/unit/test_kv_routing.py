@@ -23,7 +23,8 @@ from deployments.config import ModelConfig
 from deployments.constants import KV_CACHE_LOAD_SLACK, RECENT_ROUTES_TTL_S, ROUTED_REQUESTS_KEPT
 from deployments.kv_blocks import ReplicaBlocks, block_keys, cached_blocks
 from deployments.kv_events import STATS_BLOCK_SIZE, STATS_BLOCKS, STATS_CAPACITY, STATS_LOAD, KvEventsFeed
-from deployments.kv_routing import KvCacheRouter, PromptTokens
+from deployments.kv_routing import KvCacheRouter
+from deployments.prompt_tokens import PromptTokens
 from deployments.replica_choice import SESSION_ROUTER, request_router_options
 
 SIZE = 4  # tokens per block in these tests
@@ -454,7 +455,7 @@ def test_a_router_loads_several_models_tokenizers_at_once(tmp_path: Path) -> Non
                                                                 "unk_token": "[UNK]"}))
     script = f"""
 import sys, threading
-from deployments.kv_routing import PromptTokens
+from deployments.prompt_tokens import PromptTokens
 assert "transformers" not in sys.modules
 prompts = [PromptTokens({str(tmp_path)!r}, None) for _ in range(6)]
 threads = [threading.Thread(target=prompt.load) for prompt in prompts]
