@@ -79,7 +79,7 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._blocks_sent: dict[ReplicaID, int] = {}  # the prompt blocks this router sent each replica, all told
         self.choice_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)  # seconds, for the benchmark
         self.tokenize_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)
-        threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
+        self._tokenizer_asked = False  # loaded once there is a choice to make: a model of one replica never needs it
 
     def _load_tokenizer(self) -> None:
         try:
@@ -97,6 +97,9 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             candidate_replicas = [replica for replica in candidate_replicas if replica.replica_id in allowed]
         if len(candidate_replicas) <= 1:  # nothing to choose: no prompt is tokenized for it
             return [candidate_replicas] if candidate_replicas else []
+        if not self._tokenizer_asked:  # until it is loaded, requests are ranked by load
+            self._tokenizer_asked = True
+            threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
         keys = await self._request_keys(pending_request) if pending_request is not None else []
         started = time.perf_counter()
         ranked = self.rank(candidate_replicas, keys)

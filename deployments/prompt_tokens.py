@@ -18,6 +18,13 @@ from deployments.constants import KV_MATCH_CHARS
 _TOKENIZER_LOADING = threading.Lock()
 
 
+def import_transformers() -> None:
+    """transformers' first import, which holds the interpreter for seconds: a router calls this before it serves,
+    so that its first tokenizer does not stall the streams it relays meanwhile."""
+    with _TOKENIZER_LOADING:
+        from transformers import AutoTokenizer  # noqa: F401
+
+
 class PromptTokens:
     """A model's prompts as the token ids its engine caches: vLLM renders a chat with the model's chat template
     and tokenizes the text without adding special tokens; a text completion's prompt is tokenized with them."""

@@ -35,6 +35,7 @@ from deployments.config import RouterArgs, Routers
 from deployments.constants import MAX_SESSION_CHARS
 from deployments.interface import Endpoint
 from deployments.logs import send_our_logs_to_serve
+from deployments.prompt_tokens import import_transformers
 from deployments.replies import ErrorReply, FullReply
 from router.admission import Admitter
 from router.auth import API_KEYS_FILE_ENV, ApiKeyAuth, follow_keys_file, load_api_keys
@@ -85,6 +86,8 @@ class OpenAIRouter:
         """Serve's step after the constructor, in the replica only: the replica's log lines go to Serve's
         handlers here, not in the constructor, so a test that builds a router keeps the logging pytest set up."""
         send_our_logs_to_serve()
+        if any(model.replica_choice == "kv_cache" for model in self.config.models):
+            import_transformers()  # before the replica serves: see deployments/prompt_tokens.py
         return build_http_app(self)
 
     @contextlib.asynccontextmanager

@@ -317,8 +317,7 @@ def choice_cost(document: dict, in_flight: int = 64, rounds: int = 20) -> dict:
         router = KvCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.REPLICA,
                                use_replica_queue_len_cache=True)
         router.initialize_state(**router_kwargs(model["source"], [], model["engine_args"].get("chat_template")))
-        while router._prompts._tokenizer is None:
-            await asyncio.sleep(0.1)
+        router._prompts.load()
         tenant_tokens = router._prompts.of({"messages": [{"role": "system", "content": system_prompt(0)}]})
         held = block_keys(tenant_tokens, BLOCK_TOKENS)
         replicas = [Replica(str(i), list(range(i * 10_000, (i + 1) * 10_000 - len(held))) + held * (i == 3))

@@ -441,6 +441,7 @@ async def test_with_one_replica_nothing_is_tokenized() -> None:
     router = await kv_router([replica("a", TENANT_KEYS)])
     assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT)))) == ["a"]
     assert not router.tokenize_times and not router._keys_of
+    assert not router._tokenizer_asked  # nor is the tokenizer loaded: a model of one replica never needs it
 
 
 def test_a_router_loads_several_models_tokenizers_at_once(tmp_path: Path) -> None:
