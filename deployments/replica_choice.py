@@ -14,8 +14,9 @@ One policy per model, every router replica's handle to the model uses it:
   nothing is tokenized, nothing reported.
 
 Why ``kv_cache`` by default: where caches hold only part of all prefixes it keeps 3x Serve's default hit rate at a
-seventh of its p90 time to first token, and with more than one router it beats guessing from the text sent; without
-shared prefixes it costs nothing measurable (docs/benchmarks.md, "Which replica").
+seventh of its p90 time to first token; it keeps as much as ``prefix_cache`` with one router or several, while
+choosing at half its cost and without its one shared tree actor, whose loss stops every choice; without shared
+prefixes it costs nothing measurable (docs/benchmarks.md, "Which replica").
 
     >>> request_router_options(ModelConfig(id="m", source="org/m", engine_args={"runner": "pooling"}))
     {}
