@@ -18,7 +18,11 @@ which aborts the engine request and frees its slot.
 Health means progress, not just a live process: a replica is unhealthy when vLLM's engine core has died, or
 when it holds requests but has produced no token for :data:`STALL_TIMEOUT_S`; Serve then replaces it. A request
 that reaches a replica whose engine is dead is answered ``engine_unavailable`` before it is admitted, so the
-router sends it elsewhere (or waits for the replacement) instead of failing it.
+router sends it elsewhere (or waits for the replacement) instead of failing it. A stream whose engine dies after
+its first token ends its channel and says so, and the router goes on with it elsewhere (:mod:`deployments.resume`).
+
+Long because it is one actor class, every method of which Serve or the router calls: each is a few lines over
+vLLM, and what grew in one (streaming, resuming, health) already lives in modules of its own.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from deployments.replies import (
     from_vllm_error,
     validation_error,
 )
+from deployments.resume import Continuation, Resume, not_resumable
 from deployments.stream_channel import CHANNEL_HOST_ENV, ChannelClosed, StreamChannel, write_event
 from deployments.vllm_hooks import EngineProgress, TokenCount, for_request, ray_metrics, ray_workers, start_vllm
 
@@ -74,6 +79,8 @@ class VLLMEngine:
         # What the engine's KV cache holds, for routers choosing by it (replica_choice: kv_cache).
         self.kv_feed = KvEventsFeed() if model.replica_choice == "kv_cache" else None
         self.admitted = 0  # requests this replica has taken, for tests and operators (engine_info)
+        # A reasoning parser's state is not rebuilt from tokens: such a model's streams end where a replica fails.
+        self.resumes = "reasoning_parser" not in model.engine_args
         with serve_log_handlers_kept():
             self.engine, self._serving = await self._start_vllm(model)
         self._idle_gauges = asyncio.get_running_loop().create_task(self._publish_idle_gauges())
@@ -98,13 +105,14 @@ class VLLMEngine:
             self.adapters = AdapterSlots(models, engine, model)
         return engine, serving
 
-    async def chat(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
-        """A chat completion; see the module docstring for what is yielded."""
-        async for item in self._serve("chat", body):
+    async def chat(self, body: dict[str, Any], resume: Resume | None = None) -> AsyncIterator[EngineItem]:
+        """A chat completion; see the module docstring for what is yielded. With ``resume``, the rest of a stream
+        another replica started (:mod:`deployments.resume`)."""
+        async for item in self._serve("chat", body, resume):
             yield item
 
-    async def completions(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
-        async for item in self._serve("completions", body):
+    async def completions(self, body: dict[str, Any], resume: Resume | None = None) -> AsyncIterator[EngineItem]:
+        async for item in self._serve("completions", body, resume):
             yield item
 
     async def embeddings(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
@@ -115,7 +123,8 @@ class VLLMEngine:
         async for item in self._serve("responses", body):
             yield item
 
-    async def _serve(self, endpoint: str, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
+    async def _serve(self, endpoint: str, body: dict[str, Any], resume: Resume | None = None,
+                     ) -> AsyncIterator[EngineItem]:
         from pydantic import BaseModel, ValidationError
         from starlette.responses import Response
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -145,9 +154,19 @@ class VLLMEngine:
                 yield self._engine_unavailable()
                 return
         streaming = bool(body.get("stream")) and endpoint != "embeddings"
-        count = TokenCount()
+        # A stream that can go on elsewhere if this replica fails carries its token ids (deployments/resume.py).
+        traced = streaming and self.resumes and not_resumable(endpoint, body) is None
+        continuation = None
+        if resume is not None:
+            if not traced:
+                yield ErrorReply.server("This request cannot be resumed.", code="not_resumable")
+                return
+            continuation = Continuation(resume, self.engine.tokenizer)
+        count = TokenCount(traced=traced)
+        if resume is not None:
+            count.completion, count.text_chars = len(resume.token_ids), resume.text_chars
         # Answered under the name the client used; a stream's tokens counted from vLLM's outputs, free of parsing.
-        serving = for_request(serving, name, count if streaming else None)
+        serving = for_request(serving, name, count if streaming else None, continuation)
         request = None
         try:
             request = spec.request_adapter.validate_python(body)
@@ -175,11 +194,11 @@ class VLLMEngine:
             yield FullReply(result.model_dump_json(), *token_usage(result))
         else:
             tools = endpoint == "chat" and bool(body.get("tools"))
-            async for chunk in self._stream(spec.sse(result), count, fix_tool_calls=tools):
+            async for chunk in self._stream(spec.sse(result), count, tools, continuation):
                 yield chunk
 
     async def _stream(self, events: AsyncIterator[str], count: TokenCount, fix_tool_calls: bool,
-                      ) -> AsyncIterator[EngineItem]:
+                      continuation: Continuation | None = None) -> AsyncIterator[EngineItem]:
         """vLLM's SSE events, each sent as soon as vLLM makes it: the first as a chunk on this Serve call, the rest
         on the stream's channel (:mod:`deployments.stream_channel`), each with the token counts so far; then the
         call ends. (No last item: every Serve item costs more CPU at both ends than all of a stream's channel
@@ -189,24 +208,40 @@ class VLLMEngine:
         When this replica's loop or the connection falls behind the engine, the tokens made meanwhile wait in vLLM's
         per-request output collector, which merges them, and become one event carrying all of their text, logprobs
         and tool-call deltas, built by vLLM itself; usage counts every token whatever shares an event.
+
+        When the engine dies under a resumable stream (``count.traced``), its error event is not sent: the channel
+        ends and the call ends with ``engine_unavailable``, and the router goes on with the stream elsewhere.
         """
         rewriter = StreamRewriter(fix_tool_calls)
         link = None
         try:
-            first = await anext(events, None)
-            if first is None:
-                return
-            data = rewriter.rewrite(first)
+            data = ""
+            while not data:  # a resumed stream drops its second announcement of the role
+                if (first := await anext(events, None)) is None:
+                    return
+                data = rewriter.rewrite(first)
+                if continuation is not None and rewriter.error is None:
+                    data = continuation.event(data)
             if rewriter.error is not None and self.engine.errored:
                 # vLLM ends a stream with an error event when the engine dies; before any token, the router
                 # can still retry the request elsewhere.
                 yield self._engine_unavailable()
                 return
             link = self.channel.offer()
-            yield Chunk(data, count.prompt, count.completion, channel=link.url)
+            yield Chunk(data, count.prompt, count.completion, channel=link.url, resumable=count.traced,
+                        token_ids=tuple(count.take_ids()), text_chars=count.text_chars)
             response = await link.writer()
             async for event in events:
-                await write_event(response, rewriter.rewrite(event), count.prompt, count.completion)
+                data = rewriter.rewrite(event)
+                if rewriter.error is not None and count.traced and self.engine.errored:
+                    link.close()
+                    yield self._engine_unavailable()
+                    return
+                if continuation is not None and rewriter.error is None:
+                    data = continuation.event(data)
+                if data:
+                    await write_event(response, data, count.prompt, count.completion, count.text_chars,
+                                      count.take_ids())
         except ChannelClosed as exc:
             logger.info("stream ended early: %s", exc)  # the router (its client) left; the engine aborts below
         finally:

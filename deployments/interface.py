@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol, get_args
 
 from deployments.replies import EngineItem
+from deployments.resume import Resume
 
 # The OpenAI endpoints, as the names of the engine methods that answer them.
 Endpoint = Literal["chat", "completions", "embeddings", "responses"]
@@ -23,12 +24,13 @@ ENDPOINT_NAMES: tuple[str, ...] = get_args(Endpoint)
 
 
 class EngineReplica(Protocol):
-    def chat(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
-        """A chat completion for a body the router checked (``/v1/chat/completions``)."""
+    def chat(self, body: dict[str, Any], resume: Resume | None = None) -> AsyncIterator[EngineItem]:
+        """A chat completion for a body the router checked (``/v1/chat/completions``); with ``resume``, the rest of
+        a stream whose replica failed (:mod:`deployments.resume`)."""
         ...
 
-    def completions(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:
-        """A text completion (``/v1/completions``)."""
+    def completions(self, body: dict[str, Any], resume: Resume | None = None) -> AsyncIterator[EngineItem]:
+        """A text completion (``/v1/completions``); ``resume`` as for :meth:`chat`."""
         ...
 
     def embeddings(self, body: dict[str, Any]) -> AsyncIterator[EngineItem]:

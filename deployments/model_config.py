@@ -71,6 +71,10 @@ class RoutedModel(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     drain_timeout_s: float = Field(300, ge=0, description="How long a stopping replica (scale-down, redeploy) "
                                    "lets its requests finish.")
+    migration_limit: int = Field(1, ge=0, le=8, description="How many times a request whose replica fails after "
+                                 "taking it goes on elsewhere: a stream from the tokens it already sent, in the same "
+                                 "response; a whole answer from the start. 0: the client gets the error. Bounds what "
+                                 "one request that kills engines can take down.")
     multimodal: bool = Field(False, description="Accepts image, audio or video content parts (else 400).")
     allowed_media_domains: list[MediaDomain] = Field(
         default_factory=list, description="Required with `multimodal: true` (and only then): the hostnames media "

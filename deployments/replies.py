@@ -103,12 +103,17 @@ class Chunk:
     path carried them; and the request's token usage so far, including every token in ``data``.
 
     A stream's first chunk names its ``channel``: the URL where the rest of its events follow as bytes, each framed
-    with the counts so far (see :mod:`deployments.stream_channel`); the Serve call then ends with no further item."""
+    with the counts so far (see :mod:`deployments.stream_channel`); the Serve call then ends with no further item,
+    or with an ``engine_unavailable`` :class:`ErrorReply` when the engine stopped under the stream. A ``resumable``
+    stream (:mod:`deployments.resume`) carries the ids of its tokens so far and the characters of their text sent."""
 
     data: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     channel: str | None = None
+    resumable: bool = False
+    token_ids: tuple[int, ...] = ()
+    text_chars: int = 0
 
 
 EngineItem = Admitted | ErrorReply | FullReply | Chunk

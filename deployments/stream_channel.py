@@ -40,10 +40,14 @@ logger = logging.getLogger("rayroute.engine")
 
 # The path of a stream's URL; the token follows it.
 STREAM_PATH = "/streams/"
-# Each write is a frame: this header (the SSE text's length in bytes, then the stream's prompt and completion tokens
-# so far), then the text. The counts ride with the text they include, so the router always knows exactly what it
-# has relayed (a client that leaves is charged for that), and reading them costs no JSON parse.
-FRAME = struct.Struct("!III")
+# Each write is a frame: this header (the SSE text's length in bytes, the stream's prompt and completion tokens so
+# far, the characters of completion text let out so far, and how many token ids follow), the ids of the tokens made
+# since the last frame (:data:`TOKEN_ID`, each; only a stream that can be resumed carries them:
+# :mod:`deployments.resume`), then the text. The counts ride with the text they include, so the router always knows
+# exactly what it has relayed (a client that leaves is charged for that, a stream whose replica dies goes on from
+# there), and reading them costs no JSON parse.
+FRAME = struct.Struct("!IIIII")
+TOKEN_ID = struct.Struct("!I")
 # Where the channel listens when set (a one-machine cluster: 127.0.0.1); else the replica's node address.
 CHANNEL_HOST_ENV = "RAYROUTE_CHANNEL_HOST"
 
@@ -139,11 +143,14 @@ def _tokens() -> Iterator[str]:
             yield block[start:start + 16].hex()
 
 
-async def write_event(response: Any, data: str, prompt_tokens: int, completion_tokens: int) -> None:
-    """One frame: SSE text and the stream's token counts with it; raises :class:`ChannelClosed` when the router's
-    end is gone."""
+async def write_event(response: Any, data: str, prompt_tokens: int, completion_tokens: int, text_chars: int = 0,
+                      token_ids: list[int] | tuple[int, ...] = ()) -> None:
+    """One frame: SSE text, the stream's token counts with it and the ids of the tokens made since the last frame;
+    raises :class:`ChannelClosed` when the router's end is gone."""
     payload = data.encode()
+    ids = struct.pack(f"!{len(token_ids)}I", *token_ids) if token_ids else b""
     try:
-        await response.write(FRAME.pack(len(payload), prompt_tokens, completion_tokens) + payload)
+        await response.write(FRAME.pack(len(payload), prompt_tokens, completion_tokens, text_chars, len(token_ids))
+                             + ids + payload)
     except (ConnectionError, RuntimeError) as exc:  # aiohttp: ClientConnectionResetError / "payload closed"
         raise ChannelClosed(str(exc)) from exc

@@ -79,10 +79,16 @@ class EngineProgress:
 class TokenCount:
     """A stream's tokens so far, read from vLLM's own outputs as they pass (see :class:`CountingEngine`), so no SSE
     event is parsed to learn them. Counted as vLLM's serving layer counts ``usage``: prompt (with an encoder's) and
-    the generated tokens of every choice; an output is counted before the event made from it is sent."""
+    the generated tokens of every choice; an output is counted before the event made from it is sent.
+
+    A stream that can be resumed elsewhere (``traced``, :mod:`deployments.resume`) also keeps the ids of the tokens
+    made since its last frame (:meth:`take_ids`) and how many characters of their text vLLM has let out."""
 
     prompt: int = 0
     completion: int = 0
+    traced: bool = False
+    text_chars: int = 0
+    new_ids: list[int] = field(default_factory=list)
     # vLLM's generators feeding this stream, so it can close them (closing one aborts its engine request).
     sources: list[AsyncIterator[Any]] = field(default_factory=list)
 
@@ -91,23 +97,39 @@ class TokenCount:
             self.prompt = len(output.prompt_token_ids or ()) + len(output.encoder_prompt_token_ids or ())
         for choice in output.outputs:
             self.completion += len(choice.token_ids)  # a stream's outputs are deltas
+            if self.traced:
+                self.new_ids.extend(choice.token_ids)
+                self.text_chars += len(choice.text)
+
+    def take_ids(self) -> list[int]:
+        """The ids of the tokens made since the last call (the ones the next frame carries)."""
+        ids, self.new_ids = self.new_ids, []
+        return ids
 
 
 class CountingEngine:
     """vLLM's engine (``AsyncLLM``) as one stream's serving object sees it: ``generate`` counts each output into the
-    stream's :class:`TokenCount` and hands the stream vLLM's generator to close; the rest is the engine itself."""
+    stream's :class:`TokenCount` and hands the stream vLLM's generator to close; the rest is the engine itself. A
+    resumed stream's ``continuation`` (:class:`deployments.resume.Continuation`) changes the prompt it is given and
+    the outputs it yields."""
 
-    def __init__(self, engine: Any, count: TokenCount) -> None:
+    def __init__(self, engine: Any, count: TokenCount, continuation: Any = None) -> None:
         self._engine = engine
         self._count = count
+        self._continuation = continuation
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        outputs = self._engine.generate(*args, **kwargs)
+    async def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        going_on = self._continuation
+        if going_on is not None:
+            prompt, sampling_params = going_on.engine_call(prompt, sampling_params)
+        outputs = self._engine.generate(prompt, sampling_params, *args, **kwargs)
         self._count.sources.append(outputs)
         async for output in outputs:
+            if going_on is not None:
+                output = going_on.output(output)
             self._count.add(output)
             yield output
 
@@ -130,15 +152,17 @@ class RequestModels:
         return self._models.model_name(lora_request)
 
 
-def for_request(serving: Any, requested_model: str | None, count: TokenCount | None) -> Any:
+def for_request(serving: Any, requested_model: str | None, count: TokenCount | None,
+                continuation: Any = None) -> Any:
     """One of vLLM's serving objects for one request: responses named ``requested_model``, and when ``count`` is
-    given (a stream) every output of the engine counted into it. A serving object without a served-model table (the
-    load test's) is left to name responses itself."""
+    given (a stream) every output of the engine counted into it, and a resumed stream's prompt and outputs changed
+    by its ``continuation``. A serving object without a served-model table (the load test's) is left to name
+    responses itself."""
     view = copy.copy(serving)
     if getattr(serving, "models", None) is not None:
         view.models = RequestModels(serving.models, requested_model)
     if count is not None:
-        view.engine_client = CountingEngine(serving.engine_client, count)
+        view.engine_client = CountingEngine(serving.engine_client, count, continuation)
     return view
 
 

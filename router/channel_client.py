@@ -9,10 +9,12 @@ does (no timer). Each event comes framed with the stream's token counts (:data:`
 
 from __future__ import annotations
 
+import struct
+
 import aiohttp
 
 from deployments.constants import CHANNEL_CONNECT_TIMEOUT_S
-from deployments.stream_channel import FRAME
+from deployments.stream_channel import FRAME, TOKEN_ID
 
 
 class ChannelError(Exception):
@@ -47,13 +49,15 @@ class ChannelClient:
 
 class Channel:
     """One stream's open channel: :meth:`read` until it returns ``b""``; ``prompt_tokens`` and ``completion_tokens``
-    count every token in the text read so far."""
+    count every token in the text read so far. A resumable stream's frames also carry its tokens' ids, added to
+    ``token_ids`` as they are read, and ``text_chars``, how much of their text has been read."""
 
     def __init__(self, response: aiohttp.ClientResponse):
         self._response = response
         self._pending = b""  # a frame not yet whole
         self._expired = False
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.text_chars = 0
+        self.token_ids: list[int] = []
 
     async def read(self) -> bytes:
         """The SSE text of the events that have arrived (at least one), or ``b""`` at the stream's clean end;
@@ -78,12 +82,15 @@ class Channel:
         texts = []
         position, header = 0, FRAME.size
         while len(data) - position >= header:
-            size, prompt, completion = FRAME.unpack_from(data, position)
-            end = position + header + size
+            size, prompt, completion, chars, count = FRAME.unpack_from(data, position)
+            start = position + header + count * TOKEN_ID.size
+            end = start + size
             if end > len(data):
                 break
-            texts.append(data[position + header:end])
-            self.prompt_tokens, self.completion_tokens = prompt, completion
+            if count:
+                self.token_ids.extend(struct.unpack_from(f"!{count}I", data, position + header))
+            texts.append(data[start:end])
+            self.prompt_tokens, self.completion_tokens, self.text_chars = prompt, completion, chars
             position = end
         self._pending = data[position:]
         return texts[0] if len(texts) == 1 else b"".join(texts)

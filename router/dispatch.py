@@ -8,7 +8,8 @@ stream ``first_token_s``, then 408; for anything, ``total_s`` from arrival, then
 Failures are retried by where they happened. A call that fails before a replica took it (the replica is gone, or
 its engine died and it said so) never ran, so it is sent again after a short pause, for as long as the queue
 timeout allows; meanwhile Serve routes to another replica or starts a replacement. One that fails after admission
-is retried once only: a request that itself kills engines must not take down one replica after another.
+is a migration, at most the model's ``migration_limit`` per request (a stream's after its first token included,
+:mod:`router.relay`): a request that itself kills engines must not take down one replica after another.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ from deployments.config import RoutedModel
 from deployments.constants import RETRY_PAUSE_MAX_S, RETRY_PAUSE_S, UNAVAILABLE_RETRY_AFTER_S
 from deployments.interface import Endpoint
 from deployments.replies import ENGINE_UNAVAILABLE, Admitted, EngineItem, ErrorReply
+from deployments.resume import Resume
 from router.errors import OpenAIError
 from router.telemetry import RequestRecord
 
 logger = logging.getLogger("rayroute.router")
 
 async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: RoutedModel, payload: dict[str, Any],
-                      record: RequestRecord, streaming: bool, since: float,
+                      record: RequestRecord, streaming: bool, since: float, resume: Resume | None = None,
                       ) -> tuple[EngineItem, DeploymentResponseGenerator]:
     """The engine's first answer (an error, a whole reply, or a stream's first chunk) and the stream it came on;
-    raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed twice. The model's timeouts
-    run from ``since`` (the request's arrival, or the moment a fallback is asked)."""
+    raises :class:`OpenAIError` for a timeout, a full queue or an engine that failed more often than the model's
+    ``migration_limit``. The model's timeouts run from ``since`` (the request's arrival, the moment a fallback is
+    asked, or a stream's replica failed). With ``resume``, the rest of a started stream (:mod:`deployments.resume`)."""
     timeouts = model.timeouts
     queue_deadline = since + timeouts.queue_s
     total_deadline = since + timeouts.total_s
-    failed_after_admission = 0
+    args = (payload,) if resume is None else (payload, resume)
     pause = RETRY_PAUSE_S
     while True:
         record.attempts += 1
@@ -49,7 +52,7 @@ async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: Route
         admitted = False
         first_token_deadline = total_deadline
         try:
-            stream = getattr(handle, endpoint).remote(payload)
+            stream = getattr(handle, endpoint).remote(*args)
             async with asyncio.timeout(queue_deadline - time.perf_counter()):
                 item = await stream.__anext__()
             if isinstance(item, Admitted):
@@ -78,10 +81,12 @@ async def call_engine(handle: DeploymentHandle, endpoint: Endpoint, model: Route
         if item is not None and not (isinstance(item, ErrorReply) and item.code == ENGINE_UNAVAILABLE):
             return item, stream
         cancel(stream)
-        failed_after_admission += admitted
-        if failed_after_admission > 1:
-            raise OpenAIError(ErrorReply.server("The engine failed while answering this request, twice. It was "
-                                                "not retried again.", status=502, code="engine_error"))
+        if admitted:
+            if record.migrations >= model.migration_limit:
+                raise OpenAIError(ErrorReply.server(
+                    f"The engine failed while answering this request ({record.migrations + 1} replicas in all). It "
+                    "was not sent to another.", status=502, code="engine_error"))
+            record.migrations += 1
         if time.perf_counter() + pause > queue_deadline:
             raise timeout_error(model, False, False)
         logger.warning("retrying a %s request for %s after a replica failure (attempt %d)", endpoint,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.handle import DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.api_keys import ApiKey
 from deployments.config import RoutedModel
@@ -41,12 +41,15 @@ FALLBACK_FROM_HEADER, FALLBACK_REASON_HEADER = "X-Rayroute-Fallback-From", "X-Ra
 @dataclass(frozen=True)
 class Answer:
     """The engine's first item and the call it came on; the model that gave it (the one asked for, or the
-    fallback that answered instead) and when that model was asked, which its timeouts run from."""
+    fallback that answered instead), when that model was asked, which its timeouts run from, and the handle and
+    payload it was asked with (a stream whose replica fails goes on through them)."""
 
     first: EngineItem
     call: DeploymentResponseGenerator
     model: RoutedModel
     asked_at: float
+    handle: DeploymentHandle
+    payload: dict[str, Any]
 
 
 async def call_with_fallbacks(routes: dict[str, Route], route: Route, endpoint: Endpoint, body: RequestBody,
@@ -69,7 +72,7 @@ async def call_with_fallbacks(routes: dict[str, Route], route: Route, endpoint: 
             reason = exc.reply.code
         else:
             if not (fallbacks and isinstance(first, ErrorReply) and first.code in FALLBACK_CODES):
-                return Answer(first, call, route.model, asked_at)
+                return Answer(first, call, route.model, asked_at, handle, payload)
             cancel(call)
             reason = first.code
         route = routes[fallbacks.pop(0)]

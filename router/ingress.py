@@ -143,9 +143,7 @@ class OpenAIRouter:
             if isinstance(first, FullReply):
                 hold.release()
                 return Response(first.body, media_type="application/json", headers=headers)
-            deadline = answer.asked_at + answer.model.timeouts.total_s
-            return streamed_response(first, answer.call, record, deadline, hold, self.channels, self.metrics,
-                                     headers)
+            return streamed_response(answer, endpoint, record, hold, self.channels, self.metrics, headers)
         except BaseException:  # an error raised, or the client left while the engine was asked
             hold.release()
             raise

@@ -83,6 +83,9 @@ class GatewayMetrics:
         self.fallbacks = Counter("rayroute_fallbacks", "Requests a model's fallback answered instead: by the model "
                                  "asked for, the fallback, and why (the error code the model gave).",
                                  tag_keys=(*_MODEL, "fallback", "reason"))
+        self.migrations = Counter("rayroute_migrations", "Times a request went on on another replica after the one "
+                                  "answering it failed (a stream from the tokens it had sent).",
+                                  tag_keys=_MODEL)
         self.replica_choice = Gauge(
             "rayroute_replica_choice", "1 for each served model under its replica choice: what joins vLLM's "
             "per-model metrics (prefix-cache hits) to the policy.", tag_keys=("served_model", "replica_choice"))
@@ -161,6 +164,8 @@ class GatewayMetrics:
             self.prompt_tokens.inc(record.prompt_tokens, tags=tags)
         if record.completion_tokens:
             self.completion_tokens.inc(record.completion_tokens, tags=tags)
+        if record.migrations:
+            self.migrations.inc(record.migrations, tags=tags)
         self.request_duration.observe(record.duration, tags={**tags, "endpoint": record.endpoint})
 
     def _labels(self, model: str, served_model: str) -> tuple[str, str]:
@@ -199,6 +204,7 @@ class RequestRecord:
     client_disconnected: bool = False
     key_name: str | None = None  # the API key's configured name; never the key
     attempts: int = 0  # engine calls made (more than one when a failed replica's request was retried)
+    migrations: int = 0  # times the request went on elsewhere after a replica that had taken it failed
     fallback_from: str | None = None  # the model asked for, when a fallback answered (model is the fallback)
     fallback_reason: str | None = None  # the error code that sent it to the fallback
 
@@ -215,6 +221,7 @@ class RequestRecord:
             "served_model": self.served_model, "status": self.status, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens, "ttft_ms": ms(self.arrived_at, self.first_reply_at),
             "duration_ms": ms(self.arrived_at, self.finished_at), "client_disconnected": self.client_disconnected,
-            "key": self.key_name, "attempts": self.attempts, "fallback_from": self.fallback_from,
+            "key": self.key_name, "attempts": self.attempts, "migrations": self.migrations,
+            "fallback_from": self.fallback_from,
             "fallback_reason": self.fallback_reason,
         })

@@ -64,9 +64,10 @@ def test_draining_a_worker_node_breaks_nothing(nodes_report: dict) -> None:
     assert report["after_status"] == 200
 
 
-def test_losing_a_worker_node_loses_no_request_that_had_not_started(nodes_report: dict) -> None:
-    """An engine's node loses every process at once under load: every request answered, only a stream that had
-    started may be cut (with an error event and ``[DONE]``), and the model answers afterwards."""
+def test_losing_a_worker_node_loses_no_request_not_even_a_started_stream(nodes_report: dict) -> None:
+    """An engine's node loses every process at once under load: every request answered, and every stream whole,
+    those it was running too (they go on on the surviving replica, deployments/resume.py); the model answers
+    afterwards."""
     report = phase(nodes_report, "loss")
     assert report["engines_spread"], report["engine_nodes"]
     results = report["results"]
@@ -75,10 +76,7 @@ def test_losing_a_worker_node_loses_no_request_that_had_not_started(nodes_report
     assert len(results) >= 12
     for result in results:
         assert "exception" not in result, result
-        assert result["status"] == 200, result
-        assert result["done"], result  # every stream ends in [DONE], even a broken one
-        if result["stream"] and result["error_event"]:
-            assert result["tokens"] > 0, result  # only a stream that had started may be cut
-        elif result["stream"]:
-            assert result["completion_tokens"] == 24, result
+        assert result["status"] == 200 and result["done"], result
+        if result["stream"]:
+            assert not result["error_event"] and result["completion_tokens"] == 24, result
     assert report["after_status"] == 200

@@ -31,9 +31,9 @@ The phases, each a function below with the report entry the test checks:
    the spare worker and stops the drained replica only after its requests ended, so no request fails and no stream
    breaks; the hook returns once no replica is left on the node.
 3. :func:`lose_a_worker`: under six clients' load, one of the engines' workers loses every process at once (SIGKILL),
-   as a machine does. Every request that had not started streaming is answered (Serve routes it, or the router
-   retries it, on the surviving replica); a stream already running on the lost node ends with an error event and
-   ``[DONE]``; nothing hangs; the model answers afterwards.
+   as a machine does. Every request is answered: one that had not started streaming is routed or retried on the
+   surviving replica, and a stream already running on the lost node goes on there from the tokens it had sent
+   (:mod:`deployments.resume`); nothing hangs; the model answers afterwards.
 
 The head goes first: its redeploy is what brings the model to the two replicas the other phases need, and the drain
 and the node loss then also run against a head that took the cluster over from Redis. A phase that fails ends the

@@ -25,7 +25,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-from deployments.replies import Admitted, Chunk, FullReply
+from deployments.replies import Admitted, Chunk, ErrorReply, FullReply
 
 # --- the router without Ray: stand-ins for Serve handles, for unit tests --------------------------------------
 
@@ -61,8 +61,9 @@ class FakeStream:
             raise step
         if isinstance(step, Chunk) and step.channel is None:
             url = f"{FAKE_CHANNEL_SCHEME}{next(_channel_ids)}"
-            _offered[url] = FakeChannel(self.steps)
-            self.steps = []
+            # An error after the chunks is the call's end (an engine that stopped under the stream says so there).
+            _offered[url] = FakeChannel([s for s in self.steps if not isinstance(s, ErrorReply)])
+            self.steps = [s for s in self.steps if isinstance(s, ErrorReply)]
             return replace(step, channel=url)
         return step
 
@@ -84,7 +85,8 @@ class FakeChannel:
 
     def __init__(self, steps: list[Any]):
         self.steps = list(steps)
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens = self.completion_tokens = self.text_chars = 0
+        self.token_ids: list[int] = []
         self.expired = asyncio.Event()
         self.closed = False
 
@@ -98,6 +100,8 @@ class FakeChannel:
             if isinstance(step, BaseException):
                 raise step
             self.prompt_tokens, self.completion_tokens = step.prompt_tokens, step.completion_tokens
+            self.token_ids.extend(step.token_ids)
+            self.text_chars = max(self.text_chars, step.text_chars)
             if step.data:
                 return step.data.encode()
         return b""
@@ -132,14 +136,16 @@ class FakeChannels:
 
 class FakeHandle:
     """Stands in for a model's ``DeploymentHandle``: ``handle.options(stream=True).<endpoint>.remote(body)`` returns
-    a :class:`FakeStream` of what ``answer(endpoint, body)`` gives; every call and stream is kept, and the handle
-    options each call was made with (``multiplexed_model_id``)."""
+    a :class:`FakeStream` of what ``answer(endpoint, body)`` gives; every call and stream is kept, with the handle
+    options each call was made with (``multiplexed_model_id``) and the :class:`~deployments.resume.Resume` it
+    carried (None for a request's first call)."""
 
     def __init__(self, answer: Callable[[str, dict], list[Any]]):
         self.answer = answer
         self.calls: list[tuple[str, dict]] = []
         self.streams: list[FakeStream] = []
         self.call_options: list[dict[str, Any]] = []
+        self.resumes: list[Any] = []
         self.chosen: dict[str, Any] = {}
 
     @classmethod
@@ -157,8 +163,9 @@ class FakeHandle:
         if endpoint.startswith("_"):  # not an endpoint: what copy and pickle look for
             raise AttributeError(endpoint)
 
-        def remote(body: dict) -> FakeStream:
+        def remote(body: dict, resume: Any = None) -> FakeStream:
             self.calls.append((endpoint, body))
+            self.resumes.append(resume)
             self.call_options.append(self.chosen)
             self.streams.append(FakeStream(self.answer(endpoint, body)))
             return self.streams[-1]
@@ -256,6 +263,13 @@ def ok(body: str = "{}", prompt: int = 3, completion: int = 2) -> list[Any]:
 def stream_of(*texts: str) -> list[Any]:
     """A stream of one :func:`event` per text (3 prompt tokens, one more completion token each)."""
     return [Admitted(), *(Chunk(event(t), 3, i + 1) for i, t in enumerate(texts))]
+
+
+def resumable_stream_of(*texts: str, made: int = 0) -> list[Any]:
+    """:func:`stream_of` as an engine sends a stream that can go on elsewhere: each text one token, whose id is
+    100 + its position in the whole stream, after the ``made`` tokens of an earlier replica."""
+    return [Admitted(), *(Chunk(event(t), 3, made + i + 1, resumable=True, token_ids=(100 + made + i,),
+                                text_chars=made + i + 1) for i, t in enumerate(texts))]
 
 
 # --- the edge: two models on echoing engines, plain keys, a 4 KiB body limit ---------------------------------------

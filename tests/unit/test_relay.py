@@ -18,7 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from ray.exceptions import ActorDiedError
 
-from deployments.replies import Admitted, Chunk
+from deployments.replies import ENGINE_UNAVAILABLE, Admitted, Chunk, ErrorReply
+from deployments.resume import Resume
 from deployments.stream_channel import ChannelClosed, StreamChannel, write_event
 from router.ports import free_port
 from tests.unit.fakes import EDGE_AUTH as AUTH
@@ -28,6 +29,7 @@ from tests.unit.fakes import (
     Hang,
     chat,
     event,
+    resumable_stream_of,
     router_client,
     sse_events,
     stream_of,
@@ -55,7 +57,43 @@ def test_stream_past_its_total_time_ends_with_an_error_event(monkeypatch) -> Non
     assert events[2] == "[DONE]"
 
 
+def test_stream_whose_replica_dies_midway_goes_on_on_another_in_the_same_response(monkeypatch,
+                                                                                  access_log_lines) -> None:
+    first = [*resumable_stream_of("a", "b"), ActorDiedError()]
+    rest = [*resumable_stream_of("c", made=2), Chunk("data: [DONE]\n\n", 3, 3, resumable=True, text_chars=3)]
+    engine = FakeHandle.scripted(first, rest)
+    response = chat(router_client(engine, monkeypatch), stream=True)
+    assert response.status_code == 200
+    events = sse_events(response.text)
+    assert [json.loads(e)["t"] for e in events[:-1]] == ["a", "b", "c"] and events[-1] == "[DONE]"
+    # The second replica was told every token relayed and how much of their text, and the response it goes on.
+    assert engine.resumes[0] is None
+    assert engine.resumes[1] == Resume((100, 101), 2, "", 0)
+    (line,) = [json.loads(text) for text in access_log_lines]
+    assert (line["status"], line["prompt_tokens"], line["completion_tokens"], line["migrations"]) == (200, 3, 3, 1)
+
+
+def test_a_stream_whose_engine_stopped_under_it_goes_on_elsewhere(monkeypatch) -> None:
+    """The replica lives but its engine died: it ends the channel and says so on the call."""
+    stopped = [*resumable_stream_of("a"), ErrorReply.server("stopped", status=503, code=ENGINE_UNAVAILABLE)]
+    engine = FakeHandle.scripted(stopped, [*resumable_stream_of("b", made=1), Chunk("data: [DONE]\n\n", 3, 2)])
+    events = sse_events(chat(router_client(engine, monkeypatch), stream=True).text)
+    assert [json.loads(e)["t"] for e in events[:-1]] == ["a", "b"] and events[-1] == "[DONE]"
+    assert engine.resumes[1].token_ids == (100,)
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_a_stream_goes_on_at_most_migration_limit_times(monkeypatch, limit: int, access_log_lines) -> None:
+    engine = FakeHandle.scripted([*resumable_stream_of("a"), ActorDiedError()])  # every replica dies
+    events = sse_events(chat(router_client(engine, monkeypatch, migration_limit=limit), stream=True).text)
+    assert json.loads(events[-2])["error"]["code"] == "engine_error" and events[-1] == "[DONE]"
+    assert len(engine.streams) == 1 + limit
+    (line,) = [json.loads(text) for text in access_log_lines]
+    assert (line["status"], line["migrations"]) == (502, limit)
+
+
 def test_stream_whose_replica_dies_midway_ends_with_an_error_event(monkeypatch) -> None:
+    """A stream that is not resumable (its engine said so: several choices, tool calls...)."""
     engine = FakeHandle.scripted([*stream_of("a", "b"), ActorDiedError()])
     response = chat(router_client(engine, monkeypatch), stream=True)
     assert response.status_code == 200

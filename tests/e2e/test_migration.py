@@ -1,0 +1,153 @@
+"""A started stream outlives its replica: the engine replica under live streams is killed (SIGKILL, with its engine
+core, as when its node is lost), and every client's response goes on from another replica as if nothing happened.
+
+Greedy streams must give exactly the text of the same requests in a run without the kill; seeded sampled streams
+must go on without a gap or a repeat at the cut (their token ids, which vLLM returns on request, decode to their text
+and number as many as usage counts); whole answers in flight are answered again from the start. Every usage counts
+the prompt once and each completion token once, and the access log counts the migrations.
+
+On the two-replica model of the shared cluster (``replica_choice: kv_cache``, so one prompt's streams share a
+replica); disruptive, so last: the killed replica is replaced by Serve afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psutil
+import pytest
+
+from tests.e2e.harness import API_KEY, PAIR_MODEL, Cluster
+
+pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
+
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and his cat."}]
+GREEDY, SAMPLED, WHOLE = 8, 8, 2
+TOKENS = 64
+KILL_AFTER_EVENTS = 12  # content events every stream has had when its replica is killed
+
+
+def _stream(cluster: Cluster, request_id: str, progress: dict[str, int], **body) -> dict:
+    """One streamed chat completion, as a client reads it: its text, token ids, usage, errors and [DONE]s."""
+    got = {"text": "", "ids": [], "usage": None, "errors": [], "done": 0, "ids_seen": set(), "created": set()}
+    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", timeout=300,
+                      headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": request_id},
+                      json={"model": PAIR_MODEL, "messages": STORY, "stream": True, "max_tokens": TOKENS,
+                            "ignore_eos": True, "stream_options": {"include_usage": True}, **body}) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                got["done"] += 1
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                got["errors"].append(chunk["error"])
+                continue
+            got["ids_seen"].add(chunk["id"])
+            got["created"].add(chunk["created"])
+            if chunk.get("usage"):
+                got["usage"] = chunk["usage"]
+            for choice in chunk["choices"]:
+                got["text"] += choice["delta"].get("content") or ""
+                got["ids"] += choice.get("token_ids") or []
+                progress[request_id] = progress.get(request_id, 0) + 1
+    return got
+
+
+def _whole(cluster: Cluster, request_id: str) -> dict:
+    response = httpx.post(cluster.base_url + "/v1/chat/completions", timeout=300,
+                          headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": request_id},
+                          json={"model": PAIR_MODEL, "messages": STORY, "max_tokens": TOKENS, "ignore_eos": True,
+                                "temperature": 0})
+    assert response.status_code == 200, response.text
+    return {"text": response.json()["choices"][0]["message"]["content"], "usage": response.json()["usage"]}
+
+
+def _run(cluster: Cluster, tag: str, kill: bool) -> tuple[dict[str, dict], int | None]:
+    """The greedy, sampled and whole requests at once; with ``kill``, the replica running most of them is killed
+    once every stream has had KILL_AFTER_EVENTS events. The replies by request id, and the replica killed."""
+    progress: dict[str, int] = {}
+    greedy = [f"{tag}-greedy-{i}" for i in range(GREEDY)]
+    sampled = [f"{tag}-sampled-{i}" for i in range(SAMPLED)]
+    whole = [f"{tag}-whole-{i}" for i in range(WHOLE)]
+    replicas = _replica_processes(cluster) if kill else {}
+    killed: list[int] = []
+    with ThreadPoolExecutor(GREEDY + SAMPLED + WHOLE) as pool:
+        futures = {rid: pool.submit(_stream, cluster, rid, progress, temperature=0) for rid in greedy}
+        futures |= {rid: pool.submit(_stream, cluster, rid, progress, temperature=1.0, seed=i,
+                                     return_token_ids=True) for i, rid in enumerate(sampled)}
+        futures |= {rid: pool.submit(_whole, cluster, rid) for rid in whole}
+        if kill:
+            deadline = time.monotonic() + 240
+            while min((progress.get(rid, 0) for rid in greedy + sampled), default=0) < KILL_AFTER_EVENTS:
+                assert time.monotonic() < deadline, f"streams did not get going: {progress}"
+                time.sleep(0.05)
+            killed.append(_kill_busiest(replicas))
+        return {rid: future.result(timeout=600) for rid, future in futures.items()}, (killed or [None])[0]
+
+
+def _replica_processes(cluster: Cluster) -> list[psutil.Process]:
+    pids = cluster.replica_infos(PAIR_MODEL, 2)
+    return [psutil.Process(pid) for pid in pids]
+
+
+def _kill_busiest(replicas: list[psutil.Process]) -> int:
+    """SIGKILL the replica (with its engine core) that is using the most CPU: the one running the streams."""
+    def cpu(process: psutil.Process) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+
+    before = {p.pid: cpu(p) for p in replicas}
+    time.sleep(0.5)
+    busiest = max(replicas, key=lambda p: cpu(p) - before[p.pid])
+    for process in [*busiest.children(recursive=True), busiest]:
+        process.send_signal(signal.SIGKILL)
+    return busiest.pid
+
+
+def _access_lines(cluster: Cluster, tag: str) -> dict[str, dict]:
+    lines = {}
+    for text in cluster.log.read_text(errors="replace").splitlines():
+        start = text.find('{"request_id": "' + tag)
+        if start >= 0:
+            line = json.loads(text[start:])
+            lines[line["request_id"]] = line
+    return lines
+
+
+def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -> None:
+    from vllm.tokenizers.registry import get_tokenizer
+
+    from deployments.dev.local_models import MODELS_DIR
+
+    reference, _ = _run(cluster, "calm", kill=False)
+    replies, killed = _run(cluster, "cut", kill=True)
+    assert killed is not None
+
+    lines = _access_lines(cluster, "cut-")
+    moved = {rid for rid, line in lines.items() if line["migrations"]}
+    assert len(moved) >= GREEDY // 2, lines  # the killed replica was running most of them
+    tokenizer = get_tokenizer(str(MODELS_DIR / "smollm2-135m-instruct"))
+    for rid, got in replies.items():
+        kind, index = rid.split("-")[1:]
+        line = lines[rid]
+        assert line["status"] == 200 and line["migrations"] <= 1, line
+        if kind == "whole":
+            assert got == reference[f"calm-whole-{index}"], rid
+            continue
+        assert got["errors"] == [] and got["done"] == 1, (rid, got)
+        assert len(got["ids_seen"]) == 1 and len(got["created"]) == 1, (rid, got)  # one response throughout
+        usage = got["usage"]
+        assert usage["completion_tokens"] == TOKENS and usage["prompt_tokens"] == reference[
+            f"calm-{kind}-{index}"]["usage"]["prompt_tokens"], (rid, usage)
+        assert (line["prompt_tokens"], line["completion_tokens"]) == (usage["prompt_tokens"], TOKENS), line
+        if kind == "greedy":
+            assert got["text"] == reference[f"calm-greedy-{index}"]["text"], (rid, got["text"])
+        else:  # every token once: the ids sent decode to the text sent, and are as many as usage counts
+            assert len(got["ids"]) == TOKENS, (rid, len(got["ids"]))
+            assert tokenizer.decode(got["ids"], skip_special_tokens=True) == got["text"], rid
