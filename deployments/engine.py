@@ -52,7 +52,7 @@ from deployments.replies import (
     from_vllm_error,
     validation_error,
 )
-from deployments.resume import Continuation, Resume, not_resumable
+from deployments.resume import Continuation, Resume, announces_role, not_resumable
 from deployments.stream_channel import CHANNEL_HOST_ENV, ChannelClosed, StreamChannel, write_event
 from deployments.vllm_hooks import EngineProgress, TokenCount, for_request, ray_metrics, ray_workers, start_vllm
 
@@ -228,8 +228,11 @@ class VLLMEngine:
                 yield self._engine_unavailable()
                 return
             link = self.channel.offer()
+            # The ids and characters a frame claims are those of the text it carries, or carried before it.
+            claims = count.traced and not announces_role(data)
             yield Chunk(data, count.prompt, count.completion, channel=link.url, resumable=count.traced,
-                        token_ids=tuple(count.take_ids()), text_chars=count.text_chars)
+                        token_ids=tuple(count.take_ids()) if claims else (),
+                        text_chars=count.text_chars if claims else 0)
             response = await link.writer()
             async for event in events:
                 data = rewriter.rewrite(event)

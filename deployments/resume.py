@@ -137,6 +137,13 @@ def _announces_role(chunk: dict[str, Any]) -> bool:
                                  for c in choices)
 
 
+def announces_role(event: str) -> bool:
+    """Whether an SSE event is a chat stream's announcement of the role. vLLM makes it from the stream's first
+    output, before the event holding that output's text: its frame must not claim those tokens yet, or a replica
+    dying between the two would leave the client without their text."""
+    return event.startswith('data: {') and '"role"' in event and _announces_role(json.loads(event[len("data: "):]))
+
+
 def first_event_identity(data: str) -> tuple[str, int]:
     """The ``id`` and ``created`` of a stream's first event (its SSE text), which a resumed stream keeps."""
     for line in data.splitlines():

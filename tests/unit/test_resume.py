@@ -11,7 +11,14 @@ from types import SimpleNamespace
 import pytest
 
 from deployments.dev.local_models import MODELS_DIR
-from deployments.resume import Continuation, NotResumable, Resume, first_event_identity, not_resumable
+from deployments.resume import (
+    Continuation,
+    NotResumable,
+    Resume,
+    announces_role,
+    first_event_identity,
+    not_resumable,
+)
 
 PROMPT = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n"
 MADE = "Once upon a time, the lighthouse keeper's café was ☕ open"
@@ -98,3 +105,5 @@ def test_events_go_on_as_the_original_response(tokenizer) -> None:
                                                           "total_tokens": 17}
     assert going_on.event("data: [DONE]\n\n") == "data: [DONE]\n\n"
     assert first_event_identity(sse(role)) == ("chatcmpl-new", 1700000009)
+    # The announcement claims no tokens: vLLM makes it from the first output, before that output's text.
+    assert announces_role(sse(role)) and not announces_role(text) and not announces_role("data: [DONE]\n\n")
