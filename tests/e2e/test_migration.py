@@ -7,13 +7,16 @@ and number as many as usage counts); whole answers in flight are answered again 
 the prompt once and each completion token once, and the access log counts the migrations.
 
 On the two-replica model of the shared cluster (``replica_choice: kv_cache``, so one prompt's streams share a
-replica); disruptive, so last: the killed replica is replaced by Serve afterwards.
+replica). Then one of the two router replicas is killed under streams: a router holds its clients' connections, so
+its streams cannot go on, but they must end at once and stop their engine requests, and the other router's must
+not notice. Disruptive, so last: Serve replaces what was killed afterwards.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -151,3 +154,81 @@ def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -
         else:  # every token once: the ids sent decode to the text sent, and are as many as usage counts
             assert len(got["ids"]) == TOKENS, (rid, len(got["ids"]))
             assert tokenizer.decode(got["ids"], skip_special_tokens=True) == got["text"], rid
+
+
+# --- a router replica lost under its streams ----------------------------------------------------------------------
+
+ROUTER_STREAMS, ROUTER_STREAM_TOKENS = 8, 300
+
+
+def _router_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any("ServeReplica:rayroute:OpenAIRouter" in part for part in process.info["cmdline"] or ()):
+            found.append(process)
+    return found
+
+
+def test_a_router_killed_mid_stream_closes_its_streams_at_once_and_the_engine_stops_them(cluster: Cluster) -> None:
+    """One of the two router replicas is SIGKILLed under eight streams spread over both by the HTTP proxy. Its
+    clients see their connection closed promptly (never a hang), the engine aborts their requests within seconds
+    (their channels are gone), and the other router's streams finish whole."""
+    from tests.e2e.harness import DEFAULT_MODEL
+
+    routers = _router_processes()
+    assert len(routers) == 2, routers
+    progress: dict[str, int] = {}
+    ended: dict[str, tuple[float, str]] = {}
+
+    def stream(index: int) -> None:
+        rid = f"router-loss-{index}"
+        try:
+            got = _stream_of(cluster, rid, progress, model=DEFAULT_MODEL, max_tokens=ROUTER_STREAM_TOKENS)
+            whole = got["usage"] and got["usage"]["completion_tokens"] == ROUTER_STREAM_TOKENS and not got["errors"]
+            ended[rid] = (time.monotonic(), "whole" if whole else f"cut: {got}")
+        except httpx.HTTPError as exc:
+            ended[rid] = (time.monotonic(), f"closed: {exc!r}")
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(ROUTER_STREAMS)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 240
+    while len(progress) < ROUTER_STREAMS or min(progress.values()) < 5:
+        assert time.monotonic() < deadline, progress
+        time.sleep(0.05)
+    killed_at = time.monotonic()
+    routers[0].send_signal(signal.SIGKILL)
+    running = []  # (seconds after the kill, requests the engine runs)
+    while any(thread.is_alive() for thread in threads) and time.monotonic() - killed_at < 300:
+        running.append((time.monotonic() - killed_at, cluster.engine_info(DEFAULT_MODEL)["running_requests"]))
+        time.sleep(0.5)
+    for thread in threads:
+        thread.join(timeout=60)
+
+    closed = {rid: at - killed_at for rid, (at, how) in ended.items() if how.startswith("closed")}
+    whole = [rid for rid, (_, how) in ended.items() if how == "whole"]
+    print(f"closed after {sorted(round(s, 2) for s in closed.values())} s; {len(whole)} whole; engine running "
+          f"{running[:20]}")
+    assert len(closed) + len(whole) == ROUTER_STREAMS, ended  # nothing cut any other way, nothing hung
+    assert closed and whole, ended  # the proxy had spread them over both routers
+    assert max(closed.values()) < 10, closed
+    # The engine stopped the lost router's streams within seconds, long before they would have ended.
+    aborted = next(seconds for seconds, count in running if count <= len(whole))
+    assert aborted < 15, running
+
+
+def _stream_of(cluster: Cluster, request_id: str, progress: dict[str, int], **body) -> dict:
+    """:func:`_stream` on any model: a chat stream read to its end, raising if its connection is cut."""
+    got = {"usage": None, "errors": []}
+    with httpx.stream("POST", cluster.base_url + "/v1/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": request_id},
+                      json={"messages": STORY, "stream": True, "ignore_eos": True,
+                            "stream_options": {"include_usage": True}, **body}) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[len("data: "):])
+                got["errors"] += [chunk["error"]] if "error" in chunk else []
+                got["usage"] = chunk.get("usage") or got["usage"]
+                progress[request_id] = progress.get(request_id, 0) + 1
+    return got

@@ -28,8 +28,10 @@ The phases, each a function below with the report entry the test checks:
    path. What a client must see: nothing.
 2. :func:`drain_a_worker`: under three clients' load, an engine's worker is drained the way the chart's ``preStop``
    hook drains a pod (``python -m deployments.kubernetes.node_drain``), then stopped. Serve starts a replacement on
-   the spare worker and stops the drained replica only after its requests ended, so no request fails and no stream
-   breaks; the hook returns once no replica is left on the node.
+   the spare worker and stops the drained replica after its requests ended, or, for the long streams started with
+   the drain, once the model's ``drain_timeout_s`` is up: those go on on another replica
+   (:mod:`deployments.resume`). No request fails and no stream breaks; the hook returns once no replica is left on
+   the node.
 3. :func:`lose_a_worker`: under six clients' load, one of the engines' workers loses every process at once (SIGKILL),
    as a machine does. Every request is answered: one that had not started streaming is routed or retried on the
    surviving replica, and a stream already running on the lost node goes on there from the tokens it had sent
@@ -81,6 +83,9 @@ WORKERS = ("w1", "w2", "w3")
 NODE_IPS = {ROUTER_NODE: "127.0.0.2", "w1": "127.0.0.3", "w2": "127.0.0.4", "w3": "127.0.0.5"}
 HEAD_GONE_S = 20  # how long the load runs with no head
 DRAIN_DEADLINE_S = 400
+# The model's drain_timeout_s, and the streams the drain starts with that outlast it (and go on elsewhere).
+DRAIN_TIMEOUT_S = 10
+LONG_STREAMS, LONG_TOKENS = 4, 200
 # How long a worker's raylet waits for the GCS to come back before it exits (Ray's default is 60 s); KubeRay sets
 # it on worker pods when GCS fault tolerance is on.
 GCS_RECONNECT_S = 600
@@ -175,6 +180,12 @@ def drain_a_worker(nodes: Nodes) -> dict:
         victim = next(node for node in before if nodes.name(node) in WORKERS)
         report["victim"] = nodes.name(victim)
         time.sleep(8)  # traffic on both replicas
+        long_streams = [[] for _ in range(LONG_STREAMS)]
+        streamers = [threading.Thread(target=long_stream, args=(nodes.base, i, long_streams[i]))
+                     for i in range(LONG_STREAMS)]
+        for streamer in streamers:
+            streamer.start()
+        time.sleep(2)  # the long streams under way on both replicas
         drain_started = time.monotonic()
         hook = subprocess.run([sys.executable, "-m", "deployments.kubernetes.node_drain", "--address", nodes.gcs,
                                "--node-id", victim, "--deadline-s", str(DRAIN_DEADLINE_S)],
@@ -190,6 +201,11 @@ def drain_a_worker(nodes: Nodes) -> dict:
         report["victim_processes_stopped"] = nodes.stop(nodes.name(victim))
         time.sleep(10)  # traffic on the replacement
         report["hung_threads"] = traffic.end()
+        for streamer in streamers:
+            streamer.join(timeout=300)
+        report["hung_threads"] += sum(streamer.is_alive() for streamer in streamers)
+    report["long_streams"] = [found[0] if found else {} for found in long_streams]
+    report["long_streams_moved"] = sum(line.get("migrations", 0) for line in nodes.access_lines("long-"))
     report["results"] = results = traffic.results
     report["in_flight_at_drain"] = sum(1 for r in results if r["started_at"] < drain_started < r.get("ended_at", 0))
     report["during_drain"] = sum(1 for r in results if drain_started <= r["started_at"] < drain_started + drain_seconds)
@@ -306,6 +322,18 @@ class Nodes:
     def name(self, node_id: str) -> str:
         return next((name for name, known in self.ids.items() if known == node_id), node_id)
 
+    def access_lines(self, request_id_prefix: str) -> list[dict]:
+        """The router's access-log lines of the requests whose id starts with ``request_id_prefix``, from the router
+        node's worker logs."""
+        lines = []
+        for path in (self.workdir / ROUTER_NODE).glob("session_*/logs/worker-*"):
+            for text in path.read_text(errors="replace").splitlines():
+                start = text.find('{"request_id": "' + request_id_prefix)
+                if start >= 0:
+                    with contextlib.suppress(ValueError):
+                        lines.append(json.loads(text[start:]))
+        return lines
+
     def node_env(self, node: str, ip: str, extra: dict[str, str]) -> dict[str, str]:
         """A node's environment: Serve as `make serve` and the chart run it, HAProxy on this node's own address and
         free ports, the Serve HA timeouts, and the marker :meth:`kill` finds its processes by."""
@@ -404,7 +432,7 @@ def app_args(source: str) -> dict:
     return {"models": [{
         "id": MODEL, "source": source, "engine_args": engine_args,
         "resources": {"accelerator": "cpu", "cpus": 1},
-        "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+        "autoscaling": {"min_replicas": 2, "max_replicas": 2}, "drain_timeout_s": DRAIN_TIMEOUT_S,
         "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "HF_HUB_OFFLINE": "1"},
     }]}
 
@@ -433,24 +461,10 @@ def load(base: str, index: int, stop: threading.Event, results: list[dict]) -> N
             stream = (index + number) % 2 == 0
             number += 1
             body = {"model": MODEL, "messages": ASK, "max_tokens": 24, "ignore_eos": True, "stream": stream}
-            if stream:
-                body["stream_options"] = {"include_usage": True}
             result = {"thread": index, "stream": stream, "started_at": time.monotonic()}
             try:
                 if stream:
-                    events = []
-                    with client.stream("POST", base + "/v1/chat/completions", json=body) as response:
-                        result["status"] = response.status_code
-                        for line in response.iter_lines():
-                            if line.startswith("data: "):
-                                events.append(line[len("data: "):])
-                    chunks = [json.loads(e) for e in events if e.startswith("{")]
-                    result["tokens"] = sum(1 for c in chunks for choice in c.get("choices", [])
-                                           if choice["delta"].get("content"))
-                    result["error_event"] = any("error" in c for c in chunks)
-                    result["completion_tokens"] = next(
-                        (c["usage"]["completion_tokens"] for c in chunks if c.get("usage")), None)
-                    result["done"] = bool(events) and events[-1] == "[DONE]"
+                    result.update(read_stream(client, base, body))
                 else:
                     response = client.post(base + "/v1/chat/completions", json=body)
                     result["status"] = response.status_code
@@ -459,6 +473,33 @@ def load(base: str, index: int, stop: threading.Event, results: list[dict]) -> N
                 result["exception"] = repr(exc)
             result["ended_at"] = time.monotonic()
             results.append(result)
+
+
+def long_stream(base: str, index: int, results: list[dict]) -> None:
+    """One stream of LONG_TOKENS tokens (a prompt of its own), recorded with how it ended."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me story number {index}."}],
+            "max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=180, headers={"X-Request-Id": f"long-{index}"}) as client:
+        try:
+            results.append(read_stream(client, base, body))
+        except httpx.HTTPError as exc:
+            results.append({"exception": repr(exc)})
+
+
+def read_stream(client: httpx.Client, base: str, body: dict) -> dict:
+    """A streamed chat completion as its client saw it: status, content events, error events, usage, [DONE]."""
+    events = []
+    with client.stream("POST", base + "/v1/chat/completions",
+                       json={**body, "stream_options": {"include_usage": True}}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    chunks = [json.loads(e) for e in events if e.startswith("{")]
+    return {"status": response.status_code,
+            "tokens": sum(1 for c in chunks for choice in c.get("choices", []) if choice["delta"].get("content")),
+            "error_event": any("error" in c for c in chunks),
+            "completion_tokens": next((c["usage"]["completion_tokens"] for c in chunks if c.get("usage")), None),
+            "done": bool(events) and events[-1] == "[DONE]"}
 
 
 def answer(base: str) -> int:
