@@ -13,7 +13,7 @@ PIP := $(PY) -m pip
 # they run side by side (quietly, so their lines rarely mix). A recipe's own lines, the tests', run in order.
 MAKEFLAGS += --jobs=4
 
-.PHONY: setup model clients prometheus redis helm chart-schema serve test test-quick lint bench load clean
+.PHONY: setup model clients prometheus redis helm chart-schema serve test test-quick lint bench load soak clean
 
 setup: $(VENV)/.installed-$(ACCEL)
 
@@ -79,6 +79,12 @@ bench: model
 # The router alone under 100 and 1,000 concurrent streams from a model-free engine: added latency, peak memory.
 load: setup
 	$(PY) -m tests.scenarios.load --streams 100,1000
+
+# Half an hour of mixed traffic (streams, whole answers, the adapter, streams clients close, bad requests) on the
+# default config: a leak per request or a metric series per model name a client typed shows only over time. Prints
+# each process kind's memory and the series per minute, and whether they stayed flat.
+soak: model
+	$(PY) -m tests.scenarios.soak --minutes 30
 
 lint: setup
 	$(VENV)/bin/ruff check router deployments tests

@@ -437,10 +437,10 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def run_scenario(module: str) -> dict:
-    """Run ``python -m <module>`` in its own process and session; its report (the last line of its output), with
-    the end of its output under ``output``."""
-    process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, stdout=subprocess.PIPE,
+def run_scenario(module: str, args: Iterable[str] = ()) -> dict:
+    """Run ``python -m <module> <args>`` in its own process and session; its report (the last line of its output),
+    with the end of its output under ``output``."""
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     try:

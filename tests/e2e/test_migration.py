@@ -124,7 +124,7 @@ def _access_lines(cluster: Cluster, tag: str) -> dict[str, dict]:
 
 
 def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -> None:
-    from vllm.tokenizers.registry import get_tokenizer
+    from transformers import AutoTokenizer  # not vLLM's loader: importing vLLM here starts a Ray of its own
 
     from deployments.dev.local_models import MODELS_DIR
 
@@ -132,10 +132,14 @@ def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -
     replies, killed = _run(cluster, "cut", kill=True)
     assert killed is not None
 
-    lines = _access_lines(cluster, "cut-")
+    deadline = time.monotonic() + 30  # the routers' lines reach the launcher's log a moment after the answers
+    while len(lines := _access_lines(cluster, "cut-")) < len(replies) and time.monotonic() < deadline:
+        time.sleep(1)
     moved = {rid for rid, line in lines.items() if line["migrations"]}
-    assert len(moved) >= GREEDY // 2, lines  # the killed replica was running most of them
-    tokenizer = get_tokenizer(str(MODELS_DIR / "smollm2-135m-instruct"))
+    print(f"{len(moved)} of {len(replies)} requests went on on another replica: {sorted(moved)}")
+    # The replica killed was running some of each kind of stream (kv_cache spreads 16 streams over both replicas).
+    assert {rid.split("-")[1] for rid in moved} >= {"greedy", "sampled"}, lines
+    tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "smollm2-135m-instruct")
     for rid, got in replies.items():
         kind, index = rid.split("-")[1:]
         line = lines[rid]
