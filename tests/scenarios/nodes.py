@@ -323,16 +323,22 @@ class Nodes:
         return next((name for name, known in self.ids.items() if known == node_id), node_id)
 
     def access_lines(self, request_id_prefix: str) -> list[dict]:
-        """The router's access-log lines of the requests whose id starts with ``request_id_prefix``, from the router
-        node's worker logs."""
-        lines = []
-        for path in (self.workdir / ROUTER_NODE).glob("session_*/logs/worker-*"):
-            for text in path.read_text(errors="replace").splitlines():
+        """The router's access-log lines of the requests whose id starts with ``request_id_prefix``: the router
+        replica writes them to its stderr, which Ray points at a file of its worker logs (found from the process)."""
+        files = set()
+        for process in self.processes(ROUTER_NODE):
+            with contextlib.suppress(psutil.Error, OSError):
+                if any("OpenAIRouter" in part for part in process.cmdline()):
+                    files.add(os.readlink(f"/proc/{process.pid}/fd/2"))
+        lines = {}
+        for path in files:
+            for text in Path(path).read_text(errors="replace").splitlines():
                 start = text.find('{"request_id": "' + request_id_prefix)
                 if start >= 0:
                     with contextlib.suppress(ValueError):
-                        lines.append(json.loads(text[start:]))
-        return lines
+                        line = json.loads(text[start:])
+                        lines[line["request_id"]] = line
+        return list(lines.values())
 
     def node_env(self, node: str, ip: str, extra: dict[str, str]) -> dict[str, str]:
         """A node's environment: Serve as `make serve` and the chart run it, HAProxy on this node's own address and

@@ -91,7 +91,9 @@ def process_kind(command: str) -> str:
             return "key_limits"
         return "engine" if deployment.startswith("engine-") else "other"
     for marker, kind in (("ServeController", "controller"), ("HAProxyManager", "proxy"), ("ProxyActor", "proxy"),
-                         ("PrefixTreeActor", "prefix_tree"), ("dashboard/agent.py", "agent")):
+                         ("PrefixTreeActor", "prefix_tree"), ("dashboard/agent.py", "agent"),
+                         ("dashboard/dashboard.py", "dashboard"), ("router.launch", "launcher"),
+                         ("ray::IDLE", "idle_worker")):
         if marker in command:
             return kind
     return "other"
