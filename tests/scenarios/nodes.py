@@ -28,10 +28,10 @@ The phases, each a function below with the report entry the test checks:
    path. What a client must see: nothing.
 2. :func:`drain_a_worker`: under three clients' load, an engine's worker is drained the way the chart's ``preStop``
    hook drains a pod (``python -m deployments.kubernetes.node_drain``), then stopped. Serve starts a replacement on
-   the spare worker and stops the drained replica after its requests ended, or, for the long streams started with
-   the drain, once the model's ``drain_timeout_s`` is up: those go on on another replica
-   (:mod:`deployments.resume`). No request fails and no stream breaks; the hook returns once no replica is left on
-   the node.
+   the spare worker and stops the drained replica once that runs and its requests ended, or once the model's
+   ``drain_timeout_s`` is up, when a stream still running goes on on another replica (:mod:`deployments.resume`;
+   the report counts the long streams started with the drain that did). No request fails and no stream breaks; the
+   hook returns once no replica is left on the node.
 3. :func:`lose_a_worker`: under six clients' load, one of the engines' workers loses every process at once (SIGKILL),
    as a machine does. Every request is answered: one that had not started streaming is routed or retried on the
    surviving replica, and a stream already running on the lost node goes on there from the tokens it had sent
