@@ -121,11 +121,11 @@ class CountingEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
-    async def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         going_on = self._continuation
-        if going_on is not None:
-            prompt, sampling_params = going_on.engine_call(prompt, sampling_params)
-        outputs = self._engine.generate(prompt, sampling_params, *args, **kwargs)
+        if going_on is not None:  # vLLM's serving layer passes the prompt and its sampling parameters first
+            args = (*going_on.engine_call(args[0], args[1]), *args[2:])
+        outputs = self._engine.generate(*args, **kwargs)
         self._count.sources.append(outputs)
         async for output in outputs:
             if going_on is not None:

@@ -281,3 +281,31 @@ def test_ray_workers_are_the_live_actors_vllm_named_for_this_engine(monkeypatch:
                                                 {"name": "vllm_Worker_42_TP1", "pid": 11, "node_id": "n1"}]
     assert asked == ["ALIVE"]
     assert ray_workers(engine("uni", "42")) == [] and ray_workers(object()) == []  # one worker, in the engine core
+
+
+def test_the_counting_engine_passes_any_call_through_and_keeps_a_resumable_streams_tokens() -> None:
+    """Whatever the serving object calls ``generate`` with reaches the engine as it was (the load test's serving
+    object passes a count alone); a stream that can be resumed keeps the ids of the tokens made since its last frame
+    and the characters of their text (deployments/resume.py)."""
+    from deployments.vllm_hooks import CountingEngine, TokenCount
+
+    calls = []
+
+    class Engine:
+        async def generate(self, *args, **kwargs):
+            calls.append((args, kwargs))
+            for ids, text in (([7], "hi"), ([8, 9], " there")):
+                yield SimpleNamespace(prompt_token_ids=[1, 2, 3], encoder_prompt_token_ids=None,
+                                      outputs=[SimpleNamespace(token_ids=ids, text=text)])
+
+    async def run(count: TokenCount) -> list:
+        return [output async for output in CountingEngine(Engine(), count).generate(5, priority=1)]
+
+    traced = TokenCount(traced=True)
+    assert len(asyncio.run(run(traced))) == 2
+    assert calls == [((5,), {"priority": 1})]
+    assert (traced.prompt, traced.completion, traced.text_chars) == (3, 3, 8)
+    assert traced.take_ids() == [7, 8, 9] and traced.take_ids() == []
+    untraced = TokenCount()
+    asyncio.run(run(untraced))
+    assert untraced.completion == 3 and untraced.take_ids() == [] and untraced.text_chars == 0
