@@ -158,6 +158,26 @@ def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -
         else:  # every token once: the ids sent decode to the text sent, and are as many as usage counts
             assert len(got["ids"]) == TOKENS, (rid, len(got["ids"]))
             assert tokenizer.decode(got["ids"], skip_special_tokens=True) == got["text"], rid
+    _until_running(cluster, PAIR_MODEL, 2)  # whole again for the tests after this one
+
+
+def _until_running(cluster: Cluster, model_id: str | None, count: int) -> None:
+    """Until Serve runs ``count`` replicas of the model's engine (the routers: None) and no other, so the tests after
+    a disruptive one find the cluster as it was."""
+    from ray import serve
+
+    deadline = time.monotonic() + 300
+    while True:
+        if model_id is None:
+            cluster.connect()
+            app = serve.status().applications.get("rayroute")
+            states = dict(app.deployments["OpenAIRouter"].replica_states) if app else {}
+        else:
+            states = cluster.replicas(model_id)
+        if states == {"RUNNING": count}:
+            return
+        assert time.monotonic() < deadline, states
+        time.sleep(2)
 
 
 # --- a router replica lost under its streams ----------------------------------------------------------------------
@@ -219,6 +239,7 @@ def test_a_router_killed_mid_stream_closes_its_streams_at_once_and_the_engine_st
     # The engine stopped the lost router's streams within seconds, long before they would have ended.
     aborted = next(seconds for seconds, count in running if count <= len(whole))
     assert aborted < 15, running
+    _until_running(cluster, None, 2)
 
 
 def _stream_of(cluster: Cluster, request_id: str, progress: dict[str, int], **body) -> dict:
