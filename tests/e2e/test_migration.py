@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and his cat."}]
 GREEDY, SAMPLED, WHOLE = 8, 8, 2
-TOKENS = 64
-KILL_AFTER_EVENTS = 12  # content events every stream has had when its replica is killed
+TOKENS = 96
+KILL_AFTER_EVENTS = 6  # content events every stream has had when its replica is killed
 
 
 def _stream(cluster: Cluster, request_id: str, progress: dict[str, int], **body) -> dict:
@@ -106,7 +106,7 @@ def _kill_busiest(replicas: list[psutil.Process]) -> int:
         return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
 
     before = {p.pid: cpu(p) for p in replicas}
-    time.sleep(0.5)
+    time.sleep(0.3)
     busiest = max(replicas, key=lambda p: cpu(p) - before[p.pid])
     for process in [*busiest.children(recursive=True), busiest]:
         process.send_signal(signal.SIGKILL)
