@@ -89,6 +89,9 @@ def _run(cluster: Cluster, tag: str, kill: bool) -> tuple[dict[str, dict], int |
         if kill:
             deadline = time.monotonic() + 240
             while min((progress.get(rid, 0) for rid in greedy + sampled), default=0) < KILL_AFTER_EVENTS:
+                for future in futures.values():  # a request that failed says why at once
+                    if future.done() and future.exception() is not None:
+                        raise future.exception()
                 assert time.monotonic() < deadline, f"streams did not get going: {progress}"
                 time.sleep(0.05)
             killed.append(_kill_busiest(replicas))

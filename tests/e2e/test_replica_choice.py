@@ -23,6 +23,10 @@ TENANT_PROMPT = "You keep the archive of the Verne society, tenant {tenant}. " +
     f"Rule {i}: record {i} stays in drawer {i % 7}, and only its curator may lend it." for i in range(60))
 TENANT_BLOCKS = 7
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# How long after a replica's report every router has it: Serve's controller polls each replica every
+# KV_STATS_PERIOD_S and broadcasts the answers; on two busy cores with nine engines its round took several periods
+# (a shorter wait failed a clean run: one router still placed the tenant by load).
+ROUTERS_HEAR_S = 6 * KV_STATS_PERIOD_S + 1
 
 
 def ask(cluster: Cluster, tenant: str, question: str, max_tokens: int = 4) -> int:
@@ -51,7 +55,7 @@ def holder_of_new_blocks(cluster: Cluster, before: dict[int, tuple]) -> int:
     while True:
         grown = [pid for pid, (_, blocks) in replicas(cluster).items() if blocks >= before[pid][1] + TENANT_BLOCKS]
         if len(grown) == 1:
-            time.sleep(2 * KV_STATS_PERIOD_S + 1)
+            time.sleep(ROUTERS_HEAR_S)
             return grown[0]
         assert time.monotonic() < deadline, f"no replica reported the tenant's blocks: {replicas(cluster)}"
         time.sleep(0.5)
@@ -102,7 +106,7 @@ def test_a_busy_holder_shares_its_tenant_and_an_evicted_one_loses_it(cluster: Cl
         assert time.monotonic() < deadline, "the replica never reported its cache empty"
         time.sleep(0.5)
     # The routers hear of it, and their memory of where they sent the tenant runs out.
-    time.sleep(max(RECENT_ROUTES_TTL_S, 2 * KV_STATS_PERIOD_S + 1))
+    time.sleep(max(RECENT_ROUTES_TTL_S, ROUTERS_HEAR_S))
     before = replicas(cluster)
     for question in range(4):
         assert ask(cluster, "second", f"Which drawer holds record {question}?") == 200
