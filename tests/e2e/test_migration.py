@@ -140,8 +140,8 @@ def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -
         time.sleep(1)
     moved = {rid for rid, line in lines.items() if line["migrations"]}
     print(f"{len(moved)} of {len(replies)} requests went on on another replica: {sorted(moved)}")
-    # The replica killed was running some of each kind of stream (kv_cache spreads 16 streams over both replicas).
-    assert {rid.split("-")[1] for rid in moved} >= {"greedy", "sampled"}, lines
+    # The replica killed was running some of them (kv_cache spreads the 18 over both replicas, in no fixed mix).
+    assert moved, lines
     tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "smollm2-135m-instruct")
     for rid, got in replies.items():
         kind, index = rid.split("-")[1:]
@@ -162,6 +162,7 @@ def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -
             assert len(got["ids"]) == TOKENS, (rid, len(got["ids"]))
             assert tokenizer.decode(got["ids"], skip_special_tokens=True) == got["text"], rid
     _until_running(cluster, PAIR_MODEL, 2)  # whole again for the tests after this one
+    cluster.replica_infos(PAIR_MODEL, 2)  # and both taking calls, not only RUNNING in Serve's eyes
 
 
 def _until_running(cluster: Cluster, model_id: str | None, count: int) -> None:
