@@ -139,6 +139,9 @@ RECENT_ROUTES_TTL_S = 5.0
 # Bounds of a router's memory of its recent routes (blocks per replica) and of prompts being ranked (requests).
 RECENT_ROUTES_MAX_BLOCKS = 65_536
 ROUTED_REQUESTS_KEPT = 4_096
+# How long a request may wait for its model's tokenizer, which a router loads once the model has two replicas: past
+# it, the request is placed by load. Loading takes under a second on an idle machine, several on a busy one.
+KV_TOKENIZER_WAIT_S = 10.0
 # Choice and tokenization times a router keeps, for the benchmark's report.
 KV_CHOICE_TIMES_KEPT = 10_000
 # Ray Serve's consistent-hash session router (replica_choice: session): replicas tried after a session's own one

@@ -162,9 +162,9 @@ class VLLMEngine:
                 yield ErrorReply.server("This request cannot be resumed.", code="not_resumable")
                 return
             continuation = Continuation(resume, self.engine.tokenizer)
-        count = TokenCount(traced=traced)
-        if resume is not None:
-            count.completion, count.text_chars = len(resume.token_ids), resume.text_chars
+        # A resumed stream's counts go on from what the client already has.
+        count = TokenCount(traced=traced, completion=len(resume.token_ids) if resume else 0,
+                           text_chars=resume.text_chars if resume else 0)
         # Answered under the name the client used; a stream's tokens counted from vLLM's outputs, free of parsing.
         serving = for_request(serving, name, count if streaming else None, continuation)
         request = None

@@ -51,6 +51,7 @@ from deployments.constants import (
     KV_CACHE_FREE_WEIGHT,
     KV_CACHE_LOAD_SLACK,
     KV_CHOICE_TIMES_KEPT,
+    KV_TOKENIZER_WAIT_S,
     RECENT_ROUTES_MAX_BLOCKS,
     RECENT_ROUTES_TTL_S,
     ROUTED_REQUESTS_KEPT,
@@ -79,7 +80,20 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._blocks_sent: dict[ReplicaID, int] = {}  # the prompt blocks this router sent each replica, all told
         self.choice_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)  # seconds, for the benchmark
         self.tokenize_times: deque[float] = deque(maxlen=KV_CHOICE_TIMES_KEPT)
-        self._tokenizer_asked = False  # loaded once there is a choice to make: a model of one replica never needs it
+        # Loaded once there is a choice to make (a model of one replica never needs it), before the first request
+        # that needs it: see _ask_for_tokenizer.
+        self._tokenizer_asked = False
+        self._tokenizer_done = threading.Event()
+
+    def _ask_for_tokenizer(self) -> None:
+        """Start loading the tokenizer in the background as soon as the model has two replicas. A router that
+        waited for its first such request would place that request, and every one until the tokenizer loads (seconds
+        on a busy machine), by load alone: a tenant whose first request went to one router would find its next ones
+        spread by the other."""
+        if self._tokenizer_asked or self._prompts.loaded:
+            return
+        self._tokenizer_asked = True
+        threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
 
     def _load_tokenizer(self) -> None:
         try:
@@ -87,6 +101,8 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         except Exception:  # the router still works: every request is ranked by load
             logger.exception("the tokenizer of %s could not be loaded; its replicas are chosen by load only",
                              self._prompts.source)
+        finally:
+            self._tokenizer_done.set()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -97,9 +113,11 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             candidate_replicas = [replica for replica in candidate_replicas if replica.replica_id in allowed]
         if len(candidate_replicas) <= 1:  # nothing to choose: no prompt is tokenized for it
             return [candidate_replicas] if candidate_replicas else []
-        if not self._tokenizer_asked:  # until it is loaded, requests are ranked by load
-            self._tokenizer_asked = True
-            threading.Thread(target=self._load_tokenizer, daemon=True, name="kv-cache-tokenizer").start()
+        self._ask_for_tokenizer()
+        if not self._prompts.loaded and not self._tokenizer_done.is_set():
+            # A request that comes while the tokenizer loads waits for it (a bounded while), rather than be placed
+            # blind; one that fails to load leaves every request ranked by load.
+            await asyncio.to_thread(self._tokenizer_done.wait, KV_TOKENIZER_WAIT_S)
         keys = await self._request_keys(pending_request) if pending_request is not None else []
         started = time.perf_counter()
         ranked = self.rank(candidate_replicas, keys)
@@ -217,6 +235,8 @@ class KvCacheRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        if len(self._replica_id_set) > 1:
+            self._ask_for_tokenizer()
         # A replica that is gone (stopped, dead, replaced) leaves the index with its report and recent routes.
         for table in (self._held, self._recent, self._sent, self._blocks_sent):
             for replica_id in [rid for rid in table if rid not in self._replica_id_set]:

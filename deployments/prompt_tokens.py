@@ -34,6 +34,10 @@ class PromptTokens:
         self.chat_template = chat_template
         self._tokenizer: Any = None
 
+    @property
+    def loaded(self) -> bool:
+        return self._tokenizer is not None
+
     def load(self) -> None:
         with _TOKENIZER_LOADING:
             from transformers import AutoTokenizer

@@ -136,6 +136,21 @@ class Cluster:
         of each call, so this asks until it has heard from that many (both of two within 60 calls, or it fails)."""
         return infos_by_replica(lambda: self.engine_info(model_id), count, model_id)
 
+    def reset_prefix_cache(self, model_id: str, pid: int) -> None:
+        """Empty one replica's prefix cache, and wait until the replica reports it empty to the routers (a handle
+        picks the replica: ask until the one meant answers)."""
+        handle = self.engine_handle(model_id)
+        for _ in range(60):
+            if handle.reset_prefix_cache.remote(pid).result(timeout_s=30)["reset"]:
+                break
+        else:
+            raise HarnessError(f"replica {pid} never answered")
+        deadline = time.monotonic() + 30
+        while self.replica_infos(model_id, 2)[pid]["kv_blocks"] != 0:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"replica {pid} never reported its cache empty")
+            time.sleep(0.5)
+
     def replicas(self, model_id: str) -> dict[str, int]:
         """The model's replicas by state (RUNNING, STARTING, STOPPING, ...), as Serve reports them."""
         from ray import serve
@@ -147,7 +162,6 @@ class Cluster:
         app = serve.status().applications.get(name)
         deployment = app.deployments.get(name) if app else None
         return dict(deployment.replica_states) if deployment else {}
-
 
     def session_dir(self) -> Path:
         """Ray's session folder of this cluster (its logs are under ``logs/``)."""

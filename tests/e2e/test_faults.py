@@ -83,7 +83,7 @@ def wait_for(condition, timeout: float, what: str, every: float = 1.0):
 def test_full_model_answers_429_with_retry_after(cluster: Cluster) -> None:
     # SECOND_MODEL runs one request and queues one per router replica: a burst of twelve overflows it.
     with ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(lambda _: post_chat(cluster, model=SECOND_MODEL, max_tokens=48, ignore_eos=True),
+        responses = list(pool.map(lambda _: post_chat(cluster, model=SECOND_MODEL, max_tokens=24, ignore_eos=True),
                                   range(12)))
     statuses = Counter(r.status_code for r in responses)
     assert set(statuses) <= {200, 429}, statuses

@@ -7,6 +7,7 @@ import functools
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -442,6 +443,31 @@ async def test_with_one_replica_nothing_is_tokenized() -> None:
     assert names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT)))) == ["a"]
     assert not router.tokenize_times and not router._keys_of
     assert not router._tokenizer_asked  # nor is the tokenizer loaded: a model of one replica never needs it
+
+
+
+@in_a_loop
+async def test_the_tokenizer_loads_when_a_second_replica_comes_and_a_request_waits_for_it() -> None:
+    """A router's first request for a model of two replicas is placed by cache, not by load: the tokenizer started
+    loading when the second replica came, and a request meanwhile waits for it."""
+    router = KvCacheRouter(deployment_id=FAKE_REPLICA_DEPLOYMENT_ID, handle_source=DeploymentHandleSource.REPLICA,
+                           use_replica_queue_len_cache=True)
+    router.initialize_state(source="/nonexistent", adapters=[])
+    loads = []
+
+    def slow_load() -> None:  # a busy machine's seconds
+        loads.append(threading.current_thread().name)
+        time.sleep(0.3)
+        router._prompts._tokenizer = Words()
+
+    router._prompts.load = slow_load
+    router.update_replicas([replica("a", TENANT_KEYS)])
+    assert not loads and not router._tokenizer_asked  # one replica: nothing to choose
+    # The holder is busier, within the slack: placed by load it would come second.
+    router.update_replicas([replica("a", TENANT_KEYS, load=1), replica("b")])
+    assert router._tokenizer_asked
+    chosen = names(await router.choose_replicas(list(router._replicas.values()), request(chat(TENANT))))
+    assert chosen[0] == "a" and loads == ["kv-cache-tokenizer"]
 
 
 def test_a_router_loads_several_models_tokenizers_at_once(tmp_path: Path) -> None:
