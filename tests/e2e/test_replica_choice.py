@@ -24,8 +24,7 @@ TENANT_PROMPT = "You keep the archive of the Verne society, tenant {tenant}. " +
 TENANT_BLOCKS = 7
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # How long after a replica's report every router has it: Serve's controller polls each replica every
-# KV_STATS_PERIOD_S and broadcasts the answers; on two busy cores with nine engines its round took several periods
-# (a shorter wait failed a clean run: one router still placed the tenant by load).
+# KV_STATS_PERIOD_S and broadcasts the answers; on two busy cores with nine engines a round can take several periods.
 ROUTERS_HEAR_S = 6 * KV_STATS_PERIOD_S + 1
 
 
