@@ -41,11 +41,16 @@ def request_drain(address: str, node_id: str, deadline_s: int, reason: str) -> N
                     standalone_mode=False)
 
 
+# A replica still serving at the drain's deadline is stopped by Serve then (its streams go on elsewhere); its actor
+# takes a moment to go, which the hook waits for past the deadline (the chart's grace period leaves it room).
+DEADLINE_SETTLE_S = 5.0
+
+
 def drain(address: str, node_id: str, deadline_s: int, reason: str = "the pod is stopping",
           poll_s: float = 2.0) -> list[str]:
-    """Drain the node and wait until Serve has moved every replica off it; returns the replicas still there when
-    the deadline came (none, normally)."""
-    deadline = time.monotonic() + deadline_s
+    """Drain the node and wait until Serve has moved every replica off it; returns the replicas still there a few
+    seconds after the deadline (none, normally)."""
+    deadline = time.monotonic() + deadline_s + DEADLINE_SETTLE_S
     request_drain(address, node_id, deadline_s, reason)
     while (left := serve_replicas_on(node_id)) and time.monotonic() < deadline:
         logger.info("waiting for %d Serve replica(s) to leave node %s: %s", len(left), node_id, ", ".join(left))

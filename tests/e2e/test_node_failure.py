@@ -1,4 +1,4 @@
-"""The head lost, a worker drained and a worker lost, each under load: the three phases of
+"""The head lost, a worker drained, a worker lost and Redis lost, each under load: the phases of
 ``tests/scenarios/nodes.py``, run once in its own process and session on one cluster (starting a cluster and its
 engines is most of what each would cost alone), one test per phase on that run's report."""
 
@@ -50,15 +50,14 @@ def test_losing_the_head_leaves_the_endpoint_serving(nodes_report: dict) -> None
 
 
 def test_draining_a_worker_node_breaks_nothing(nodes_report: dict) -> None:
-    """The chart's preStop hook drains an engine's node under load: every request answered in full, the replica
-    replaced on the spare node before the hook returned, none left on the drained node; the long streams the
-    drained replica still ran when its drain_timeout_s was up went on elsewhere, whole (Serve stops the drained
-    replica only once its replacement runs, so a stream shorter than that start plus drain_timeout_s simply ends
-    there: the report counts the ones moved)."""
+    """The chart's preStop hook drains an engine's node under load, with a spot instance's short deadline: every
+    request answered in full, none left on the drained node, a replacement placed on the spare node; the long streams
+    the drained replica still ran when Serve stopped it at the deadline went on elsewhere, whole."""
     report = phase(nodes_report, "drain")
     for result in report["long_streams"]:
         assert result.get("status") == 200 and result["done"] and not result["error_event"], result
         assert result["completion_tokens"] == LONG_TOKENS, result
+    assert report["long_streams_moved"] >= 1, "no stream outlasted the drain's deadline"
     assert report["hook_exit"] == 0, report["hook_output"]
     assert report["victim_replicas_after"] == 0 and len(report["engine_nodes_after"]) == 2, report
     assert report["hung_threads"] == 0
@@ -87,3 +86,30 @@ def test_losing_a_worker_node_loses_no_request_not_even_a_started_stream(nodes_r
         if result["stream"]:
             assert not result["error_event"] and result["completion_tokens"] == 24, result
     assert report["after_status"] == 200
+
+
+def test_losing_redis_with_its_data_costs_clients_nothing(nodes_report: dict) -> None:
+    """Redis SIGKILLed under load and started again from its append-only file: the GCS exits when its store goes
+    (Ray 2.60 does not reconnect), the head restarts, takes the cluster over from Redis, and finds its replicas; the
+    routers and engines answer throughout."""
+    report = phase(nodes_report, "redis_kept")
+    assert report["hung_threads"] == 0
+    assert report["while_redis_gone"] >= 6, "no traffic while Redis was gone"
+    assert report["failed_before_head_restart"] == 0 and report["failed_after_head_restart"] == 0, report
+    assert report["longest_gap_s"] < 30, report["longest_gap_s"]
+    assert report["engine_replicas_kept"], "the engines were started again"
+    assert report["applications"].get("rayroute") == "RUNNING", report["applications"]
+    assert report["endpoint_answers"]
+
+
+def test_losing_redis_and_its_data_loses_the_cluster_once_the_head_restarts(nodes_report: dict) -> None:
+    """Redis started again empty: the routers and engines serve on until the head restarts, but a head on an empty
+    store is a new cluster, which every worker leaves (their raylets exit) and Serve's applications are gone: the
+    endpoint is down until the worker pods restart and the Serve config is deployed again, a cold start (hence the
+    README's requirement that Redis keep its data)."""
+    report = phase(nodes_report, "redis_empty")
+    assert report["hung_threads"] == 0
+    assert report["while_redis_gone"] >= 6, "no traffic while Redis was gone"
+    assert report["failed_before_head_restart"] == 0, report
+    assert report["workers_left"] == [] and report["applications"] == {}, report
+    assert not report["endpoint_answers"]

@@ -1,4 +1,5 @@
-"""Nodes lost and drained under load, on one cluster: the head lost, a worker drained, a worker lost without warning.
+"""Nodes lost and drained under load, on one cluster: the head lost, a worker drained, a worker lost without warning,
+Redis lost.
 
 Run by tests/e2e/test_node_failure.py in its own process (a process joins one Ray cluster, and the test session's is
 another); prints one JSON report on its last line, one entry per phase:
@@ -27,21 +28,25 @@ The phases, each a function below with the report entry the test checks:
    Redis, and a changed config (a new engine argument and a second replica) deploys through Serve's declarative
    path. What a client must see: nothing.
 2. :func:`drain_a_worker`: under three clients' load, an engine's worker is drained the way the chart's ``preStop``
-   hook drains a pod (``python -m deployments.kubernetes.node_drain``), then stopped. Serve starts a replacement on
-   the spare worker and stops the drained replica once that runs and its requests ended, or once the model's
-   ``drain_timeout_s`` is up, when a stream still running goes on on another replica (:mod:`deployments.resume`;
-   the report counts the long streams started with the drain that did). No request fails and no stream breaks; the
-   hook returns once no replica is left on the node.
+   hook drains a pod (``python -m deployments.kubernetes.node_drain``), with a deadline as short as a spot
+   instance's notice, then stopped. Serve starts a replacement on the spare worker and stops the drained replica
+   ``drain_timeout_s`` before the deadline, its replacement running or not; the long streams started with the drain
+   are still running then, and go on on the other replica (:mod:`deployments.resume`). No request fails and no
+   stream breaks; the hook returns once no replica is left on the node.
 3. :func:`lose_a_worker`: under six clients' load, one of the engines' workers loses every process at once (SIGKILL),
    as a machine does. Every request is answered: one that had not started streaming is routed or retried on the
    surviving replica, and a stream already running on the lost node goes on there from the tokens it had sent
    (:mod:`deployments.resume`); nothing hangs; the model answers afterwards.
+4. :func:`lose_redis` twice: Redis, the GCS's store, SIGKILLed under load and started again 20 s later, first with
+   its data (its append-only file), then empty (a Redis without a persistent volume). What the report shows: whether
+   the GCS exited, what clients saw meanwhile, how long until the endpoint answered again, and whether Serve's
+   applications and engine replicas came through. Last, because an empty Redis may cost the cluster.
 
 The head goes first: its redeploy is what brings the model to the two replicas the other phases need, and the drain
 and the node loss then also run against a head that took the cluster over from Redis. A phase that fails ends the
 run (the cluster's state is then unknown); the report says which, with its traceback.
 
-Long because it is one cluster's life: its nodes (:class:`Nodes`), its clients (:class:`Load`) and the three phases
+Long because it is one cluster's life: its nodes (:class:`Nodes`), its clients (:class:`Load`) and the phases
 that use both read best in one place.
 """
 
@@ -82,20 +87,30 @@ ROUTER_NODE = "router"
 WORKERS = ("w1", "w2", "w3")
 NODE_IPS = {ROUTER_NODE: "127.0.0.2", "w1": "127.0.0.3", "w2": "127.0.0.4", "w3": "127.0.0.5"}
 HEAD_GONE_S = 20  # how long the load runs with no head
-DRAIN_DEADLINE_S = 400
-# The model's drain_timeout_s, and the streams the drain starts with that outlast it (and go on elsewhere).
+# The drain's deadline, as short as a spot instance's notice: Serve stops the drained replica DRAIN_TIMEOUT_S (the
+# model's drain_timeout_s) before it, its replacement running or not, and kills it at the deadline.
+DRAIN_DEADLINE_S = 45
 DRAIN_TIMEOUT_S = 10
-LONG_STREAMS, LONG_TOKENS = 4, 200
+# Streams started with the drain that are still running at its deadline: they go on elsewhere.
+LONG_STREAMS, LONG_TOKENS = 4, 600
 # How long a worker's raylet waits for the GCS to come back before it exits (Ray's default is 60 s); KubeRay sets
 # it on worker pods when GCS fault tolerance is on.
 GCS_RECONNECT_S = 600
+# Redis gone this long under load, in each Redis phase.
+REDIS_GONE_S = 20
+# How long a Redis phase waits for the endpoint to answer again once Redis (and, if it exited, the head) is back.
+RECOVERY_WAIT_S = 180
+PHASES = ("head", "drain", "loss", "redis_kept", "redis_empty")
 NODE_ENV = "RAYROUTE_TEST_NODE"  # which node (and which run) a process belongs to, inherited by all it starts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-source", default="~/.cache/rayroute/models/smollm2-135m-instruct")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="Which phases to run, in their fixed order (default: all).")
     options = parser.parse_args(argv)
+    chosen = options.phases.split(",")
 
     os.environ.update(RAY_AUTH_ENV)  # before Ray is imported: this process connects as a driver, as does the hook
     report: dict = {}
@@ -108,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         args["models"][0]["autoscaling"] = {"min_replicas": 1, "max_replicas": 1}
         nodes.deploy_first(args)
         report["started_seconds"] = round(time.monotonic() - started, 1)
-        run_phases(report, [("head", lambda: lose_the_head(nodes, args)), ("drain", lambda: drain_a_worker(nodes)),
-                            ("loss", lambda: lose_a_worker(nodes))], log)
+        phases = {"head": lambda: lose_the_head(nodes, args), "drain": lambda: drain_a_worker(nodes),
+                  "loss": lambda: lose_a_worker(nodes), "redis_kept": lambda: lose_redis(nodes, keep_data=True),
+                  "redis_empty": lambda: lose_redis(nodes, keep_data=False)}
+        run_phases(report, [(name, phases[name]) for name in PHASES if name in chosen], log)
     except Exception:
         report["error"] = traceback.format_exc()[-4000:]
     finally:
@@ -213,6 +230,76 @@ def drain_a_worker(nodes: Nodes) -> dict:
     return report
 
 
+def lose_redis(nodes: Nodes, keep_data: bool) -> dict:
+    """Redis, the GCS's store, SIGKILLed under load and started again after REDIS_GONE_S: with its data (its
+    append-only file, as a Redis with a persistent volume restarts) or empty (one without). A head whose GCS exited
+    meanwhile is started again, as KubeRay restarts the head pod's container when its ``ray start`` exits. The phase
+    ends when the endpoint answers again, or when no worker is left (a cluster that lost its state)."""
+    report: dict = {}
+    engines_before = replica_actors(nodes.gcs, "engine-")
+    with Load(nodes.base, LOAD_THREADS) as traffic:
+        time.sleep(5)  # traffic before the loss
+        nodes.redis.kill()
+        nodes.redis.wait()
+        killed_at = time.monotonic()
+        report["gcs_exited_after_s"] = None
+        while time.monotonic() < killed_at + REDIS_GONE_S:
+            if report["gcs_exited_after_s"] is None and not nodes.gcs_running():
+                report["gcs_exited_after_s"] = round(time.monotonic() - killed_at, 1)
+            time.sleep(0.5)
+        if not keep_data:
+            nodes.wipe_redis()
+        nodes.start_redis()
+        head_restart = time.monotonic()
+        report["head_restarted"] = not nodes.gcs_running()
+        if report["head_restarted"]:
+            nodes.kill("head")  # what is left of it: KubeRay restarts the whole container
+            nodes.restart_head()
+
+        def answering() -> bool:
+            return http_status(nodes.base + "/ready") == 200 and answer(nodes.base) == 200
+
+        wait_until(lambda: answering() or nodes.alive_nodes() == ["head"], RECOVERY_WAIT_S)
+        report["workers_left"] = [node for node in nodes.alive_nodes() if node != "head"]
+        time.sleep(5)  # traffic after
+        report["hung_threads"] = traffic.end()
+    report["results"] = results = traffic.results
+    report["while_redis_gone"] = sum(1 for r in results if killed_at <= r["started_at"] < head_restart)
+    # Until the head restarts, only Ray's control plane is gone: the routers and engines serve on.
+    report["failed_before_head_restart"] = sum(1 for r in results if r["ended_at"] < head_restart and not ok(r))
+    report["failed_after_head_restart"] = sum(1 for r in results if r["ended_at"] >= head_restart and not ok(r))
+    first_failure = min((r["ended_at"] for r in results if not ok(r)), default=None)
+    report["first_failure_after_head_restart_s"] = (None if first_failure is None
+                                                    else round(first_failure - head_restart, 1))
+    report["longest_gap_s"] = round(longest_gap(results), 1)
+    report["endpoint_answers"] = http_status(nodes.base + "/ready") == 200
+    try:
+        with nodes.driver():
+            from ray import serve
+
+            report["applications"] = {name: app.status for name, app in serve.status().applications.items()}
+        report["engine_replicas_kept"] = replica_actors(nodes.gcs, "engine-") == engines_before
+    except Exception as exc:  # a cluster that lost its state may not take a driver
+        report["applications"] = f"no answer: {exc!r}"[:300]
+    return report
+
+
+def ok(result: dict) -> bool:
+    """A request answered in full: 200, and a stream with all its tokens and no error event."""
+    return (result.get("status") == 200 and result.get("done", False) and not result.get("error_event")
+            and (not result.get("stream") or result.get("completion_tokens") == 24))
+
+
+def wait_until(condition, timeout_s: float, poll_s: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if condition():
+                return True
+        time.sleep(poll_s)
+    return False
+
+
 def lose_a_worker(nodes: Nodes) -> dict:
     """An engine's worker loses every process at once under load."""
     report: dict = {}
@@ -259,10 +346,7 @@ class Nodes:
                              *node_ports(10002, 11999)]
 
     def start(self) -> None:
-        self.redis = subprocess.Popen(
-            ["redis-server", "--port", str(self.redis_port), "--bind", HEAD_IP, "--save", "", "--appendonly", "no",
-             "--requirepass", self.redis_password, "--dir", str(self.workdir)],
-            stdout=(self.workdir / "redis.log").open("w"), stderr=subprocess.STDOUT)
+        self.start_redis()
         self.ray_start("head", self.head_command, self.head_env)
         # One after another: a raylet waits a fixed 30 s for its agents, which several starting at once on two busy
         # cores can miss.
@@ -277,6 +361,30 @@ class Nodes:
         missing = set(NODE_IPS) - set(self.ids)
         if missing:
             raise RuntimeError(f"nodes not in the cluster: {sorted(missing)}")
+
+    def start_redis(self) -> None:
+        """Redis as the chart asks for it: a password, and every write kept in an append-only file (fsynced each
+        second), so a restarted Redis has the GCS's state back."""
+        (self.workdir / "redis").mkdir(exist_ok=True)
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", HEAD_IP, "--save", "", "--appendonly", "yes",
+             "--appendfsync", "everysec", "--requirepass", self.redis_password, "--dir", str(self.workdir / "redis")],
+            stdout=(self.workdir / "redis.log").open("a"), stderr=subprocess.STDOUT)
+        wait_for(lambda: subprocess.run(["redis-cli", "-h", HEAD_IP, "-p", str(self.redis_port), "--no-auth-warning",
+                                         "-a", self.redis_password, "ping"], capture_output=True,
+                                        text=True).stdout.strip() == "PONG", 30, "Redis")
+
+    def wipe_redis(self) -> None:
+        """Redis's data gone, as with a Redis restarted without a persistent volume."""
+        shutil.rmtree(self.workdir / "redis", ignore_errors=True)
+
+    def gcs_running(self) -> bool:
+        return any(_running(p) and "gcs_server" in p.name() for p in self.processes("head"))
+
+    def alive_nodes(self) -> list[str]:
+        """The nodes whose raylet still runs."""
+        return [node for node in ("head", *NODE_IPS)
+                if any(_running(p) and p.name() == "raylet" for p in self.processes(node))]
 
     def start_worker(self, number: int, name: str) -> None:
         ip = NODE_IPS[name]
@@ -479,6 +587,8 @@ def load(base: str, index: int, stop: threading.Event, results: list[dict]) -> N
                 result["exception"] = repr(exc)
             result["ended_at"] = time.monotonic()
             results.append(result)
+            if not ok(result):
+                stop.wait(0.5)  # a client backs off instead of hammering an endpoint that is down
 
 
 def long_stream(base: str, index: int, results: list[dict]) -> None:
