@@ -77,12 +77,15 @@ MIB = 1024 * 1024
 def process_kind(command: str) -> str:
     """Which process of a cluster ``command`` (its command line, or the title Ray and vLLM give it) is. Ray names an
     actor's process ``ray::<class>``, a Serve replica's class being ``ServeReplica:<app>:<deployment>``; vLLM names
-    its engine core ``VLLM::EngineCore``; the daemons are binaries, whose flags name one another."""
+    its engine core ``VLLM::EngineCore`` and the engine core's worker (which holds the weights and the KV cache)
+    ``VLLM::Worker``; the daemons are binaries, whose flags name one another."""
     executable = os.path.basename(command.split(" ", 1)[0])
     if executable in ("gcs_server", "raylet", "haproxy"):
         return "gcs" if executable == "gcs_server" else executable
     if "EngineCore" in command:
         return "engine_core"
+    if command.startswith("VLLM::Worker"):
+        return "engine_worker"
     if "ServeReplica:" in command:
         deployment = command.split("ServeReplica:", 1)[1].split(":", 1)[-1]
         if "OpenAIRouter" in deployment:
@@ -92,8 +95,10 @@ def process_kind(command: str) -> str:
         return "engine" if deployment.startswith("engine-") else "other"
     for marker, kind in (("ServeController", "controller"), ("HAProxyManager", "proxy"), ("ProxyActor", "proxy"),
                          ("PrefixTreeActor", "prefix_tree"), ("dashboard/agent.py", "agent"),
-                         ("dashboard/dashboard.py", "dashboard"), ("router.launch", "launcher"),
-                         ("ray::IDLE", "idle_worker")):
+                         ("ray::DashboardAgent", "agent"), ("ray::RuntimeEnvAgent", "agent"),
+                         ("dashboard/dashboard.py", "dashboard"), ("ray-dashboard-", "dashboard"),
+                         ("ray.dashboard", "dashboard"), ("monitor.py", "ray_monitor"),
+                         ("router.launch", "launcher"), ("ray::IDLE", "idle_worker")):
         if marker in command:
             return kind
     return "other"
