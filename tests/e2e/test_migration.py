@@ -1,17 +1,15 @@
 """A started stream outlives its replica: the engine replica under live streams is killed (SIGKILL, with its engine
 core, as when its node is lost), and every client's response goes on from another replica as if nothing happened.
 
-The killed replica runs eight greedy streams, six seeded sampled streams and two whole answers, all of them: they
-ask for one of the two-replica model's adapters, which only that replica holds (Serve's multiplexing sends each
-there), so every one must go on elsewhere (the other replica loads the adapter). Greedy streams must give exactly
-the text of the same requests in a run without the kill; sampled ones must go on without a gap or a repeat at the
-cut (their token ids, which vLLM returns on request, decode to their text and number as many as usage counts); whole
-answers are answered again from the start. Every usage counts the prompt once and each completion token once, and
-the access log counts the migrations.
+Greedy streams must give exactly the text of the same requests in a run without the kill; seeded sampled streams
+must go on without a gap or a repeat at the cut (their token ids, which vLLM returns on request, decode to their text
+and number as many as usage counts); whole answers in flight are answered again from the start. Every usage counts
+the prompt once and each completion token once, and the access log counts the migrations.
 
-Then one of the two router replicas is killed under streams: a router holds its clients' connections, so its streams
-cannot go on, but they must end at once and stop their engine requests, and the other router's must not notice.
-Disruptive, so last: Serve replaces what was killed afterwards.
+On the two-replica model of the shared cluster (``replica_choice: kv_cache``, so one prompt's streams share a
+replica). Then one of the two router replicas is killed under streams: a router holds its clients' connections, so
+its streams cannot go on, but they must end at once and stop their engine requests, and the other router's must
+not notice. Disruptive, so last: Serve replaces what was killed afterwards.
 """
 
 from __future__ import annotations
@@ -26,16 +24,14 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.harness import API_KEY, PAIR_ADAPTERS, PAIR_MODEL, Cluster
+from tests.e2e.harness import API_KEY, PAIR_MODEL, Cluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.disruptive]
 
 STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and his cat."}]
-# Sixteen in all: as many as the engine runs at once (max_num_seqs), so none waits in its queue past the kill.
-GREEDY, SAMPLED, WHOLE = 8, 6, 2
+GREEDY, SAMPLED, WHOLE = 8, 8, 2
 TOKENS = 96
 KILL_AFTER_EVENTS = 6  # content events every stream has had when its replica is killed
-ADAPTER = PAIR_ADAPTERS[0]  # what the streams ask for: held by one replica at a time
 
 
 # HAProxy answers 408 to a request that has not fully arrived within 10 s; on two saturated cores this test's client,
@@ -78,11 +74,11 @@ def _stream(cluster: Cluster, request_id: str, progress: dict[str, int], **body)
     raise AssertionError("unreachable")
 
 
-def _whole(cluster: Cluster, request_id: str, model: str = PAIR_MODEL) -> dict:
+def _whole(cluster: Cluster, request_id: str) -> dict:
     for _ in range(SEND_ATTEMPTS):
         response = httpx.post(cluster.base_url + "/v1/chat/completions", timeout=300,
                               headers={"Authorization": f"Bearer {API_KEY}", "X-Request-Id": request_id},
-                              json={"model": model, "messages": STORY, "max_tokens": TOKENS, "ignore_eos": True,
+                              json={"model": PAIR_MODEL, "messages": STORY, "max_tokens": TOKENS, "ignore_eos": True,
                                     "temperature": 0})
         if response.status_code != 408:
             break
@@ -91,20 +87,19 @@ def _whole(cluster: Cluster, request_id: str, model: str = PAIR_MODEL) -> dict:
 
 
 def _run(cluster: Cluster, tag: str, kill: bool) -> tuple[dict[str, dict], int | None]:
-    """The greedy, sampled and whole requests at once; with ``kill``, the replica holding their adapter (so running
-    every one) is killed once every stream has had KILL_AFTER_EVENTS events. The replies by request id,
-    and the replica killed."""
+    """The greedy, sampled and whole requests at once; with ``kill``, the replica running most of them is killed
+    once every stream has had KILL_AFTER_EVENTS events. The replies by request id, and the replica killed."""
     progress: dict[str, int] = {}
     greedy = [f"{tag}-greedy-{i}" for i in range(GREEDY)]
     sampled = [f"{tag}-sampled-{i}" for i in range(SAMPLED)]
     whole = [f"{tag}-whole-{i}" for i in range(WHOLE)]
-    holder = _adapter_holder(cluster)
+    replicas = _replica_processes(cluster) if kill else {}
+    killed: list[int] = []
     with ThreadPoolExecutor(GREEDY + SAMPLED + WHOLE) as pool:
-        futures = {rid: pool.submit(_stream, cluster, rid, progress, model=ADAPTER, temperature=0)
-                   for rid in greedy}
-        futures |= {rid: pool.submit(_stream, cluster, rid, progress, model=ADAPTER, temperature=1.0, seed=i,
+        futures = {rid: pool.submit(_stream, cluster, rid, progress, temperature=0) for rid in greedy}
+        futures |= {rid: pool.submit(_stream, cluster, rid, progress, temperature=1.0, seed=i,
                                      return_token_ids=True) for i, rid in enumerate(sampled)}
-        futures |= {rid: pool.submit(_whole, cluster, rid, model=ADAPTER) for rid in whole}
+        futures |= {rid: pool.submit(_whole, cluster, rid) for rid in whole}
         if kill:
             deadline = time.monotonic() + 240
             while min((progress.get(rid, 0) for rid in greedy + sampled), default=0) < KILL_AFTER_EVENTS:
@@ -113,23 +108,33 @@ def _run(cluster: Cluster, tag: str, kill: bool) -> tuple[dict[str, dict], int |
                         raise future.exception()
                 assert time.monotonic() < deadline, f"streams did not get going: {progress}"
                 time.sleep(0.05)
-            replica = psutil.Process(holder)
-            for process in [*replica.children(recursive=True), replica]:  # its engine core too
-                process.send_signal(signal.SIGKILL)
-        return {rid: future.result(timeout=600) for rid, future in futures.items()}, holder if kill else None
+            killed.append(_kill_busiest(replicas))
+        return {rid: future.result(timeout=600) for rid, future in futures.items()}, (killed or [None])[0]
 
 
-def _adapter_holder(cluster: Cluster) -> int:
-    """The process of the one replica holding ADAPTER, once the routers know it is there: Serve's multiplexing then
-    sends every request for it to that replica."""
-    for _ in range(2):
-        holders = [pid for pid, info in cluster.replica_infos(PAIR_MODEL, 2).items() if ADAPTER in info["adapters"]]
-        if holders:
-            break
-        _whole(cluster, "load-adapter", model=ADAPTER)  # held nowhere yet: a replica loads it for this one
-        time.sleep(2)  # the replica reports what it holds (every 0.1 s) and the routers hear of it from Serve
-    assert len(holders) == 1, holders
-    return holders[0]
+def _replica_processes(cluster: Cluster) -> list[psutil.Process]:
+    """The two-replica model's replica processes, by the title Ray gives them: found without a Serve handle, which in
+    this process was once seen to reach only one of the two for a minute after the disruptive tests before."""
+    from deployments.names import engine_deployment_name
+
+    title = f"ServeReplica:{engine_deployment_name(PAIR_MODEL)}:"
+    found = [process for process in psutil.process_iter(["cmdline"])
+             if any(title in part for part in process.info["cmdline"] or ())]
+    assert len(found) == 2, found
+    return found
+
+
+def _kill_busiest(replicas: list[psutil.Process]) -> int:
+    """SIGKILL the replica (with its engine core) that is using the most CPU: the one running the streams."""
+    def cpu(process: psutil.Process) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children(recursive=True)])
+
+    before = {p.pid: cpu(p) for p in replicas}
+    time.sleep(0.3)
+    busiest = max(replicas, key=lambda p: cpu(p) - before[p.pid])
+    for process in [*busiest.children(recursive=True), busiest]:
+        process.send_signal(signal.SIGKILL)
+    return busiest.pid
 
 
 def _access_lines(cluster: Cluster, tag: str) -> dict[str, dict]:
@@ -156,7 +161,8 @@ def test_streams_go_on_when_the_replica_under_them_is_killed(cluster: Cluster) -
         time.sleep(1)
     moved = {rid for rid, line in lines.items() if line["migrations"]}
     print(f"{len(moved)} of {len(replies)} requests went on on another replica: {sorted(moved)}")
-    assert moved == set(replies), sorted(set(replies) - moved)  # the killed replica ran every one
+    # The replica killed was running some of them (kv_cache spreads the 18 over both replicas, in no fixed mix).
+    assert moved, lines
     tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "smollm2-135m-instruct")
     for rid, got in replies.items():
         kind, index = rid.split("-")[1:]
