@@ -93,7 +93,7 @@ def _run(cluster: Cluster, tag: str, kill: bool) -> tuple[dict[str, dict], int |
     greedy = [f"{tag}-greedy-{i}" for i in range(GREEDY)]
     sampled = [f"{tag}-sampled-{i}" for i in range(SAMPLED)]
     whole = [f"{tag}-whole-{i}" for i in range(WHOLE)]
-    replicas = _replica_processes(cluster) if kill else {}
+    replicas = _replica_processes() if kill else []
     killed: list[int] = []
     with ThreadPoolExecutor(GREEDY + SAMPLED + WHOLE) as pool:
         futures = {rid: pool.submit(_stream, cluster, rid, progress, temperature=0) for rid in greedy}
@@ -112,14 +112,18 @@ def _run(cluster: Cluster, tag: str, kill: bool) -> tuple[dict[str, dict], int |
         return {rid: future.result(timeout=600) for rid, future in futures.items()}, (killed or [None])[0]
 
 
-def _replica_processes(cluster: Cluster) -> list[psutil.Process]:
-    """The two-replica model's replica processes, by the title Ray gives them: found without a Serve handle, which in
-    this process was once seen to reach only one of the two for a minute after the disruptive tests before."""
+def _processes_titled(title: str) -> list[psutil.Process]:
+    """The processes whose title (as Ray names an actor's process) holds ``title``: found without a Serve handle,
+    which in this process was once seen to reach only one of a model's two replicas for a minute after the
+    disruptive tests before."""
+    return [process for process in psutil.process_iter(["cmdline"])
+            if any(title in part for part in process.info["cmdline"] or ())]
+
+
+def _replica_processes() -> list[psutil.Process]:
     from deployments.names import engine_deployment_name
 
-    title = f"ServeReplica:{engine_deployment_name(PAIR_MODEL)}:"
-    found = [process for process in psutil.process_iter(["cmdline"])
-             if any(title in part for part in process.info["cmdline"] or ())]
+    found = _processes_titled(f"ServeReplica:{engine_deployment_name(PAIR_MODEL)}:")
     assert len(found) == 2, found
     return found
 
@@ -210,21 +214,13 @@ def _until_running(cluster: Cluster, model_id: str | None, count: int) -> None:
 ROUTER_STREAMS, ROUTER_STREAM_TOKENS = 8, 300
 
 
-def _router_processes() -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        if any("ServeReplica:rayroute:OpenAIRouter" in part for part in process.info["cmdline"] or ()):
-            found.append(process)
-    return found
-
-
 def test_a_router_killed_mid_stream_closes_its_streams_at_once_and_the_engine_stops_them(cluster: Cluster) -> None:
     """One of the two router replicas is SIGKILLed under eight streams spread over both by the HTTP proxy. Its
     clients see their connection closed promptly (never a hang), the engine aborts their requests within seconds
     (their channels are gone), and the other router's streams finish whole."""
     from tests.e2e.harness import DEFAULT_MODEL
 
-    routers = _router_processes()
+    routers = _processes_titled("ServeReplica:rayroute:OpenAIRouter")
     assert len(routers) == 2, routers
     progress: dict[str, int] = {}
     ended: dict[str, tuple[float, str]] = {}

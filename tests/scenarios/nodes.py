@@ -259,7 +259,9 @@ def lose_redis(nodes: Nodes, keep_data: bool) -> dict:
         def answering() -> bool:
             return http_status(nodes.base + "/ready") == 200 and answer(nodes.base) == 200
 
-        wait_until(lambda: answering() or nodes.alive_nodes() == ["head"], RECOVERY_WAIT_S)
+        with contextlib.suppress(TimeoutError):  # either way, the report says what the cluster came to
+            wait_for(lambda: answering() or nodes.alive_nodes() == ["head"], RECOVERY_WAIT_S,
+                     "the endpoint answering, or no worker left")
         report["workers_left"] = [node for node in nodes.alive_nodes() if node != "head"]
         time.sleep(5)  # traffic after
         report["hung_threads"] = traffic.end()
@@ -288,16 +290,6 @@ def ok(result: dict) -> bool:
     """A request answered in full: 200, and a stream with all its tokens and no error event."""
     return (result.get("status") == 200 and result.get("done", False) and not result.get("error_event")
             and (not result.get("stream") or result.get("completion_tokens") == 24))
-
-
-def wait_until(condition, timeout_s: float, poll_s: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if condition():
-                return True
-        time.sleep(poll_s)
-    return False
 
 
 def lose_a_worker(nodes: Nodes) -> dict:
